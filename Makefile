@@ -1,0 +1,23 @@
+# The two commands of the quick start: `make up` and `make test`.
+.PHONY: up test build deps bench clean
+
+CONFIG ?= picocenter.yaml
+
+up: build
+	node dist/bin/picocenter.js up --config $(CONFIG)
+
+test: build
+	node --test --test-concurrency=1 dist/test/
+
+build: deps
+	npx tsc -p tsconfig.json
+
+deps:
+	bash scripts/install.sh
+
+bench: build
+	bash scripts/install.sh --bench
+	node dist/bench/run.js
+
+clean:
+	rm -rf dist

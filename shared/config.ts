@@ -1,0 +1,295 @@
+import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
+import path from 'node:path';
+import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
+import { z } from 'zod';
+import { PicoError } from './errors.js';
+import { parseDuration, parseSize } from './units.js';
+
+/*
+ * The operator's config file: one zod schema is the single source of truth for validation, the
+ * defaults (each sits beside its field) and the generated JSON Schema (picocenter.schema.json).
+ * Unknown keys are errors everywhere (`strictObject`). The loaded config is deep-frozen.
+ */
+
+function toMs(s: string, ctx: z.RefinementCtx): number {
+  const ms = parseDuration(s);
+  if (ms !== undefined) return ms;
+  ctx.addIssue({ code: 'custom', message: `invalid duration "${s}" (expected e.g. 500ms, 30s, 5m, 1h)` });
+  return z.NEVER;
+}
+
+function toBytes(s: string, ctx: z.RefinementCtx): number {
+  const bytes = parseSize(s);
+  if (bytes !== undefined) return bytes;
+  ctx.addIssue({ code: 'custom', message: `invalid size "${s}" (expected e.g. 64Ki, 256Mi, 1Gi)` });
+  return z.NEVER;
+}
+
+const DURATION_DOC = 'a duration such as 500ms, 30s, 5m, 1h ("0" disables)';
+const SIZE_DOC = 'a size such as 64Ki, 256Mi, 1Gi, 2G';
+/** A duration in milliseconds; `dflt` is parsed like any value the operator writes. */
+const duration = () => z.string().describe(DURATION_DOC).transform(toMs);
+const durationOr = (dflt: string) => z.string().describe(DURATION_DOC).default(dflt).transform(toMs);
+/** A size in bytes. */
+export const size = () => z.string().describe(SIZE_DOC).transform(toBytes);
+const sizeOr = (dflt: string) => z.string().describe(SIZE_DOC).default(dflt).transform(toBytes);
+
+export interface ListenAddress {
+  host: string;
+  port: number;
+}
+
+/** `127.0.0.1:5353`, `[::1]:53`, `0.0.0.0:80`. Port 0 asks the OS for a free port (tests). */
+export function parseListen(text: string): ListenAddress | undefined {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})$/.exec(text.trim());
+  if (!m) return undefined;
+  const host = m[1] ?? m[2]!;
+  const port = Number(m[3]);
+  if (isIP(host) === 0 || port > 65535) return undefined;
+  return { host, port };
+}
+
+const listen = (dflt: string) =>
+  z
+    .string()
+    .describe('host:port ([v6]:port for IPv6)')
+    .default(dflt)
+    .transform((s, ctx) => {
+      const addr = parseListen(s);
+      if (!addr) {
+        ctx.addIssue({ code: 'custom', message: `invalid listen address "${s}" (expected IP:port, e.g. 127.0.0.1:8080)` });
+        return z.NEVER;
+      }
+      return addr;
+    });
+
+const port = z.number().int().min(1).max(65535);
+
+const hostname = z
+  .string()
+  .max(253)
+  .regex(/^(?!-)[a-zA-Z0-9-]{1,63}(?<!-)(\.(?!-)[a-zA-Z0-9-]{1,63}(?<!-))*\.?$/, 'not a valid DNS name')
+  .transform((s) => s.toLowerCase().replace(/\.$/, ''));
+
+const cidr = z
+  .string()
+  .describe('an IPv4 block (127.0.1.0/24) or IPv6 prefix (fd00::/64)')
+  .refine((s) => {
+    const m = /^([^/]+)\/(\d{1,3})$/.exec(s);
+    if (!m) return false;
+    const v = isIP(m[1]!);
+    const bits = Number(m[2]);
+    return (v === 4 && bits <= 32) || (v === 6 && bits <= 128);
+  }, 'not an address block (expected e.g. 127.0.1.0/24 or fd00::/64)');
+
+const holdSchema = z.strictObject({
+  timeout: duration().optional().describe('how long a client is held while its app wakes'),
+  queue: z.number().int().min(1).optional().describe('most clients held at once per app; more get 503'),
+});
+
+const appSchema = z.strictObject({
+  name: z.string().regex(/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/, 'app names are lowercase letters, digits and dashes'),
+  domains: z.array(hostname).min(1).describe('names the app answers to in DNS and in HTTP Host'),
+  command: z.array(z.string().min(1)).min(1).describe('argv of the app; PORT is set in its environment'),
+  cwd: z.string().optional().describe('working directory, relative to the config file; default: the config file\'s directory'),
+  env: z.record(z.string(), z.string()).default({}).describe('extra environment variables'),
+  http: z.strictObject({ port }).optional().describe('the app serves HTTP on this port; routed by Host'),
+  tcp: z.array(port).min(1).optional().describe('raw TCP ports, reached at the app\'s own address from gateway.addresses'),
+  address: z.string().refine((s) => isIP(s) !== 0, 'not an IP address').optional()
+    .describe('the app\'s own address (must lie in gateway.addresses); default: assigned from the pool'),
+  idle: durationOr('5m').describe('swap the app out after this long without connections or traffic; 0 = never'),
+  hold: holdSchema.optional().describe('overrides gateway.hold for this app'),
+  readyTimeout: duration().optional().describe('overrides worker.readyTimeout for this app'),
+});
+
+const storeSchema = z.discriminatedUnion('kind', [
+  z.strictObject({
+    kind: z.literal('fs'),
+    path: z.string().min(1).default('./data/store').describe('directory for images, relative to the config file'),
+  }),
+]);
+
+export const configSchema = z
+  .strictObject({
+    gateway: z.strictObject({
+      dns: z.strictObject({
+        listen: listen('127.0.0.1:5353').describe('UDP and TCP address of the authoritative DNS server'),
+        zones: z.array(hostname).min(1).describe('zones the server is authoritative for; all else is REFUSED'),
+        ttl: durationOr('5s').describe('TTL of answers (and the SOA negative-caching TTL)'),
+      }),
+      http: z
+        .strictObject({
+          listen: listen('127.0.0.1:8080').describe('HTTP listener; apps are routed by Host'),
+          address: z.string().refine((s) => isIP(s) !== 0, 'not an IP address').optional()
+            .describe('address DNS answers for HTTP apps; default: the listen host (required when it is a wildcard)'),
+          maxHeaderSize: sizeOr('16Ki').describe('largest request head accepted; larger gets 431'),
+        })
+        .prefault({}),
+      admin: z.strictObject({
+        listen: listen('127.0.0.1:7070').describe('admin API and /metrics'),
+        token: z.string().min(8, 'the admin token must be at least 8 characters').describe('bearer token for the admin API'),
+      }),
+      addresses: z.union([cidr, z.array(cidr).min(1)]).optional()
+        .transform((v) => (v === undefined ? [] : Array.isArray(v) ? v : [v]))
+        .describe('pool of addresses for apps with raw TCP ports'),
+      hold: z
+        .strictObject({
+          timeout: durationOr('30s').describe('how long a client is held while its app wakes'),
+          queue: z.number().int().min(1).default(1000).describe('most clients held at once per app; more get 503'),
+        })
+        .prefault({}),
+    }),
+    store: storeSchema.prefault({ kind: 'fs' }),
+    worker: z
+      .strictObject({
+        runtime: z.enum(['process']).default('process')
+          .describe('process: starts the app\'s command (a cold start: memory is lost on swap-out)'),
+        readyTimeout: durationOr('30s').describe('how long an app may take until its ports accept connections'),
+        shutdown: z.enum(['stop']).default('stop').describe('what SIGTERM does to running apps'),
+      })
+      .prefault({}),
+    apps: z.array(appSchema).default([]),
+  })
+  .superRefine((cfg, ctx) => {
+    const names = new Map<string, number>();
+    const domains = new Map<string, number>();
+    const ports = new Map<number, number>();
+    cfg.apps.forEach((app, i) => {
+      if (names.has(app.name)) {
+        ctx.addIssue({ code: 'custom', path: ['apps', i, 'name'], message: `duplicate app name "${app.name}" (also apps[${names.get(app.name)}])` });
+      }
+      names.set(app.name, i);
+      app.domains.forEach((d, j) => {
+        if (domains.has(d)) {
+          ctx.addIssue({ code: 'custom', path: ['apps', i, 'domains', j], message: `domain "${d}" already belongs to apps[${domains.get(d)}]` });
+        }
+        domains.set(d, i);
+        if (!cfg.gateway.dns.zones.some((z) => d === z || d.endsWith(`.${z}`))) {
+          ctx.addIssue({ code: 'custom', path: ['apps', i, 'domains', j], message: `domain "${d}" is not inside any of gateway.dns.zones` });
+        }
+      });
+      if (!app.http && !app.tcp) {
+        ctx.addIssue({ code: 'custom', path: ['apps', i], message: 'an app needs `http` or `tcp` ports, or no traffic can reach it' });
+      }
+      if (app.tcp && cfg.gateway.addresses.length === 0 && app.address === undefined) {
+        ctx.addIssue({ code: 'custom', path: ['apps', i, 'tcp'], message: 'apps with tcp ports need gateway.addresses (a pool) or their own address' });
+      }
+      // The process runtime runs every app in the host's network namespace.
+      if (cfg.worker.runtime === 'process') {
+        for (const p of [...(app.http ? [app.http.port] : []), ...(app.tcp ?? [])]) {
+          if (ports.has(p) && ports.get(p) !== i) {
+            ctx.addIssue({ code: 'custom', path: ['apps', i], message: `port ${p} is also used by apps[${ports.get(p)}]; the process runtime shares the host's ports` });
+          }
+          ports.set(p, i);
+        }
+      }
+    });
+  });
+
+export type Config = z.output<typeof configSchema>;
+export type AppConfig = Config['apps'][number];
+
+export interface ConfigIssue {
+  path: string;
+  line?: number;
+  message: string;
+}
+
+function formatPath(p: ReadonlyArray<PropertyKey>): string {
+  let out = '';
+  for (const k of p) out += typeof k === 'number' ? `[${k}]` : out ? `.${String(k)}` : String(k);
+  return out || '(root)';
+}
+
+/** Line (1-based) of the deepest node of `doc` on `p` that exists. */
+function lineOf(doc: Document, lines: LineCounter, p: ReadonlyArray<PropertyKey>): number | undefined {
+  for (let n = p.length; n >= 0; n--) {
+    const node = doc.getIn(p.slice(0, n) as unknown[], true);
+    if (isNode(node) && node.range) return lines.linePos(node.range[0]).line;
+    // For an unknown key, point at the key itself rather than its parent.
+  }
+  return undefined;
+}
+
+function keyLine(doc: Document, lines: LineCounter, parent: ReadonlyArray<PropertyKey>, key: string): number | undefined {
+  const node = doc.getIn(parent as unknown[], true);
+  if (node && typeof node === 'object' && 'items' in node && Array.isArray((node as { items: unknown[] }).items)) {
+    for (const item of (node as { items: Array<{ key?: unknown }> }).items) {
+      const k = item.key;
+      if (isNode(k) && 'value' in k && (k as { value: unknown }).value === key && k.range) {
+        return lines.linePos(k.range[0]).line;
+      }
+    }
+  }
+  return lineOf(doc, lines, parent);
+}
+
+/** Throws PICO_ERR_CONFIG listing every problem as `file:line: key.path: message`. */
+export function parseConfig(text: string, file: string, baseDir = path.dirname(path.resolve(file))): Readonly<Config> {
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, uniqueKeys: true, prettyErrors: false });
+  if (doc.errors.length > 0) {
+    const msgs = doc.errors.map((e) => {
+      const line = e.linePos?.[0]?.line ?? lines.linePos(e.pos[0]).line;
+      return `${file}:${line}: ${e.message.split('\n')[0]}`;
+    });
+    throw new PicoError('PICO_ERR_CONFIG', `invalid config:\n  ${msgs.join('\n  ')}`);
+  }
+  const raw = doc.toJS() ?? {};
+  const result = configSchema.safeParse(raw);
+  if (!result.success) {
+    const issues: ConfigIssue[] = [];
+    for (const issue of result.error.issues) {
+      if (issue.code === 'unrecognized_keys') {
+        for (const key of issue.keys) {
+          issues.push({ path: formatPath([...issue.path, key]), line: keyLine(doc, lines, issue.path, key), message: 'unknown key' });
+        }
+      } else {
+        issues.push({ path: formatPath(issue.path), line: lineOf(doc, lines, issue.path), message: issue.message });
+      }
+    }
+    throw new ConfigError(file, issues);
+  }
+  return deepFreeze(resolvePaths(result.data, baseDir));
+}
+
+export class ConfigError extends PicoError {
+  readonly issues: ConfigIssue[];
+  constructor(file: string, issues: ConfigIssue[]) {
+    const lines = issues.map((i) => `${file}${i.line ? `:${i.line}` : ''}: ${i.path}: ${i.message}`);
+    super('PICO_ERR_CONFIG', `invalid config:\n  ${lines.join('\n  ')}`);
+    this.issues = issues;
+  }
+}
+
+export function loadConfig(file: string): Readonly<Config> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new PicoError('PICO_ERR_CONFIG', `cannot read config file ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  return parseConfig(text, file);
+}
+
+function resolvePaths(cfg: Config, baseDir: string): Config {
+  return {
+    ...cfg,
+    store: { ...cfg.store, path: path.resolve(baseDir, cfg.store.path) },
+    apps: cfg.apps.map((a) => ({ ...a, cwd: path.resolve(baseDir, a.cwd ?? '.') })),
+  };
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object' && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const v of Object.values(value)) deepFreeze(v);
+  }
+  return value;
+}
+
+/** The JSON Schema of the config file, generated from the same zod schema. */
+export function configJsonSchema(): unknown {
+  return z.toJSONSchema(configSchema, { io: 'input', unrepresentable: 'any' });
+}

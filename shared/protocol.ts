@@ -1,0 +1,69 @@
+/*
+ * The worker control protocol: the only way placement (gateway/) talks to a worker. Every
+ * message is plain JSON-serialisable data, so the same messages can cross a process or machine
+ * boundary later; the in-process transport clones them to keep that honest.
+ *
+ * Version 1. A change that is not backwards compatible bumps PROTOCOL_VERSION.
+ */
+
+export const PROTOCOL_VERSION = 1;
+
+/** Lifecycle states, exactly as in DESIGN.md. */
+export const APP_STATES = ['new', 'running', 'checkpointing', 'stored', 'restoring'] as const;
+export type AppState = (typeof APP_STATES)[number];
+
+/** What a worker needs to run one app: derived from the app's config by placement. */
+export interface AppSpec {
+  name: string;
+  command: string[];
+  cwd: string;
+  env: Record<string, string>;
+  /** every port the app listens on inside its container: the http port first, then tcp ports */
+  ports: number[];
+  /** in milliseconds */
+  readyTimeoutMs: number;
+}
+
+/** Where the gateway reaches one container port. */
+export interface Endpoint {
+  host: string;
+  port: number;
+}
+
+/** container port → endpoint */
+export type Endpoints = Record<number, Endpoint>;
+
+export type WorkerRequest =
+  | { v: 1; type: 'start'; app: AppSpec } // cold start from nothing
+  | { v: 1; type: 'restore'; app: AppSpec } // swap in from the app's newest stored image
+  | { v: 1; type: 'checkpoint'; app: string } // swap out: store the image, then remove the container
+  | { v: 1; type: 'stop'; app: string } // remove the container, store nothing
+  | { v: 1; type: 'list' };
+
+export interface ContainerInfo {
+  app: string;
+  endpoints: Endpoints;
+  pid?: number;
+  startedAt: string;
+}
+
+export type WorkerResponse =
+  | { v: 1; type: 'running'; app: string; endpoints: Endpoints; restored: boolean }
+  | { v: 1; type: 'checkpointed'; app: string; generation: number }
+  | { v: 1; type: 'stopped'; app: string }
+  | { v: 1; type: 'list'; containers: ContainerInfo[] }
+  | { v: 1; type: 'error'; code: string; message: string };
+
+/** Unsolicited events from a worker (a container exited on its own). */
+export type WorkerEvent = { v: 1; type: 'exited'; app: string; code: number | null; signal: string | null };
+
+/**
+ * One worker as placement sees it. `call` never throws for an app-level failure: it answers
+ * `{type:'error'}`; it rejects only when the worker itself cannot be reached.
+ */
+export interface WorkerConnection {
+  readonly id: string;
+  call(req: WorkerRequest): Promise<WorkerResponse>;
+  onEvent(listener: (ev: WorkerEvent) => void): () => void;
+  close(): Promise<void>;
+}
