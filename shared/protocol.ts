@@ -49,7 +49,7 @@ export interface ContainerInfo {
 
 export type WorkerResponse =
   | { v: 1; type: 'running'; app: string; endpoints: Endpoints; restored: boolean }
-  | { v: 1; type: 'checkpointed'; app: string; generation: number }
+  | { v: 1; type: 'checkpointed'; app: string; generation: number | null } // null: the runtime keeps no image
   | { v: 1; type: 'stopped'; app: string }
   | { v: 1; type: 'list'; containers: ContainerInfo[] }
   | { v: 1; type: 'error'; code: string; message: string };

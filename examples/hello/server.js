@@ -1,0 +1,15 @@
+// The quick start's HTTP app: answers every request with a greeting and how long it has run.
+import http from 'node:http';
+
+const port = Number(process.env.PORT ?? 9001);
+const started = Date.now();
+let requests = 0;
+
+const server = http.createServer((req, res) => {
+  requests++;
+  const body = `hello from ${process.env.APP_NAME ?? 'hello'} (pid ${process.pid}, up ${Date.now() - started} ms, request ${requests})\n`;
+  res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+});
+server.listen(port, '127.0.0.1');
+for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => server.close(() => process.exit(0)));

@@ -1,0 +1,364 @@
+import type { AppConfig, Config } from '../shared/config.js';
+import { PicoError, describeError } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import type { Metrics } from '../shared/metrics.js';
+import { APP_STATES, type AppSpec, type AppState, type Endpoint, type Endpoints, type WorkerConnection, type WorkerEvent } from '../shared/protocol.js';
+import type { AppLifecycle, LifecycleEvent, WakeTrigger } from './lifecycle.js';
+
+/*
+ * Placement owns every app's lifecycle (DESIGN.md):
+ *
+ *            start                idle timeout
+ *   new ───────────────► running ─────────────► checkpointing ──► stored
+ *                          ▲                                        │
+ *                          └──────────── restoring ◄──── wake ──────┘
+ *
+ * Invariants:
+ * - At most one operation (start, restore, checkpoint, stop) is in flight per app (`op`).
+ * - `endpoints` is set exactly while the state is `running`; listeners hold everything else.
+ * - A wake that arrives while checkpointing is remembered and runs once the swap-out settles.
+ * - A failure puts the app back in its last good state, records the error and tells the
+ *   subscribers, so held clients are answered at once instead of at their deadline.
+ * - An app is idle only with no open connection for `idle`; the timer re-checks on firing,
+ *   because activity may have happened since it was armed.
+ */
+
+type Operation = 'starting' | 'restoring' | 'checkpointing' | 'stopping';
+
+interface AppRecord {
+  readonly config: AppConfig;
+  readonly spec: AppSpec;
+  state: AppState;
+  operation?: Operation;
+  op?: Promise<void>;
+  worker?: WorkerConnection;
+  endpoints?: Endpoints;
+  /** newest image generation; null while the app has none (never swapped out with memory) */
+  generation: number | null;
+  connections: number;
+  lastActivity: number;
+  lastWake?: Date;
+  lastError?: { code: string; message: string; at: Date };
+  idleTimer?: NodeJS.Timeout;
+  /** the trigger of a wake that arrived while checkpointing; it runs once the swap-out settles */
+  wakeAfterCheckpoint?: WakeTrigger;
+}
+
+export interface AppStatus {
+  name: string;
+  state: AppState;
+  operation: Operation | null;
+  worker: string | null;
+  domains: string[];
+  connections: number;
+  lastWake: string | null;
+  lastError: { code: string; message: string; at: string } | null;
+  endpoints: Endpoints | null;
+}
+
+export interface PlacementOptions {
+  config: Readonly<Config>;
+  workers: WorkerConnection[];
+  metrics: Metrics;
+  log: Logger;
+}
+
+export class Placement implements AppLifecycle {
+  private readonly apps = new Map<string, AppRecord>();
+  private readonly subscribers = new Map<string, Set<(ev: LifecycleEvent) => void>>();
+  private readonly workers: WorkerConnection[];
+  private readonly metrics: Metrics;
+  private readonly log: Logger;
+  private readonly unsubscribeWorkers: Array<() => void> = [];
+  private stopping = false;
+
+  constructor(opts: PlacementOptions) {
+    if (opts.workers.length === 0) throw new Error('placement needs at least one worker');
+    this.workers = opts.workers;
+    this.metrics = opts.metrics;
+    this.log = opts.log.child({ component: 'placement' });
+    for (const app of opts.config.apps) {
+      this.apps.set(app.name, {
+        config: app,
+        spec: toSpec(app, opts.config),
+        state: 'new',
+        generation: null,
+        connections: 0,
+        lastActivity: Date.now(),
+      });
+    }
+    for (const w of this.workers) this.unsubscribeWorkers.push(w.onEvent((ev) => this.onWorkerEvent(w, ev)));
+    this.countStates();
+  }
+
+  // ── AppLifecycle ───────────────────────────────────────────────────────────────────────
+
+  endpoint(app: string, port: number): Endpoint | undefined {
+    const rec = this.apps.get(app);
+    return rec?.state === 'running' ? rec.endpoints?.[port] : undefined;
+  }
+
+  wake(app: string, trigger: WakeTrigger): void {
+    const rec = this.apps.get(app);
+    if (!rec || this.stopping) return;
+    switch (rec.state) {
+      case 'running':
+        rec.lastActivity = Date.now();
+        return;
+      case 'checkpointing':
+        rec.wakeAfterCheckpoint ??= trigger;
+        return;
+      case 'restoring':
+        return;
+      case 'new':
+      case 'stored':
+        if (rec.op) return; // a start is already under way
+        this.beginWake(rec, trigger);
+    }
+  }
+
+  subscribe(app: string, listener: (ev: LifecycleEvent) => void): () => void {
+    let set = this.subscribers.get(app);
+    if (!set) this.subscribers.set(app, (set = new Set()));
+    set.add(listener);
+    return () => {
+      set.delete(listener);
+    };
+  }
+
+  connectionOpened(app: string): void {
+    const rec = this.apps.get(app);
+    if (!rec) return;
+    rec.connections++;
+    rec.lastActivity = Date.now();
+    this.metrics.connections.set({ app }, rec.connections);
+    clearTimeout(rec.idleTimer);
+    rec.idleTimer = undefined;
+  }
+
+  connectionClosed(app: string): void {
+    const rec = this.apps.get(app);
+    if (!rec || rec.connections === 0) return;
+    rec.connections--;
+    rec.lastActivity = Date.now();
+    this.metrics.connections.set({ app }, rec.connections);
+    if (rec.connections === 0) this.armIdle(rec);
+  }
+
+  // ── operations for the admin API ───────────────────────────────────────────────────────
+
+  has(app: string): boolean {
+    return this.apps.has(app);
+  }
+
+  status(): AppStatus[] {
+    return [...this.apps.values()].map((rec) => ({
+      name: rec.config.name,
+      state: rec.state,
+      operation: rec.operation ?? null,
+      worker: rec.worker?.id ?? null,
+      domains: [...rec.config.domains],
+      connections: rec.connections,
+      lastWake: rec.lastWake?.toISOString() ?? null,
+      lastError: rec.lastError ? { ...rec.lastError, at: rec.lastError.at.toISOString() } : null,
+      endpoints: rec.state === 'running' && rec.endpoints ? rec.endpoints : null,
+    }));
+  }
+
+  /** Swaps a running app out now. Rejects with the reason when it cannot. */
+  async checkpoint(app: string): Promise<void> {
+    const rec = this.apps.get(app);
+    if (!rec) throw new PicoError('PICO_ERR_UNKNOWN_APP', `no app named ${app}`);
+    if (rec.state !== 'running' || rec.op) {
+      throw new PicoError('PICO_ERR_INVALID_STATE', `app ${app} is ${rec.operation ?? rec.state}, not running`);
+    }
+    await this.beginCheckpoint(rec, 'admin');
+    if ((rec.state as AppState) !== 'stored') throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', rec.lastError?.message ?? 'checkpoint failed');
+  }
+
+  /** Clean shutdown: waits for operations in flight, then stops every running app. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    for (const rec of this.apps.values()) clearTimeout(rec.idleTimer);
+    await Promise.all([...this.apps.values()].map((rec) => rec.op));
+    await Promise.all(
+      [...this.apps.values()]
+        .filter((rec) => rec.state === 'running' && rec.worker)
+        .map(async (rec) => {
+          rec.operation = 'stopping';
+          const res = await rec.worker!.call({ v: 1, type: 'stop', app: rec.config.name }).catch((err: unknown) => ({
+            v: 1 as const, type: 'error' as const, code: 'PICO_ERR_INTERNAL', message: describeError(err),
+          }));
+          rec.operation = undefined;
+          if (res.type === 'error') this.log.error({ app: rec.config.name, err: res.message }, 'stop failed');
+          rec.endpoints = undefined;
+          rec.worker = undefined;
+          this.setState(rec, rec.generation === null ? 'new' : 'stored');
+        }),
+    );
+    for (const u of this.unsubscribeWorkers) u();
+  }
+
+  // ── internals ──────────────────────────────────────────────────────────────────────────
+
+  private beginWake(rec: AppRecord, trigger: WakeTrigger): void {
+    const app = rec.config.name;
+    const from = rec.state;
+    const kind = from === 'new' ? 'start' : 'restore';
+    const worker = this.pickWorker(rec);
+    const log = this.log.child({ app, worker: worker.id });
+    const started = performance.now();
+    rec.operation = kind === 'start' ? 'starting' : 'restoring';
+    if (kind === 'restore') this.setState(rec, 'restoring');
+    log.info({ trigger, kind }, 'wake');
+    rec.op = (async () => {
+      let error: PicoError | undefined;
+      try {
+        const res = await worker.call({ v: 1, type: kind, app: rec.spec });
+        if (res.type === 'running') {
+          rec.worker = worker;
+          rec.endpoints = res.endpoints;
+          rec.lastWake = new Date();
+          rec.lastActivity = Date.now();
+        } else {
+          error = new PicoError('PICO_ERR_WAKE_FAILED', `${kind} of ${app} failed: ${res.type === 'error' ? res.message : res.type}`);
+        }
+      } catch (err) {
+        error = new PicoError('PICO_ERR_WAKE_FAILED', `${kind} of ${app} failed: worker ${worker.id} unreachable: ${describeError(err)}`, { cause: err });
+      }
+      rec.op = undefined;
+      rec.operation = undefined;
+      const seconds = (performance.now() - started) / 1000;
+      if (error) {
+        rec.lastError = { code: error.code, message: error.message, at: new Date() };
+        this.metrics.wakes.inc({ app, trigger, result: 'failed' });
+        log.error({ err: error.message }, 'wake failed');
+        this.setState(rec, from);
+        this.emit(app, { type: 'failed', error });
+        return;
+      }
+      this.metrics.wakes.inc({ app, trigger, result: 'ok' });
+      this.metrics.wakeSeconds.observe({ app, kind }, seconds);
+      log.info({ ms: Math.round(seconds * 1000) }, 'running');
+      this.setState(rec, 'running');
+      if (this.stopping) return; // stop() waits for this op, then stops the container
+      if (rec.connections === 0) this.armIdle(rec);
+    })();
+  }
+
+  private beginCheckpoint(rec: AppRecord, reason: 'idle' | 'admin'): Promise<void> {
+    const app = rec.config.name;
+    const worker = rec.worker!;
+    const log = this.log.child({ app, worker: worker.id });
+    clearTimeout(rec.idleTimer);
+    rec.idleTimer = undefined;
+    rec.operation = 'checkpointing';
+    rec.wakeAfterCheckpoint = undefined;
+    this.setState(rec, 'checkpointing');
+    log.info({ reason }, 'checkpoint');
+    rec.op = (async () => {
+      let failure: string | undefined;
+      try {
+        const res = await worker.call({ v: 1, type: 'checkpoint', app });
+        if (res.type === 'checkpointed') {
+          rec.generation = res.generation;
+        } else {
+          failure = res.type === 'error' ? res.message : `unexpected answer ${res.type}`;
+        }
+      } catch (err) {
+        failure = `worker ${worker.id} unreachable: ${describeError(err)}`;
+      }
+      rec.op = undefined;
+      rec.operation = undefined;
+      if (failure) {
+        // The worker resumes the container when a swap-out fails: the app keeps serving.
+        rec.lastError = { code: 'PICO_ERR_CHECKPOINT_FAILED', message: `checkpoint of ${app} failed: ${failure}`, at: new Date() };
+        this.metrics.checkpoints.inc({ app, result: 'failed' });
+        log.error({ err: failure }, 'checkpoint failed; app keeps running');
+        rec.lastActivity = Date.now();
+        rec.wakeAfterCheckpoint = undefined; // held clients see `running` and go ahead
+        this.setState(rec, 'running');
+        if (rec.connections === 0) this.armIdle(rec);
+        return;
+      }
+      this.metrics.checkpoints.inc({ app, result: 'ok' });
+      rec.endpoints = undefined;
+      rec.worker = undefined;
+      log.info({ generation: rec.generation }, 'stored');
+      this.setState(rec, 'stored');
+      if (rec.wakeAfterCheckpoint) {
+        rec.wakeAfterCheckpoint = undefined;
+        this.wake(app, 'http');
+      }
+    })();
+    return rec.op;
+  }
+
+  private armIdle(rec: AppRecord): void {
+    clearTimeout(rec.idleTimer);
+    rec.idleTimer = undefined;
+    const idle = rec.config.idle;
+    if (idle === 0 || rec.state !== 'running' || this.stopping) return;
+    const wait = Math.max(0, rec.lastActivity + idle - Date.now());
+    rec.idleTimer = setTimeout(() => {
+      rec.idleTimer = undefined;
+      if (rec.state !== 'running' || rec.op || rec.connections > 0 || this.stopping) return;
+      if (Date.now() - rec.lastActivity < idle) return this.armIdle(rec);
+      void this.beginCheckpoint(rec, 'idle');
+    }, wait);
+    rec.idleTimer.unref();
+  }
+
+  private onWorkerEvent(worker: WorkerConnection, ev: WorkerEvent): void {
+    const rec = this.apps.get(ev.app);
+    if (!rec || rec.worker !== worker || rec.state !== 'running') return;
+    const message = `app ${ev.app} exited on its own (code ${ev.code}, signal ${ev.signal})`;
+    rec.lastError = { code: 'PICO_ERR_APP_EXITED', message, at: new Date() };
+    rec.endpoints = undefined;
+    rec.worker = undefined;
+    clearTimeout(rec.idleTimer);
+    this.log.warn({ app: ev.app, worker: worker.id, code: ev.code, signal: ev.signal }, 'container exited');
+    // Without an image, the next wake is a fresh start.
+    this.setState(rec, rec.generation === null ? 'new' : 'stored');
+  }
+
+  private pickWorker(_rec: AppRecord): WorkerConnection {
+    return this.workers[0]!;
+  }
+
+  private setState(rec: AppRecord, state: AppState): void {
+    if (rec.state === state) return;
+    rec.state = state;
+    this.countStates();
+    this.emit(rec.config.name, { type: 'state', state });
+  }
+
+  private emit(app: string, ev: LifecycleEvent): void {
+    for (const l of [...(this.subscribers.get(app) ?? [])]) {
+      try {
+        l(ev);
+      } catch (err) {
+        this.log.error({ app, err: describeError(err) }, 'lifecycle subscriber threw');
+      }
+    }
+  }
+
+  private countStates(): void {
+    const counts = Object.fromEntries(APP_STATES.map((s) => [s, 0])) as Record<AppState, number>;
+    for (const rec of this.apps.values()) counts[rec.state]++;
+    for (const s of APP_STATES) this.metrics.appsByState.set({ state: s }, counts[s]);
+  }
+}
+
+/** The worker's view of an app: everything it needs and nothing about routing. */
+export function toSpec(app: AppConfig, cfg: Readonly<Config>): AppSpec {
+  return {
+    name: app.name,
+    command: [...app.command],
+    cwd: app.cwd!,
+    env: { ...app.env },
+    ports: [...(app.http ? [app.http.port] : []), ...(app.tcp ?? [])],
+    readyTimeoutMs: app.readyTimeout ?? cfg.worker.readyTimeout,
+  };
+}
+

@@ -1,0 +1,41 @@
+import type { AppSpec, Endpoints } from '../shared/protocol.js';
+
+/** How a container ended: exit code or the signal that killed it. */
+export interface ExitStatus {
+  code: number | null;
+  signal: string | null;
+}
+
+/** One running instance of an app, as a runtime hands it to the worker. */
+export interface Container {
+  readonly app: string;
+  readonly pid?: number;
+  readonly startedAt: Date;
+  /** container port → where the gateway reaches it */
+  readonly endpoints: Endpoints;
+  /** Settles once, when the container is gone for any reason (stop, checkpoint, crash). */
+  readonly exited: Promise<ExitStatus>;
+}
+
+/** What a swap-out left behind. `generation` is null when the runtime keeps no image. */
+export interface CheckpointResult {
+  generation: number | null;
+}
+
+/**
+ * Runs app containers. A runtime reports a container only once its ports accept connections,
+ * and never leaves a half-started container behind when it throws.
+ */
+export interface ContainerRuntime {
+  readonly name: string;
+  /** True when a swap-out keeps the app's memory (CRIU); false for a cold-start runtime. */
+  readonly keepsMemory: boolean;
+  /** Starts the app from nothing. */
+  start(spec: AppSpec): Promise<Container>;
+  /** Swaps the app out: stores its image (if the runtime keeps one), then removes the container. */
+  checkpoint(container: Container): Promise<CheckpointResult>;
+  /** Swaps the app in from its newest stored image (a cold-start runtime starts it afresh). */
+  restore(spec: AppSpec): Promise<Container>;
+  /** Removes the container, storing nothing. */
+  stop(container: Container): Promise<void>;
+}

@@ -1,0 +1,125 @@
+import { describeError, isPicoError } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import type { AppSpec, ContainerInfo, WorkerEvent, WorkerRequest, WorkerResponse } from '../shared/protocol.js';
+import type { Container, ContainerRuntime } from './runtime.js';
+
+/**
+ * The worker agent: runs containers through one runtime and answers the control protocol.
+ *
+ * Operations on one app are serialised (a per-app promise chain), so a checkpoint can never
+ * overlap a restore of the same app. A container that exits while no operation expects it
+ * produces an `exited` event.
+ */
+export class Worker {
+  private readonly containers = new Map<string, Container>();
+  private readonly queues = new Map<string, Promise<unknown>>();
+  /** apps whose container is being removed on purpose: their exit is not an event */
+  private readonly removing = new Set<string>();
+  private readonly listeners = new Set<(ev: WorkerEvent) => void>();
+
+  constructor(
+    readonly id: string,
+    private readonly runtime: ContainerRuntime,
+    private readonly log: Logger,
+  ) {}
+
+  onEvent(listener: (ev: WorkerEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  async handle(req: WorkerRequest): Promise<WorkerResponse> {
+    if (req.type === 'list') return { v: 1, type: 'list', containers: this.list() };
+    const app = typeof req.app === 'string' ? req.app : req.app.name;
+    try {
+      return await this.serialise(app, () => this.perform(req));
+    } catch (err) {
+      this.log.warn({ app, op: req.type, err: describeError(err) }, 'worker operation failed');
+      return { v: 1, type: 'error', code: isPicoError(err) ? err.code : 'PICO_ERR_INTERNAL', message: describeError(err) };
+    }
+  }
+
+  /** Stops every container (clean shutdown). */
+  async stopAll(): Promise<void> {
+    await Promise.all([...this.containers.keys()].map((app) => this.handle({ v: 1, type: 'stop', app })));
+  }
+
+  private async perform(req: Exclude<WorkerRequest, { type: 'list' }>): Promise<WorkerResponse> {
+    switch (req.type) {
+      case 'start':
+      case 'restore': {
+        const existing = this.containers.get(req.app.name);
+        if (existing) return { v: 1, type: 'running', app: req.app.name, endpoints: existing.endpoints, restored: false };
+        const container = req.type === 'start' ? await this.runtime.start(req.app) : await this.runtime.restore(req.app);
+        this.adopt(req.app, container);
+        return {
+          v: 1,
+          type: 'running',
+          app: req.app.name,
+          endpoints: container.endpoints,
+          restored: req.type === 'restore' && this.runtime.keepsMemory,
+        };
+      }
+      case 'checkpoint': {
+        const container = this.containers.get(req.app);
+        if (!container) return { v: 1, type: 'error', code: 'PICO_ERR_INVALID_STATE', message: `app ${req.app} has no container on worker ${this.id}` };
+        this.removing.add(req.app);
+        try {
+          const result = await this.runtime.checkpoint(container);
+          this.containers.delete(req.app);
+          return { v: 1, type: 'checkpointed', app: req.app, generation: result.generation };
+        } finally {
+          // A failed checkpoint leaves the container running (the runtime's promise).
+          this.removing.delete(req.app);
+        }
+      }
+      case 'stop': {
+        const container = this.containers.get(req.app);
+        if (container) {
+          this.removing.add(req.app);
+          try {
+            await this.runtime.stop(container);
+            this.containers.delete(req.app);
+          } finally {
+            this.removing.delete(req.app);
+          }
+        }
+        return { v: 1, type: 'stopped', app: req.app };
+      }
+    }
+  }
+
+  private adopt(spec: AppSpec, container: Container): void {
+    this.containers.set(spec.name, container);
+    void container.exited.then(({ code, signal }) => {
+      if (this.containers.get(spec.name) !== container || this.removing.has(spec.name)) return;
+      this.containers.delete(spec.name);
+      this.log.warn({ app: spec.name, code, signal }, 'container exited on its own');
+      const ev: WorkerEvent = { v: 1, type: 'exited', app: spec.name, code, signal };
+      for (const l of this.listeners) l(ev);
+    });
+  }
+
+  private list(): ContainerInfo[] {
+    return [...this.containers.values()].map((c) => ({
+      app: c.app,
+      endpoints: c.endpoints,
+      pid: c.pid,
+      startedAt: c.startedAt.toISOString(),
+    }));
+  }
+
+  private serialise<T>(app: string, op: () => Promise<T>): Promise<T> {
+    const prev = this.queues.get(app) ?? Promise.resolve();
+    const next = prev.then(op, op);
+    const settled = next.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.queues.set(app, settled);
+    void settled.then(() => {
+      if (this.queues.get(app) === settled) this.queues.delete(app);
+    });
+    return next;
+  }
+}
