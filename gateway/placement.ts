@@ -172,8 +172,8 @@ export class Placement implements AppLifecycle {
     if (rec.state !== 'running' || rec.op) {
       throw new PicoError('PICO_ERR_INVALID_STATE', `app ${app} is ${rec.operation ?? rec.state}, not running`);
     }
-    await this.beginCheckpoint(rec, 'admin');
-    if ((rec.state as AppState) !== 'stored') throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', rec.lastError?.message ?? 'checkpoint failed');
+    const stored = await this.beginCheckpoint(rec, 'admin');
+    if (!stored) throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', rec.lastError?.message ?? 'checkpoint failed');
   }
 
   /** Clean shutdown: waits for operations in flight, then stops every running app. */
@@ -246,7 +246,8 @@ export class Placement implements AppLifecycle {
     })();
   }
 
-  private beginCheckpoint(rec: AppRecord, reason: 'idle' | 'admin'): Promise<void> {
+  /** Resolves true once the app is stored, false when the swap-out failed (the app runs on). */
+  private beginCheckpoint(rec: AppRecord, reason: 'idle' | 'admin'): Promise<boolean> {
     const app = rec.config.name;
     const worker = rec.worker!;
     const log = this.log.child({ app, worker: worker.id });
@@ -256,7 +257,7 @@ export class Placement implements AppLifecycle {
     rec.wakeAfterCheckpoint = undefined;
     this.setState(rec, 'checkpointing');
     log.info({ reason }, 'checkpoint');
-    rec.op = (async () => {
+    const done = (async () => {
       let failure: string | undefined;
       try {
         const res = await worker.call({ v: 1, type: 'checkpoint', app });
@@ -279,19 +280,20 @@ export class Placement implements AppLifecycle {
         rec.wakeAfterCheckpoint = undefined; // held clients see `running` and go ahead
         this.setState(rec, 'running');
         if (rec.connections === 0) this.armIdle(rec);
-        return;
+        return false;
       }
       this.metrics.checkpoints.inc({ app, result: 'ok' });
       rec.endpoints = undefined;
       rec.worker = undefined;
       log.info({ generation: rec.generation }, 'stored');
       this.setState(rec, 'stored');
-      if (rec.wakeAfterCheckpoint) {
-        rec.wakeAfterCheckpoint = undefined;
-        this.wake(app, 'http');
-      }
+      const pending = rec.wakeAfterCheckpoint;
+      rec.wakeAfterCheckpoint = undefined;
+      if (pending) this.wake(app, pending);
+      return true;
     })();
-    return rec.op;
+    rec.op = done.then(() => undefined);
+    return done;
   }
 
   private armIdle(rec: AppRecord): void {

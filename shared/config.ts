@@ -29,8 +29,9 @@ function toBytes(s: string, ctx: z.RefinementCtx): number {
 const DURATION_DOC = 'a duration such as 500ms, 30s, 5m, 1h ("0" disables)';
 const SIZE_DOC = 'a size such as 64Ki, 256Mi, 1Gi, 2G';
 /** A duration in milliseconds; `dflt` is parsed like any value the operator writes. */
-const duration = () => z.string().describe(DURATION_DOC).transform(toMs);
-const durationOr = (dflt: string) => z.string().describe(DURATION_DOC).default(dflt).transform(toMs);
+const durationText = () => z.union([z.string(), z.literal(0)]).describe(DURATION_DOC);
+const duration = () => durationText().transform((v, ctx) => toMs(String(v), ctx));
+const durationOr = (dflt: string) => durationText().default(dflt).transform((v, ctx) => toMs(String(v), ctx));
 /** A size in bytes. */
 export const size = () => z.string().describe(SIZE_DOC).transform(toBytes);
 const sizeOr = (dflt: string) => z.string().describe(SIZE_DOC).default(dflt).transform(toBytes);

@@ -1,0 +1,74 @@
+import type { WorkerConnection, WorkerEvent, WorkerRequest, WorkerResponse } from '../../shared/protocol.js';
+
+type Gate = { resolve: () => void; promise: Promise<void> };
+
+function gate(): Gate {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { resolve, promise };
+}
+
+/**
+ * A worker that runs nothing: it records every request and answers as a healthy worker would.
+ * Tests can make the next operations fail, or hold them until released, to drive races.
+ */
+export class FakeWorker implements WorkerConnection {
+  readonly id = 'fake';
+  readonly calls: WorkerRequest[] = [];
+  failNext: Partial<Record<WorkerRequest['type'], string>> = {};
+  private gates: Partial<Record<WorkerRequest['type'], Gate>> = {};
+  private readonly listeners = new Set<(ev: WorkerEvent) => void>();
+
+  /** Operations of `type` wait until release(type) is called. */
+  block(type: WorkerRequest['type']): void {
+    this.gates[type] = gate();
+  }
+
+  release(type: WorkerRequest['type']): void {
+    const g = this.gates[type];
+    delete this.gates[type];
+    g?.resolve();
+  }
+
+  count(type: WorkerRequest['type']): number {
+    return this.calls.filter((c) => c.type === type).length;
+  }
+
+  emit(ev: WorkerEvent): void {
+    for (const l of this.listeners) l(ev);
+  }
+
+  async call(req: WorkerRequest): Promise<WorkerResponse> {
+    this.calls.push(req);
+    await this.gates[req.type]?.promise;
+    const failure = this.failNext[req.type];
+    if (failure) {
+      delete this.failNext[req.type];
+      return { v: 1, type: 'error', code: 'PICO_ERR_TEST', message: failure };
+    }
+    switch (req.type) {
+      case 'start':
+      case 'restore':
+        return {
+          v: 1,
+          type: 'running',
+          app: req.app.name,
+          endpoints: Object.fromEntries(req.app.ports.map((p) => [p, { host: '127.0.0.1', port: p + 10000 }])),
+          restored: req.type === 'restore',
+        };
+      case 'checkpoint':
+        return { v: 1, type: 'checkpointed', app: req.app, generation: null };
+      case 'stop':
+        return { v: 1, type: 'stopped', app: req.app };
+      case 'list':
+        return { v: 1, type: 'list', containers: [] };
+    }
+  }
+
+  onEvent(listener: (ev: WorkerEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  async close(): Promise<void> {}
+}
