@@ -6,7 +6,8 @@
 #   scripts/install-oci.sh            install or verify
 #   scripts/install-oci.sh --force    re-download and re-unpack the private CRIU
 #
-# CRIU: the distribution's criu is used when it is already installed, is >= 3.17 and passes
+# CRIU: the distribution's criu is used when it is already installed, is >= 3.17 (>= 4.2 on
+# Linux >= 6.16, where older ones cannot dump TCP sockets) and passes
 # `criu check`. Otherwise (Debian 12 on Linux >= 6.x: criu 3.17.1 fails `criu check`) CRIU
 # >= 4.2 is taken from Debian unstable WITHOUT changing the system's apt configuration: a
 # private sources.list, lists and cache directory under $PICO_OCI_ROOT/apt, `apt-get download`
@@ -90,10 +91,15 @@ if ((FORCE == 0)) && [[ -x $WRAPPER && -f $STAMP ]]; then
   say "the installed criu no longer passes \`criu check\`; reinstalling"
 fi
 
-# A distribution criu that already passes its own check is preferred over a private one.
+# A distribution criu that already passes its own check is preferred over a private one. On
+# Linux >= 6.16, criu < 4.2 passes `criu check` yet cannot dump TCP sockets: not good enough.
+min_distro=$MIN_DISTRO
+version_ge "$(uname -r | cut -d- -f1)" 6.16 && min_distro=$MIN_PRIVATE
 if ((FORCE == 0)) && distro=$(command -v criu) && [[ $distro != "$WRAPPER" ]]; then
   v=$(criu_version "$distro")
-  if [[ -n $v ]] && version_ge "$v" "$MIN_DISTRO"; then
+  if [[ -n $v ]] && ! version_ge "$v" "$min_distro"; then
+    say "the distribution's criu $v at $distro is older than $min_distro on Linux $(uname -r); installing a private CRIU"
+  elif [[ -n $v ]]; then
     say "found the distribution's criu $v at $distro; running \`criu check\`:"
     if criu_check "$distro"; then
       write_wrapper "$distro"
