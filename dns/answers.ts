@@ -11,7 +11,9 @@ import { nameserverOf, normalizeName, zoneOf, type ZoneData } from './zone.js';
  * and the body depends only on the (lower-cased) question name and type, so it is encoded
  * once, here, when a zone is loaded. Compression pointers in a body point into the question:
  * its name starts at offset 12 and, whatever the case of its letters, has the same label
- * lengths as the served name, so the pointers hold for every query for that name.
+ * lengths as the served name, so the pointers hold for every query for that name. (So names
+ * in the answer carry the letter case the client asked with, as the question does; DNS names
+ * compare case-insensitively, and 0x20-randomizing resolvers expect exactly this.)
  *
  * Names not served are answered from a per-zone cache of NXDOMAIN bodies keyed by where the
  * zone's name starts inside the question name (≤ 255 entries per zone, so a random-name flood
