@@ -1,0 +1,227 @@
+import { lstatSync, mkdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+
+/**
+ * OCI bundles for apps: the host's system read-only plus the app's own directory.
+ *
+ * Inside a container:
+ *   /            an empty skeleton directory of the bundle, read-only
+ *   /usr, /etc   the host's, bind-mounted read-only; /bin, /lib, /lib64, /sbin are the host's
+ *                symlinks into /usr (merged-/usr hosts) or read-only binds of their own
+ *   /tmp         a tmpfs (its contents are part of the image: CRIU dumps tmpfs)
+ *   APP DIR      the app's directory, read-write, at the SAME path as on the host, so a command
+ *                and cwd written for the `process` runtime work unchanged
+ *   /run/picocenter/app.log
+ *                the app's stdout and stderr. The container's stdio must not be a file or pipe
+ *                of the host's mount namespace or CRIU cannot dump it ("Can't lookup mount"), so
+ *                the app's command is run by /bin/sh, which reopens 0/1/2 INSIDE the container
+ *                (</dev/null, >>app.log) and then execs the app as PID 1. The log is a host file
+ *                on a bind mount: it survives checkpoints, and truncating or appending to it
+ *                while the app is stored does not break the restore (verified with CRIU 4.2.1).
+ *
+ * Namespaces: PID, mount, IPC, UTS of its own; network: the app's namespace by path (netns.ts),
+ * which runc then declares external to CRIU, so it is neither dumped nor restored — it must exist
+ * at `netnsPath` before `runc run` and `runc restore`.
+ *
+ * Security: runc's default capabilities (AUDIT_WRITE, KILL, NET_BIND_SERVICE) and
+ * noNewPrivileges. No seccomp profile: runc has no built-in default (that is Docker's), and
+ * `runc spec` emits none.
+ */
+
+/** Where the log directory is mounted inside the container, and the log's name in it. */
+export const LOG_MOUNT = '/run/picocenter';
+export const LOG_FILE = 'app.log';
+
+const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+const DEFAULT_TMP_BYTES = 64 * 1024 * 1024;
+/** open files an app may have, capped by the worker's own hard limit (see hostFacts) */
+const NOFILE = 65536;
+/** runc's own defaults (`runc spec`): the capabilities an app keeps. */
+const CAPABILITIES = ['CAP_AUDIT_WRITE', 'CAP_KILL', 'CAP_NET_BIND_SERVICE'];
+/** Top-level host paths that are either symlinks into /usr or directories to bind read-only. */
+const SYSTEM_LINKS = ['/bin', '/sbin', '/lib', '/lib32', '/lib64', '/libx32'];
+const CONTAINER_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+
+export interface BundleSpec {
+  /** the runc container id; also the container's hostname */
+  id: string;
+  /** the app's command: argv[0] is looked up on PATH inside the container */
+  args: string[];
+  env: Record<string, string>;
+  /** the app's directory on the host; mounted read-write at the same path inside */
+  appDir: string;
+  /** working directory inside the container; default appDir */
+  cwd?: string;
+  /** host directory mounted at LOG_MOUNT; the app's stdout and stderr append to LOG_FILE there */
+  logDir: string;
+  /** the app's network namespace (a path under /var/run/netns); see netns.ts */
+  netnsPath: string;
+  /** memory limit in bytes; absent: none */
+  memoryLimit?: number;
+  /** more host paths to show read-only at the same path, e.g. a Node installed under /opt */
+  readOnlyPaths?: string[];
+  /** size of /tmp in bytes; default 64 MiB */
+  tmpBytes?: number;
+}
+
+/** The part of the OCI runtime spec (1.0.2) that the bundles use. */
+export interface OciConfig {
+  ociVersion: string;
+  process: {
+    terminal: boolean;
+    user: { uid: number; gid: number };
+    args: string[];
+    env: string[];
+    cwd: string;
+    capabilities: Record<'bounding' | 'effective' | 'permitted' | 'ambient', string[]>;
+    rlimits: { type: string; hard: number; soft: number }[];
+    noNewPrivileges: boolean;
+  };
+  root: { path: string; readonly: boolean };
+  hostname: string;
+  mounts: OciMount[];
+  linux: {
+    cgroupsPath: string;
+    resources: { devices: { allow: boolean; access: string }[]; memory?: { limit: number } };
+    namespaces: { type: string; path?: string }[];
+    maskedPaths: string[];
+    readonlyPaths: string[];
+  };
+}
+
+export interface OciMount {
+  destination: string;
+  type: string;
+  source: string;
+  options?: string[];
+}
+
+/** What a bundle depends on in the host: read once, passed in, so bundleConfig stays pure. */
+export interface HostFacts {
+  /** each top-level system path: the target of its symlink into /usr, or a directory */
+  layout: Record<string, { link: string } | 'dir'>;
+  /**
+   * The worker's hard RLIMIT_NOFILE. runc cannot raise an app's limit past it: on these hosts
+   * root lacks CAP_SYS_RESOURCE (hard limit 20000), and a higher rlimit in config.json fails
+   * `runc run` with "error setting rlimit type 7: operation not permitted".
+   */
+  nofileHard: number;
+}
+
+export function hostFacts(): HostFacts {
+  const layout: HostFacts['layout'] = {};
+  for (const p of SYSTEM_LINKS) {
+    try {
+      const st = lstatSync(p);
+      if (st.isSymbolicLink()) layout[p] = { link: readlinkSync(p) };
+      else if (st.isDirectory()) layout[p] = 'dir';
+    } catch {
+      // absent on this host (e.g. /lib32): nothing to show
+    }
+  }
+  let nofileHard = NOFILE;
+  try {
+    const m = /^Max open files\s+\S+\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
+    if (m && m[1] !== 'unlimited') nofileHard = Number(m[1]);
+  } catch {
+    // no /proc: keep the default
+  }
+  return { layout, nofileHard };
+}
+
+/** The config.json for `spec`, as a pure function of it and the host's layout. */
+export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): OciConfig {
+  validate(spec);
+  const nofile = Math.min(NOFILE, host.nofileHard);
+  const ro = (p: string): OciMount => ({ destination: p, type: 'bind', source: p, options: ['bind', 'ro', 'nosuid', 'nodev'] });
+  const rw = (source: string, destination: string): OciMount => ({ destination, type: 'bind', source, options: ['bind', 'rw', 'nosuid', 'nodev'] });
+  const mounts: OciMount[] = [
+    // runc's defaults, less /sys/fs/cgroup (apps need no cgroup tree; one less mount to dump)
+    { destination: '/proc', type: 'proc', source: 'proc' },
+    { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
+    { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },
+    { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
+    { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
+    { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+    ro('/usr'),
+    ro('/etc'),
+    ...Object.entries(host.layout)
+      .filter(([, v]) => v === 'dir')
+      .map(([p]) => ro(p)),
+    // Before the paths below: an app or log directory under /tmp is mounted on top of this tmpfs.
+    { destination: '/tmp', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=1777', `size=${spec.tmpBytes ?? DEFAULT_TMP_BYTES}`] },
+    ...(spec.readOnlyPaths ?? []).map(ro),
+    rw(spec.appDir, spec.appDir),
+    rw(spec.logDir, LOG_MOUNT),
+  ];
+  const env = { PATH: DEFAULT_PATH, ...spec.env };
+  return {
+    ociVersion: '1.0.2-dev',
+    process: {
+      terminal: false,
+      user: { uid: 0, gid: 0 },
+      args: ['/bin/sh', '-c', `exec "$@" </dev/null >>${LOG_MOUNT}/${LOG_FILE} 2>&1`, 'sh', ...spec.args],
+      env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
+      cwd: spec.cwd ?? spec.appDir,
+      capabilities: { bounding: CAPABILITIES, effective: CAPABILITIES, permitted: CAPABILITIES, ambient: CAPABILITIES },
+      rlimits: [{ type: 'RLIMIT_NOFILE', hard: nofile, soft: nofile }],
+      noNewPrivileges: true,
+    },
+    root: { path: 'rootfs', readonly: true },
+    hostname: spec.id,
+    mounts,
+    linux: {
+      cgroupsPath: `/picocenter/${spec.id}`,
+      resources: {
+        devices: [{ allow: false, access: 'rwm' }],
+        ...(spec.memoryLimit !== undefined ? { memory: { limit: spec.memoryLimit } } : {}),
+      },
+      namespaces: [{ type: 'pid' }, { type: 'network', path: spec.netnsPath }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }],
+      maskedPaths: [
+        '/proc/acpi', '/proc/asound', '/proc/kcore', '/proc/keys', '/proc/latency_stats', '/proc/timer_list',
+        '/proc/timer_stats', '/proc/sched_debug', '/sys/firmware', '/proc/scsi',
+      ],
+      readonlyPaths: ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
+    },
+  };
+}
+
+export interface Bundle {
+  dir: string;
+  config: OciConfig;
+  /** the app's log on the host */
+  logFile: string;
+}
+
+/**
+ * Writes `dir/config.json` and the skeleton `dir/rootfs` (mount points and the host's /usr
+ * symlinks). Rewriting an existing bundle is safe while its app is stored: a restore reads the
+ * same config (mount destinations and the netns path must not change between dump and restore).
+ */
+export function writeBundle(dir: string, spec: BundleSpec, host: HostFacts = hostFacts()): Bundle {
+  const config = bundleConfig(spec, host);
+  const rootfs = path.join(dir, config.root.path);
+  mkdirSync(rootfs, { recursive: true });
+  for (const [p, v] of Object.entries(host.layout)) {
+    const at = path.join(rootfs, p);
+    if (v === 'dir') continue;
+    rmSync(at, { force: true, recursive: false });
+    symlinkSync(v.link, at);
+  }
+  // Mount points, made now: runc would create them too, but only while / is still writable.
+  for (const m of config.mounts) mkdirSync(path.join(rootfs, m.destination), { recursive: true });
+  mkdirSync(spec.logDir, { recursive: true });
+  writeFileSync(path.join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+  return { dir, config, logFile: path.join(spec.logDir, LOG_FILE) };
+}
+
+function validate(spec: BundleSpec): void {
+  if (!CONTAINER_ID.test(spec.id)) throw new Error(`container id ${JSON.stringify(spec.id)} is not [A-Za-z0-9][A-Za-z0-9_.-]{0,63}`);
+  if (spec.args.length === 0) throw new Error(`container ${spec.id}: empty command`);
+  for (const [what, p] of [['app directory', spec.appDir], ['log directory', spec.logDir], ['netns path', spec.netnsPath], ...(spec.readOnlyPaths ?? []).map((r) => ['read-only path', r])] as const) {
+    if (!path.isAbsolute(p)) throw new Error(`container ${spec.id}: ${what} ${p} is not absolute`);
+  }
+  if (spec.memoryLimit !== undefined && !(Number.isSafeInteger(spec.memoryLimit) && spec.memoryLimit > 0)) {
+    throw new Error(`container ${spec.id}: memory limit ${spec.memoryLimit} is not a positive number of bytes`);
+  }
+}

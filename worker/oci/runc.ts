@@ -1,0 +1,251 @@
+import { mkdirSync, readFileSync, rmSync } from 'node:fs';
+import path from 'node:path';
+import { isNoise } from './criu.js';
+import { run, which, type RunResult } from './exec.js';
+
+/**
+ * runc, driven through its command line, with CRIU for checkpoint and restore.
+ *
+ * Every call names its own state root (`--root`), so Picocenter's containers never mix with
+ * anyone else's runc containers and a test can use a throwaway root. Operations on one container
+ * must not overlap (the worker serialises them per app); different containers are independent.
+ *
+ * Container lifecycle as runc sees it:
+ *
+ *   run / create+start ──► running ──checkpoint──► (gone; image in imagePath)
+ *                            │   ▲                       │
+ *                            │   └──────restore──────────┘
+ *                            └─kill──► stopped ──delete──► (gone)
+ *
+ * A successful checkpoint leaves no container behind (unless leaveRunning): the image is the
+ * only copy of the app. A failed checkpoint leaves it running (CRIU unfreezes it).
+ */
+export interface RuncOptions {
+  /** runc binary; default: `runc` on PATH */
+  runc?: string;
+  /** the criu runc runs (`--criu`): scripts/install-oci.sh's wrapper, or a distribution criu */
+  criu: string;
+  /** runc's state directory (`--root`) */
+  root: string;
+  /** where runc's own logs go, one file per container and operation */
+  logDir: string;
+}
+
+export interface ContainerState {
+  id: string;
+  /** host PID of the container's init; 0 once stopped */
+  pid: number;
+  status: 'creating' | 'created' | 'running' | 'paused' | 'stopped';
+  bundle: string;
+  created: string;
+}
+
+export interface CriuPaths {
+  /** where CRIU writes (checkpoint) or reads (restore) the image */
+  imagePath: string;
+  /** CRIU's logs (dump.log, restore.log) and scratch files; not part of the image */
+  workPath: string;
+}
+
+export interface CheckpointOptions extends CriuPaths {
+  /** keep the container running after the dump (a copy, not a swap-out) */
+  leaveRunning?: boolean;
+  /** allow established TCP connections; the restore must then pass it too */
+  tcpEstablished?: boolean;
+  fileLocks?: boolean;
+}
+
+export interface RestoreOptions extends CriuPaths {
+  bundle: string;
+  tcpEstablished?: boolean;
+  fileLocks?: boolean;
+}
+
+/** How long one operation took: `ms` end to end (runc + CRIU), `criuMs` as CRIU's log counts it. */
+export interface Timing {
+  ms: number;
+  criuMs: number | null;
+}
+
+const TIMEOUT_MS = 120_000;
+
+export class RuncError extends Error {
+  constructor(
+    readonly op: string,
+    readonly id: string,
+    /** runc's own error message */
+    readonly runcMessage: string,
+    /** CRIU's error lines (checkpoint, restore), without the noise every run prints */
+    readonly criuErrors: string[] = [],
+  ) {
+    super(`runc ${op} ${id} failed: ${runcMessage}${criuErrors.length ? `; criu: ${criuErrors.join(' | ')}` : ''}`);
+    this.name = 'RuncError';
+  }
+}
+
+export class Runc {
+  private readonly bin: string;
+
+  constructor(private readonly opts: RuncOptions) {
+    this.bin = opts.runc ?? which('runc') ?? 'runc';
+    mkdirSync(opts.root, { recursive: true, mode: 0o700 });
+    mkdirSync(opts.logDir, { recursive: true });
+  }
+
+  /** Creates and starts the container, detached; resolves once its process has been exec'd. */
+  async run(id: string, bundle: string): Promise<{ pid: number; timing: Timing }> {
+    const pidFile = this.file(id, 'pid');
+    const r = await this.exec('run', id, ['run', '--detach', '--bundle', bundle, '--pid-file', pidFile, id], { detached: true });
+    return { pid: readPid(pidFile), timing: { ms: r.ms, criuMs: null } };
+  }
+
+  /** Creates the container with its process waiting to exec: `start` lets it go. */
+  async create(id: string, bundle: string): Promise<{ pid: number }> {
+    const pidFile = this.file(id, 'pid');
+    await this.exec('create', id, ['create', '--bundle', bundle, '--pid-file', pidFile, id], { detached: true });
+    return { pid: readPid(pidFile) };
+  }
+
+  async start(id: string): Promise<void> {
+    await this.exec('start', id, ['start', id]);
+  }
+
+  /** The container's state, or null when runc knows no container by that id. */
+  async state(id: string): Promise<ContainerState | null> {
+    const r = await this.raw(['state', id]);
+    if (r.code !== 0) {
+      if (/does not exist/.test(r.stderr)) return null;
+      throw new RuncError('state', id, runcMessage(r, ''));
+    }
+    return JSON.parse(r.stdout) as ContainerState;
+  }
+
+  async list(): Promise<ContainerState[]> {
+    const r = await this.raw(['list', '--format', 'json']);
+    if (r.code !== 0) throw new RuncError('list', '-', runcMessage(r, ''));
+    return (JSON.parse(r.stdout || 'null') as ContainerState[] | null) ?? [];
+  }
+
+  /**
+   * Signals the container's init (or, with `all`, every process in it). An init that is PID 1 of
+   * its namespace ignores SIGTERM unless it handles it: follow up with SIGKILL.
+   */
+  async kill(id: string, signal: NodeJS.Signals = 'SIGTERM', options: { all?: boolean } = {}): Promise<void> {
+    await this.exec('kill', id, ['kill', ...(options.all ? ['--all'] : []), id, signal]);
+  }
+
+  /** Removes the container; `force` kills it first. Idempotent: an unknown id is not an error. */
+  async delete(id: string, options: { force?: boolean } = {}): Promise<void> {
+    if ((await this.state(id)) === null) return;
+    await this.exec('delete', id, ['delete', ...(options.force ? ['--force'] : []), id]);
+    rmSync(this.file(id, 'pid'), { force: true });
+  }
+
+  /** Dumps the container with CRIU into `imagePath`; unless leaveRunning, the container is then gone. */
+  async checkpoint(id: string, o: CheckpointOptions): Promise<Timing> {
+    mkdirSync(o.imagePath, { recursive: true });
+    mkdirSync(o.workPath, { recursive: true });
+    const args = ['checkpoint', '--image-path', o.imagePath, '--work-path', o.workPath, ...criuFlags(o)];
+    if (o.leaveRunning) args.push('--leave-running');
+    const r = await this.exec('checkpoint', id, [...args, id], { criuLog: path.join(o.workPath, 'dump.log') });
+    return { ms: r.ms, criuMs: criuDuration(path.join(o.workPath, 'dump.log')) };
+  }
+
+  /**
+   * Restores the container from `imagePath`, detached, with the bundle's config: its mounts'
+   * sources and its network namespace must exist as they did at the checkpoint.
+   */
+  async restore(id: string, o: RestoreOptions): Promise<{ pid: number; timing: Timing }> {
+    mkdirSync(o.workPath, { recursive: true });
+    const pidFile = this.file(id, 'pid');
+    const args = ['restore', '--detach', '--bundle', o.bundle, '--image-path', o.imagePath, '--work-path', o.workPath, '--pid-file', pidFile, ...criuFlags(o)];
+    const r = await this.exec('restore', id, [...args, id], { detached: true, criuLog: path.join(o.workPath, 'restore.log') });
+    return { pid: readPid(pidFile), timing: { ms: r.ms, criuMs: criuDuration(path.join(o.workPath, 'restore.log')) } };
+  }
+
+  private async exec(op: string, id: string, args: string[], how: { detached?: boolean; criuLog?: string } = {}): Promise<RunResult> {
+    const log = this.file(id, `${op}.log`);
+    rmSync(log, { force: true });
+    // Detached: the container inherits runc's stdio until its /bin/sh reopens it inside (see
+    // bundle.ts), so runc gets /dev/null, never a pipe we would wait on; its errors go to --log.
+    const r = await run(this.bin, this.global(log).concat(args), { timeoutMs: TIMEOUT_MS, stdio: how.detached ? 'ignore' : 'pipe' });
+    if (r.code !== 0 || r.error) {
+      throw new RuncError(op, id, runcMessage(r, this.logTail(id, op)), how.criuLog ? criuErrors(how.criuLog) : []);
+    }
+    return r;
+  }
+
+  private raw(args: string[]): Promise<RunResult> {
+    return run(this.bin, this.global(null).concat(args), { timeoutMs: TIMEOUT_MS });
+  }
+
+  private global(log: string | null): string[] {
+    return ['--root', this.opts.root, '--criu', this.opts.criu, ...(log ? ['--log', log, '--log-format', 'json'] : [])];
+  }
+
+  private file(id: string, suffix: string): string {
+    return path.join(this.opts.logDir, `${id}.${suffix}`);
+  }
+
+  /** The error messages runc logged (JSON lines) for the last `op` on `id`. */
+  private logTail(id: string, op: string): string {
+    let text: string;
+    try {
+      text = readFileSync(this.file(id, `${op}.log`), 'utf8');
+    } catch {
+      return '';
+    }
+    const msgs: string[] = [];
+    for (const line of text.split('\n')) {
+      try {
+        const e = JSON.parse(line) as { level?: string; msg?: string };
+        if ((e.level === 'error' || e.level === 'fatal') && e.msg) msgs.push(e.msg);
+      } catch {
+        if (line.trim()) msgs.push(line.trim());
+      }
+    }
+    return msgs.slice(-3).join(' | ');
+  }
+}
+
+function criuFlags(o: { tcpEstablished?: boolean; fileLocks?: boolean }): string[] {
+  return [...(o.tcpEstablished ? ['--tcp-established'] : []), ...(o.fileLocks ? ['--file-locks'] : [])];
+}
+
+function runcMessage(r: RunResult, logged: string): string {
+  if (r.error) return r.error.message;
+  const stderr = r.stderr.trim().split('\n').filter(Boolean).at(-1);
+  return logged || stderr || `exit ${r.code ?? r.signal}`;
+}
+
+function readPid(file: string): number {
+  const pid = Number.parseInt(readFileSync(file, 'utf8'), 10);
+  if (!(pid > 0)) throw new Error(`runc wrote no PID to ${file}`);
+  return pid;
+}
+
+/** CRIU's "Error (file:line): …" lines from a dump.log or restore.log, noise left out. */
+export function criuErrors(logFile: string): string[] {
+  let text: string;
+  try {
+    text = readFileSync(logFile, 'utf8');
+  } catch {
+    return [];
+  }
+  return text
+    .split('\n')
+    .filter((l) => /\bError \(/.test(l) && !isNoise(l))
+    .map((l) => l.replace(/^\(\s*[\d.]+\)\s*/, '').replace(/^\s*\d+:\s*/, '').replace(/Error \([^)]*\):\s*/, ''))
+    .slice(-5);
+}
+
+/** CRIU's own duration: the timestamp of the last line of its log, in ms. */
+function criuDuration(logFile: string): number | null {
+  try {
+    const stamps = readFileSync(logFile, 'utf8').match(/^\((\d+\.\d+)\)/gm);
+    const last = stamps?.at(-1);
+    return last ? Math.round(Number.parseFloat(last.slice(1)) * 1000) : null;
+  } catch {
+    return null;
+  }
+}
