@@ -29,6 +29,8 @@ export interface HttpContext {
 
 /** Largest response head accepted from an app, in bytes. */
 const MAX_RESPONSE_HEAD = 64 * 1024;
+/** Bytes of one read from an upstream, into the connection's own reusable buffer. */
+const UPSTREAM_READ_BUFFER = 16 * 1024;
 /** How long a closed-by-us connection keeps draining the client's bytes, in ms. */
 const LINGER_MS = 2000;
 /** Seconds a client is told to wait after a 503. */
@@ -117,6 +119,8 @@ export class HttpConnection {
   private readonly resChunks: ChunkedScanner;
   private resPartial: Buffer | null = null;
   private resScanFrom = 0;
+  /** where the upstream socket reads into (see nextReadBuffer) */
+  private readBuf: Buffer | null = null;
 
   /** client socket paused because the upstream's write buffer is full */
   private upstreamFull = false;
@@ -467,11 +471,16 @@ export class HttpConnection {
   }
 
   private openUpstream(endpoint: Endpoint): void {
-    const up = net.connect({ host: endpoint.host, port: endpoint.port, noDelay: true, allowHalfOpen: true });
+    const up = net.connect({
+      host: endpoint.host,
+      port: endpoint.port,
+      noDelay: true,
+      allowHalfOpen: true,
+      onread: { buffer: this.nextReadBuffer, callback: this.onUpstreamRead },
+    });
     this.upstream = up;
     this.upstreamConnected = false;
     up.on('connect', this.onUpstreamConnect);
-    up.on('data', this.onUpstreamData);
     up.on('end', this.onUpstreamEnd);
     up.on('drain', this.onUpstreamDrain);
     up.on('error', this.onUpstreamError);
@@ -495,7 +504,6 @@ export class HttpConnection {
     this.resScanFrom = 0;
     if (up === null) return;
     up.removeListener('connect', this.onUpstreamConnect);
-    up.removeListener('data', this.onUpstreamData);
     up.removeListener('end', this.onUpstreamEnd);
     up.removeListener('drain', this.onUpstreamDrain);
     up.removeListener('error', this.onUpstreamError);
@@ -562,12 +570,26 @@ export class HttpConnection {
 
   // ─── response side ────────────────────────────────────────────────────────
 
-  private readonly onUpstreamData = (chunk: Buffer): void => {
+  /*
+   * Upstream reads land in a buffer of this connection that is reused for the next read, which
+   * saves an allocation and the stream machinery per response. Safe because whatever keeps
+   * bytes of it past the read callback either copies them (resPartial) or is a client write
+   * that did not complete at once, and then the next read gets a fresh buffer.
+   */
+  private readonly nextReadBuffer = (): Buffer => {
+    if (this.readBuf === null || this.client.writableLength > 0) this.readBuf = Buffer.allocUnsafe(UPSTREAM_READ_BUFFER);
+    return this.readBuf;
+  };
+
+  private readonly onUpstreamRead = (n: number, buf: Uint8Array): boolean => {
+    if (this.upstream === null) return false; // dropped; its last read is ignored
+    let chunk = (buf as Buffer).subarray(0, n);
     if (this.resPartial !== null) {
       chunk = Buffer.concat([this.resPartial, chunk]);
       this.resPartial = null;
     }
     this.feedResponses(chunk);
+    return true;
   };
 
   private feedResponses(buf: Buffer): void {
@@ -589,7 +611,7 @@ export class HttpConnection {
           if (at < 0) {
             if (len - pos > MAX_RESPONSE_HEAD) return this.badResponse(buf, pos, 'response head too large');
             this.toClientRange(buf, 0, pos);
-            this.resPartial = buf.subarray(pos);
+            this.resPartial = Buffer.from(buf.subarray(pos)); // a copy: the read buffer is reused
             this.resScanFrom = Math.max(0, len - pos - 3);
             return;
           }
