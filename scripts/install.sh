@@ -28,6 +28,13 @@ if ((${#need[@]})); then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# runc, iptables, fuse3 and a CRIU that works on this kernel (the oci runtime and its tests).
+if [[ $(id -u) -eq 0 ]]; then
+  bash scripts/install-oci.sh
+else
+  echo "picocenter: not root: skipping scripts/install-oci.sh (the oci runtime needs it)" >&2
+fi
+
 # npm ci only when the lockfile changed since the last install.
 stamp=node_modules/.picocenter-lock
 if [[ ! -f $stamp ]] || ! cmp -s package-lock.json "$stamp"; then

@@ -13,6 +13,7 @@ export type ErrorCode =
   | 'PICO_ERR_APP_EXITED' // the app's process exited
   | 'PICO_ERR_INVALID_STATE' // the request does not fit the app's lifecycle state
   | 'PICO_ERR_UNAUTHORIZED' // admin API without the right bearer token
+  | 'PICO_ERR_HOST_UNSUPPORTED' // the host lacks what the configured runtime needs (criu, runc…)
   | 'PICO_ERR_SHUTTING_DOWN'; // the system is stopping
 
 export class PicoError extends Error {
