@@ -13,6 +13,9 @@ export type ErrorCode =
   | 'PICO_ERR_APP_EXITED' // the app's process exited
   | 'PICO_ERR_INVALID_STATE' // the request does not fit the app's lifecycle state
   | 'PICO_ERR_UNAUTHORIZED' // admin API without the right bearer token
+  | 'PICO_ERR_IMAGE_CORRUPT' // a stored image failed its checksums
+  | 'PICO_ERR_IMAGE_MISSING' // a stored image or one of its chunks is gone
+  | 'PICO_ERR_STORE' // the object store failed (unwritable, unreachable)
   | 'PICO_ERR_HOST_UNSUPPORTED' // the host lacks what the configured runtime needs (criu, runc…)
   | 'PICO_ERR_SHUTTING_DOWN'; // the system is stopping
 
