@@ -33,6 +33,8 @@ const MAX_RESPONSE_HEAD = 64 * 1024;
 const UPSTREAM_READ_BUFFER = 16 * 1024;
 /** How long a closed-by-us connection keeps draining the client's bytes, in ms. */
 const LINGER_MS = 2000;
+/** Most requests of one connection passed on and not yet answered; more wait in `pending`. */
+const MAX_PIPELINED = 64;
 /** Seconds a client is told to wait after a 503. */
 const RETRY_AFTER_S = 1;
 
@@ -52,6 +54,14 @@ const RES_BODY_LENGTH = 1;
 const RES_BODY_CHUNKED = 2;
 const RES_BODY_CLOSE = 3;
 const RES_TUNNEL = 4;
+
+// What a parked connection waits for.
+/** every request in flight answered (a host switch, a gateway response, an upgrade's answer) */
+const UNTIL_IDLE = 0;
+/** fewer than MAX_PIPELINED requests in flight */
+const UNTIL_ROOM = 1;
+/** the hold and the upstream connect, which unpark explicitly */
+const UNTIL_CONNECTED = 2;
 
 // Flags of a request whose response has not completed (the `inflight` queue).
 const F_HEAD = 1;
@@ -84,8 +94,8 @@ function noop(): void {}
  * - Gateway responses (404, 503, …) and a switch to another app's upstream only happen when
  *   inflight is empty: then every earlier response has been passed on completely, so a
  *   response never lands in the middle of, or ahead of, another.
- * - While `parked`, the client's bytes are kept in `pending` and the client socket is paused;
- *   `pending` always starts at the first byte of a request head (or of tunnel data).
+ * - While `parked`, the client's bytes are kept in `pending` and the client socket is paused
+ *   (`parkedUntil` says what ends it);  *   `pending` always starts at the first byte of a request head (or of tunnel data).
  * - A request is written to an upstream at most once, and never retried.
  */
 export class HttpConnection {
@@ -110,6 +120,9 @@ export class HttpConnection {
   private headPartial: Buffer | null = null;
   private headScanFrom = 0;
   private parked = false;
+  private parkedUntil = UNTIL_IDLE;
+  /** the request waiting for the hold is a HEAD (its 503/504 then carries no body) */
+  private heldIsHead = false;
   private pending: Buffer | null = null;
   private readonly inflight: number[] = [];
 
@@ -231,7 +244,7 @@ export class HttpConnection {
           break;
         }
         case REQ_AWAIT_UPGRADE:
-          this.park(buf, pos);
+          this.park(buf, pos, UNTIL_IDLE);
           return;
         case REQ_TUNNEL:
           this.toUpstream(pos === 0 ? buf : buf.subarray(pos));
@@ -284,8 +297,17 @@ export class HttpConnection {
 
     if (route !== this.route || !this.upstreamConnected) {
       // A new upstream is needed: wait until the current one has answered everything.
-      if (this.inflight.length === 0) this.connectTo(route);
-      this.park(buf, pos);
+      if (this.inflight.length > 0) {
+        this.park(buf, pos, UNTIL_IDLE);
+      } else {
+        this.park(buf, pos, UNTIL_CONNECTED);
+        this.heldIsHead = head.isHead;
+        this.connectTo(route);
+      }
+      return -1;
+    }
+    if (this.inflight.length >= MAX_PIPELINED) {
+      this.park(buf, pos, UNTIL_ROOM);
       return -1;
     }
 
@@ -323,7 +345,7 @@ export class HttpConnection {
    */
   private reject(status: number, buf: Buffer, pos: number, reason: string, isHead = false): number {
     if (this.inflight.length > 0) {
-      this.park(buf, pos);
+      this.park(buf, pos, UNTIL_IDLE);
       return -1;
     }
     this.log.debug({ status, reason }, 'request rejected');
@@ -377,10 +399,11 @@ export class HttpConnection {
     this.toUpstream(Buffer.concat(parts));
   }
 
-  private park(buf: Buffer, pos: number): void {
+  private park(buf: Buffer, pos: number, until: number): void {
     const rest = pos === 0 ? buf : buf.subarray(pos);
     this.pending = this.pending ? Buffer.concat([rest, this.pending]) : rest;
     this.parked = true;
+    this.parkedUntil = until;
     this.waitSince = -1;
     this.updateClientReading();
   }
@@ -457,8 +480,8 @@ export class HttpConnection {
         if (this.holding !== abort) return; // aborted by us
         this.holding = null;
         this.log.debug({ app: route.name, err: (err as Error).message }, 'hold failed');
-        if (isPicoError(err, 'PICO_ERR_HOLD_TIMEOUT')) this.respond(504);
-        else this.respond(503, false, RETRY_AFTER_S); // queue full or wake failed
+        if (isPicoError(err, 'PICO_ERR_HOLD_TIMEOUT')) this.respond(504, this.heldIsHead);
+        else this.respond(503, this.heldIsHead, RETRY_AFTER_S); // queue full or wake failed
       },
     );
   }
@@ -673,8 +696,13 @@ export class HttpConnection {
       this.reqState = REQ_TUNNEL;
       this.waitSince = -1;
       this.unpark();
-    } else if (this.inflight.length === 0) {
-      this.onResponsesDone();
+    } else if (this.parked) {
+      const n = this.inflight.length;
+      if (this.parkedUntil === UNTIL_IDLE ? n === 0 : this.parkedUntil === UNTIL_ROOM && n < MAX_PIPELINED) this.unpark();
+    } else if (this.inflight.length === 0 && this.reqState === REQ_HEAD) {
+      // Every request sent has its answer: the idle clock starts.
+      this.waitSince = this.ctx.now;
+      if (this.clientEnded) this.closeClient();
     }
   }
 
@@ -685,16 +713,6 @@ export class HttpConnection {
     if (!this.resKeepAlive || flags & F_CLOSE) return true;
     if (flags & F_UPGRADE) this.reqState = REQ_HEAD; // upgrade declined: HTTP goes on
     return false;
-  }
-
-  /** Every request sent has its response now: parked work can go on, or the idle clock starts. */
-  private onResponsesDone(): void {
-    if (this.parked) {
-      if (this.holding === null && (this.upstream === null || this.upstreamConnected)) this.unpark();
-    } else if (this.reqState === REQ_HEAD) {
-      this.waitSince = this.ctx.now;
-      if (this.clientEnded) this.closeClient();
-    }
   }
 
   /** The app's response head is unusable; nothing of it has been passed on. */

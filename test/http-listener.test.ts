@@ -253,6 +253,26 @@ describe('HttpListener', () => {
       assert.deepEqual(urls, ['/p0', '/p1', '/p2', '/p3', '/p4', '/last']);
     });
 
+    it('answers a deep pipeline in order, beyond what it forwards at once', async () => {
+      const reqs = Array.from({ length: 300 }, (_, i) => `GET /d${i} HTTP/1.1\r\nHost: web.apps.test\r\n\r\n`).join('');
+      const raw = await rawExchange(port, `${reqs}GET /last HTTP/1.1\r\nHost: web.apps.test\r\nConnection: close\r\n\r\n`);
+      const urls = [...raw.matchAll(/"url":"([^"]+)"/g)].map((m) => m[1]);
+      assert.deepEqual(urls, [...Array.from({ length: 300 }, (_, i) => `/d${i}`), '/last']);
+    });
+
+    it('answers a client that half-closes after its request', async () => {
+      const raw = await new Promise<string>((resolve, reject) => {
+        const sock = net.connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+        const got: Buffer[] = [];
+        sock.on('data', (c) => got.push(c));
+        sock.on('error', reject);
+        sock.on('end', () => resolve(Buffer.concat(got).toString()));
+        sock.end('GET /half HTTP/1.1\r\nHost: web.apps.test\r\n\r\n');
+      });
+      assert.equal(statusOf(raw), 200);
+      assert.match(raw, /"url":"\/half"/);
+    });
+
     it('answers pipelined requests from undici', async () => {
       const c = client({ pipelining: 10 });
       const all = await Promise.all(Array.from({ length: 30 }, (_, i) => get(c, 'web.apps.test', `/q${i}`)));
