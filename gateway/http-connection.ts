@@ -1,7 +1,6 @@
 import net, { type Socket } from 'node:net';
 import { isPicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
-import type { Metrics } from '../shared/metrics.js';
 import type { Endpoint } from '../shared/protocol.js';
 import type { Hold } from './hold.js';
 import { BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ChunkedScanner, HEAD_END, RequestHead, ResponseHead } from './http-head.js';
@@ -14,7 +13,6 @@ export interface HttpContext {
   readonly routes: RouteTable;
   readonly hold: Hold;
   readonly lifecycle: AppLifecycle;
-  readonly metrics: Metrics;
   readonly log: Logger;
   /** largest request head, in bytes; larger gets 431 */
   readonly maxHeaderSize: number;
@@ -757,18 +755,15 @@ export class HttpConnection {
     if (this.clientEnded) this.client.destroySoon();
   }
 
-  /** Connection accounting: the app whose upstream this connection uses (or waits for). */
+  /**
+   * Connection accounting: the app whose upstream this connection uses (or waits for). The
+   * lifecycle (placement) keeps the count and the picocenter_open_connections gauge.
+   */
   private attach(route: AppRoute | null): void {
     if (route === this.route) return;
-    const { lifecycle, metrics } = this.ctx;
-    if (this.route !== null) {
-      lifecycle.connectionClosed(this.route.name);
-      metrics.connections.dec({ app: this.route.name });
-    }
+    const { lifecycle } = this.ctx;
+    if (this.route !== null) lifecycle.connectionClosed(this.route.name);
     this.route = route;
-    if (route !== null) {
-      lifecycle.connectionOpened(route.name);
-      metrics.connections.inc({ app: route.name });
-    }
+    if (route !== null) lifecycle.connectionOpened(route.name);
   }
 }

@@ -14,6 +14,7 @@ export interface HttpListenerOptions {
   routes: RouteTable;
   hold: Hold;
   lifecycle: AppLifecycle;
+  /** unused for now: connection and hold metrics are kept by the lifecycle and the hold */
   metrics: Metrics;
   log: Logger;
   /** in ms; default 30 s: an idle connection must deliver a complete request head within this */
@@ -46,7 +47,6 @@ export class HttpListener {
       routes: opts.routes,
       hold: opts.hold,
       lifecycle: opts.lifecycle,
-      metrics: opts.metrics,
       log: opts.log.child({ listener: 'http' }),
       maxHeaderSize: opts.maxHeaderSize,
       headerTimeoutMs,

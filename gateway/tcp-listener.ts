@@ -10,6 +10,7 @@ export interface TcpListenerOptions {
   routes: RouteTable;
   hold: Hold;
   lifecycle: AppLifecycle;
+  /** unused for now: connection and hold metrics are kept by the lifecycle and the hold */
   metrics: Metrics;
   log: Logger;
   /** in ms; default 10 s: connecting to a running app's endpoint */
@@ -114,8 +115,8 @@ class TcpConnection {
     private readonly log: Logger,
     private readonly onClosed: () => void,
   ) {
+    // The lifecycle (placement) keeps the count and the picocenter_open_connections gauge.
     opts.lifecycle.connectionOpened(route.name);
-    opts.metrics.connections.inc({ app: route.name });
     client.on('data', this.onHeldData);
     client.on('end', this.onHeldEnd);
     client.on('error', (err) => this.log.debug({ err: err.message }, 'client connection error'));
@@ -138,7 +139,6 @@ class TcpConnection {
     this.upstream?.destroy();
     this.client.destroy();
     this.opts.lifecycle.connectionClosed(this.route.name);
-    this.opts.metrics.connections.dec({ app: this.route.name });
     this.onClosed();
   }
 

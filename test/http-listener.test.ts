@@ -583,8 +583,6 @@ describe('HttpListener', () => {
       for (const cl of clients.splice(0)) await cl.destroy();
       const apps = [...routes.apps.keys()];
       await until(() => apps.every((a) => lifecycle.openConnections(a) === 0), 'connections to be accounted closed');
-      const gauge = (await metrics.connections.get()).values.filter((v) => v.value !== 0);
-      assert.deepEqual(gauge, []);
     });
 
     it('stop() closes open connections and the listener', async () => {

@@ -168,11 +168,8 @@ apps:
   it('accounts every connection as opened and closed', async () => {
     const sock = net.connect(ports.echo, ADDR_ECHO);
     await until(() => lifecycle.openConnections('echo') === 1, 'the connection to be accounted');
-    const gauge = async () => (await metrics.connections.get()).values.find((v) => v.labels.app === 'echo')?.value ?? 0;
-    assert.equal(await gauge(), 1);
     sock.end();
     await until(() => lifecycle.openConnections('echo') === 0, 'the connection to be accounted closed');
-    assert.equal(await gauge(), 0);
     assert.equal(listener.connectionCount, 0);
   });
 
