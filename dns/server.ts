@@ -1,7 +1,7 @@
 import dgram from 'node:dgram';
 import net, { isIP, type AddressInfo } from 'node:net';
 import type { ListenAddress } from '../shared/config.js';
-import { PicoError, describeError } from '../shared/errors.js';
+import { PicoError, describeError, isPicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { Metrics } from '../shared/metrics.js';
 import { AnswerTable } from './answers.js';
@@ -46,6 +46,8 @@ export class DnsServer {
   private udp: dgram.Socket | undefined;
   private tcp: net.Server | undefined;
   private readonly conns = new Set<net.Socket>();
+  /** settles when the current start attempt has finished, either way */
+  private starting: Promise<void> | undefined;
 
   /** Throws PICO_ERR_CONFIG for invalid zone data. */
   constructor(opts: DnsServerOptions) {
@@ -65,24 +67,53 @@ export class DnsServer {
     this.log.info({ zones: zone.zones, names: zone.records.size }, 'dns zone updated');
   }
 
-  /** Binds UDP, then TCP on the port UDP got. Rejects (and closes what it opened) on failure. */
+  /**
+   * Binds UDP, then TCP on the port UDP got. Rejects (having closed what it opened) on failure,
+   * and with PICO_ERR_SHUTTING_DOWN when stop() is called meanwhile.
+   */
   async start(): Promise<{ udp: AddressInfo; tcp: AddressInfo }> {
     if (this.state !== 'new') throw new PicoError('PICO_ERR_INVALID_STATE', `dns server cannot start: it is ${this.state}`);
     this.state = 'starting';
+    const attempt = this.bind();
+    this.starting = attempt.then(() => undefined, () => undefined);
+    return attempt;
+  }
+
+  /**
+   * Closes the sockets and every TCP connection. Safe at any point — before, during (start
+   * then rejects) and after start, after a failed start — and more than once.
+   */
+  async stop(): Promise<void> {
+    const wasRunning = this.state === 'running';
+    this.state = 'stopped';
+    // A socket is never closed in the middle of its bind: an in-flight start sees the new
+    // state after its current step, closes what it opened and rejects; wait for that.
+    await this.starting;
+    await this.closeSockets();
+    this.counter.flush();
+    if (wasRunning) this.log.info('dns server stopped');
+  }
+
+  private get stopped(): boolean {
+    return this.state === 'stopped';
+  }
+
+  private async bind(): Promise<{ udp: AddressInfo; tcp: AddressInfo }> {
     const { host, port } = this.opts.listen;
+    const shuttingDown = () => new PicoError('PICO_ERR_SHUTTING_DOWN', 'dns server stopped while starting');
     for (let attempt = 1; ; attempt++) {
       try {
         const udp = await this.bindUdp(host, port);
+        if (this.stopped) throw shuttingDown();
         const tcp = await this.listenTcp(host, udp.port);
+        if (this.stopped) throw shuttingDown();
         this.state = 'running';
         this.log.info({ udp: `${udp.address}:${udp.port}`, tcp: `${tcp.address}:${tcp.port}` }, 'dns server listening');
         return { udp, tcp };
       } catch (err) {
-        this.closeSockets();
-        // stop() during start wins; so does any error but a port-0 race on the TCP port.
-        if ((this.state as State) === 'stopped') {
-          throw new PicoError('PICO_ERR_SHUTTING_DOWN', 'dns server stopped while starting', { cause: err });
-        }
+        await this.closeSockets();
+        if (this.stopped) throw isPicoError(err, 'PICO_ERR_SHUTTING_DOWN') ? err : shuttingDown();
+        // Port 0: the port the OS gave UDP may be taken for TCP; try another pair.
         const retry = port === 0 && (err as NodeJS.ErrnoException).code === 'EADDRINUSE' && attempt < PORT_ATTEMPTS;
         if (!retry) {
           this.state = 'stopped';
@@ -90,17 +121,6 @@ export class DnsServer {
         }
       }
     }
-  }
-
-  /** Closes the sockets and every TCP connection. Safe at any point, also after a failed or
-   *  partial start, and more than once. */
-  async stop(): Promise<void> {
-    if (this.state === 'stopped' && !this.udp && !this.tcp) return;
-    this.state = 'stopped';
-    const closed = this.closeSockets();
-    this.counter.flush();
-    await closed;
-    this.log.info('dns server stopped');
   }
 
   private closeSockets(): Promise<void> {
