@@ -380,7 +380,9 @@ export class HttpConnection {
     }
     // Rare: the client sent X-Forwarded-* itself.
     const cuts: Array<[number, number, Buffer | null]> = [];
-    if (head.xffValueEnd >= 0) cuts.push([head.xffValueEnd, head.xffValueEnd, Buffer.from(`, ${this.clientIp}`, 'latin1')]);
+    if (head.xffValueEnd >= 0) {
+      cuts.push([head.xffValueEnd, head.xffValueEnd, Buffer.from(head.xffEmpty ? this.clientIp : `, ${this.clientIp}`, 'latin1')]);
+    }
     const drops = head.dropLines ?? [];
     for (let k = 0; k < drops.length; k += 2) cuts.push([drops[k]!, drops[k + 1]!, null]);
     cuts.sort((a, b) => a[0] - b[0]);

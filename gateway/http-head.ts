@@ -106,6 +106,8 @@ export class RequestHead {
   contentLength = 0;
   /** end of the last X-Forwarded-For value, or -1: the client address is appended there */
   xffValueEnd = -1;
+  /** that X-Forwarded-For value is empty (the address goes in without a comma) */
+  xffEmpty = false;
   /** [lineStart, lineEnd) pairs of X-Forwarded-Proto/-Host lines, which the gateway replaces */
   dropLines: number[] | null = null;
 
@@ -235,7 +237,10 @@ export class RequestHead {
           if (eqLower(buf, lineStart, 7, N_UPGRADE)) upgradeHeader = true;
           break;
         case 15:
-          if (eqLower(buf, lineStart, 15, N_XFF)) this.xffValueEnd = vEnd;
+          if (eqLower(buf, lineStart, 15, N_XFF)) {
+            this.xffValueEnd = vEnd;
+            this.xffEmpty = vEnd === vStart;
+          }
           break;
         case 16:
           if (eqLower(buf, lineStart, 16, N_XF_HOST)) (this.dropLines ??= []).push(lineStart, i);
@@ -379,6 +384,8 @@ const C_TRAILER = 8;
 const C_TRAILER_LF = 9;
 const C_FINAL_LF = 10;
 const C_DONE = 11;
+/** BWS after the size: only more of it, ";" or the CRLF may follow */
+const C_SIZE_WS = 12;
 
 /** Largest chunk size accepted (2^48 - 1 bytes); longer hex numbers are an error, not a wrap. */
 const MAX_CHUNK_SIZE_DIGITS = 12;
@@ -432,11 +439,21 @@ export class ChunkedScanner {
             return this.fail(i);
           } else if (c === CR) {
             this.state = C_SIZE_LF;
-          } else if (c === 0x3b || c === SP || c === HT) {
-            this.state = C_EXT; // ";" ext, possibly after BWS
+          } else if (c === 0x3b) {
+            this.state = C_EXT;
+          } else if (c === SP || c === HT) {
+            this.state = C_SIZE_WS;
           } else {
             return this.fail(i);
           }
+          i++;
+          break;
+        }
+        case C_SIZE_WS: {
+          const c = buf[i]!;
+          if (c === 0x3b) this.state = C_EXT;
+          else if (c === CR) this.state = C_SIZE_LF;
+          else if ((c !== SP && c !== HT) || ++this.metaBytes > this.maxMetaBytes) return this.fail(i);
           i++;
           break;
         }

@@ -8,6 +8,7 @@ import { parseConfig } from '../shared/config.js';
 import { silentLogger } from '../shared/log.js';
 import { Metrics } from '../shared/metrics.js';
 import { Hold } from '../gateway/hold.js';
+import { BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, BODY_NONE, ChunkedScanner, RequestHead, ResponseHead } from '../gateway/http-head.js';
 import { HttpListener } from '../gateway/http-listener.js';
 import { RouteTable } from '../gateway/routes.js';
 import { FakeLifecycle } from './helpers/fake-lifecycle.js';
@@ -397,6 +398,10 @@ describe('HttpListener', () => {
       assert.equal(body.headers['x-forwarded-proto'], 'http');
       assert.equal(body.headers['x-forwarded-host'], 'web.apps.test');
       assert.equal(body.headers['x-custom'], 'kept');
+
+      const raw2 = await rawExchange(port, 'GET /xf3 HTTP/1.1\r\nHost: web.apps.test\r\nX-Forwarded-For:\r\nConnection: close\r\n\r\n');
+      const body2 = JSON.parse(raw2.slice(raw2.indexOf('\r\n\r\n') + 4)) as { headers: Record<string, string> };
+      assert.equal(body2.headers['x-forwarded-for'], '127.0.0.1');
     });
 
     it('reconnects when the app closed an idle upstream connection', async () => {
@@ -601,5 +606,91 @@ describe('HttpListener', () => {
       await l.stop();
       await new HttpListener({ listen: { host: '127.0.0.1', port: 0 }, maxHeaderSize: 4096, routes, hold, lifecycle, metrics, log: silentLogger() }).stop();
     });
+  });
+});
+
+describe('http-head', () => {
+  const head = (text: string) => {
+    const buf = Buffer.from(text, 'latin1');
+    return { buf, end: buf.indexOf('\r\n\r\n') + 4 };
+  };
+
+  it('scans what routing and framing need from a request head', () => {
+    const r = new RequestHead();
+    let { buf, end } = head('HEAD /x HTTP/1.1\r\nhOsT: a.test:80 \r\nContent-Length: 12\r\n\r\n');
+    assert.equal(r.scan(buf, 0, end), 0);
+    assert.equal(r.isHead, true);
+    assert.equal(buf.toString('latin1', r.hostStart, r.hostEnd), 'a.test:80');
+    assert.equal(r.body, BODY_LENGTH);
+    assert.equal(r.contentLength, 12);
+    assert.equal(r.keepAlive, true);
+
+    ({ buf, end } = head('GET / HTTP/1.0\r\nHost: a\r\n\r\n'));
+    assert.equal(r.scan(buf, 0, end), 0);
+    assert.equal(r.keepAlive, false); // HTTP/1.0 closes unless it asks for keep-alive
+    ({ buf, end } = head('GET / HTTP/1.0\r\nHost: a\r\nConnection: Keep-Alive\r\n\r\n'));
+    assert.equal(r.scan(buf, 0, end), 0);
+    assert.equal(r.keepAlive, true);
+
+    ({ buf, end } = head('GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n'));
+    assert.equal(r.scan(buf, 0, end), 0);
+    assert.equal(r.upgrade, true);
+
+    ({ buf, end } = head('POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n'));
+    assert.equal(r.scan(buf, 0, end), 0);
+    assert.equal(r.body, BODY_CHUNKED);
+    assert.equal(r.isHead, false);
+  });
+
+  it('scans what framing needs from a response head', () => {
+    const r = new ResponseHead();
+    let { buf, end } = head('HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n');
+    assert.ok(r.scan(buf, 0, end));
+    assert.equal(r.status, 204);
+    assert.equal(r.keepAlive, true);
+    ({ buf, end } = head('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'));
+    assert.ok(r.scan(buf, 0, end));
+    assert.equal(r.body, BODY_CHUNKED);
+    ({ buf, end } = head('HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n'));
+    assert.ok(r.scan(buf, 0, end));
+    assert.equal(r.body, BODY_NONE);
+    ({ buf, end } = head('HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n'));
+    assert.ok(r.scan(buf, 0, end));
+    assert.equal(r.body, BODY_CLOSE);
+    assert.equal(r.keepAlive, false);
+    ({ buf, end } = head('HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n'));
+    assert.equal(r.scan(buf, 0, end), false);
+    ({ buf, end } = head('HTTP/2 200\r\n\r\n'));
+    assert.equal(r.scan(buf, 0, end), false);
+  });
+
+  it('finds the end of a chunked body wherever the bytes are split', () => {
+    const body = Buffer.from('5;name=value\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nTrailer: x\r\n\r\n', 'latin1');
+    const after = Buffer.from('GET /next', 'latin1');
+    const all = Buffer.concat([body, after]);
+    const scanner = new ChunkedScanner(1024);
+    for (let split = 0; split <= all.length; split++) {
+      scanner.reset();
+      const first = all.subarray(0, split);
+      let end = scanner.scan(first, 0, first.length);
+      let consumed = end;
+      if (!scanner.done) {
+        const second = all.subarray(split);
+        end = scanner.scan(second, 0, second.length);
+        consumed = split + end;
+      }
+      assert.equal(scanner.failed, false, `split at ${split}`);
+      assert.equal(scanner.done, true, `split at ${split}`);
+      assert.equal(consumed, body.length, `split at ${split}`);
+    }
+  });
+
+  it('rejects broken chunked framing', () => {
+    for (const bad of ['zz\r\n', '5\r\nhelloX\r\n', '5\nhello\r\n', 'ffffffffffffffffff\r\n', '\r\n', '5 x\r\n']) {
+      const scanner = new ChunkedScanner(1024);
+      const buf = Buffer.from(bad, 'latin1');
+      scanner.scan(buf, 0, buf.length);
+      assert.equal(scanner.failed, true, JSON.stringify(bad));
+    }
   });
 });
