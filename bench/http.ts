@@ -9,7 +9,9 @@
  * gateway (an HttpListener whose app is always running) and nginx (worker_processes 1,
  * keepalive upstream, the same X-Forwarded-* headers we set). Each target gets a --warmup run,
  * then `wrk -t1 -c<connections> -d<seconds>s --latency`. With --runs N the targets alternate N
- * times and the median run of each is reported. Loopback only; everything it starts is stopped
+ * times (in rotating order) and the median run of each is reported. Besides req/s and latency
+ * it reports CPU time per request of the proxy process(es) (of the app for direct), read from
+ * /proc: on a shared machine that is steadier than req/s. Loopback only; everything it starts is stopped
  * and its temp dir removed. Needs wrk and nginx (scripts/install.sh --bench).
  *
  * Roles (internal): `--upstream` runs the app, `--gateway PORT` runs our listener in front of
@@ -292,7 +294,9 @@ async function main(): Promise<void> {
     const results = new Map<string, WrkResult[]>(targets.map((t) => [t.name, []]));
     console.log(`wrk -t1 -c${opts.connections} -d${opts.seconds}s --latency, ${opts.runs} run(s), ${os.cpus().length} CPUs, node ${process.version}`);
     for (let run = 1; run <= opts.runs; run++) {
-      for (const t of targets) {
+      // Rotate the order, so that load drifting during the run does not favour one target.
+      const order = targets.map((_, i) => targets[(i + run - 1) % targets.length]!);
+      for (const t of order) {
         if (opts.warmup > 0) await wrk(t.port, opts.warmup, opts.connections);
         const r = await measure(t.port, t.pids, opts.seconds, opts.connections);
         results.get(t.name)!.push(r);
