@@ -93,7 +93,8 @@ function noop(): void {}
  *   inflight is empty: then every earlier response has been passed on completely, so a
  *   response never lands in the middle of, or ahead of, another.
  * - While `parked`, the client's bytes are kept in `pending` and the client socket is paused
- *   (`parkedUntil` says what ends it);  *   `pending` always starts at the first byte of a request head (or of tunnel data).
+ *   (`parkedUntil` says what ends it); `pending` always starts at the first byte of a request
+ *   head (or of tunnel data).
  * - A request is written to an upstream at most once, and never retried.
  */
 export class HttpConnection {
@@ -552,7 +553,7 @@ export class HttpConnection {
       // Nothing was sent yet (requests wait for 'connect'), so the client gets a clean 502.
       this.log.debug({ app: this.route?.name, err: err.message }, 'cannot connect to the app');
       this.dropUpstream();
-      this.respond(502);
+      this.respond(502, this.heldIsHead);
       return;
     }
     this.log.debug({ app: this.route?.name, err: err.message }, 'upstream connection error');
