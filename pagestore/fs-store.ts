@@ -76,7 +76,7 @@ export class FsObjectStore implements ObjectStore {
       } catch (err) {
         if (errnoOf(err) !== 'ENOENT') throw err;
         step = dir;
-        await mkdir(dir, { recursive: true });
+        await mkdirs(dir);
         step = tmp;
         fh = await open(tmp, 'wx', 0o644);
       }
@@ -205,6 +205,26 @@ export class FsObjectStore implements ObjectStore {
     const errno = errnoOf(err);
     const what = err instanceof Error ? err.message : String(err);
     return new StoreError(op, key, `${this.location}: cannot ${op} ${key ?? file} (${file}): ${what}`, { cause: err, errno });
+  }
+}
+
+/**
+ * mkdir -p that reports the real errno: Node's recursive mkdir turns e.g. EROFS into ENOENT.
+ * A directory that exists already (made by a concurrent put) is fine.
+ */
+async function mkdirs(dir: string): Promise<void> {
+  try {
+    await mkdir(dir);
+  } catch (err) {
+    const code = errnoOf(err);
+    if (code === 'EEXIST') return;
+    if (code !== 'ENOENT' || path.dirname(dir) === dir) throw err;
+    await mkdirs(path.dirname(dir));
+    try {
+      await mkdir(dir);
+    } catch (err2) {
+      if (errnoOf(err2) !== 'EEXIST') throw err2;
+    }
   }
 }
 

@@ -43,6 +43,16 @@ export interface PutStats {
   uploadedBytes: number;
 }
 
+/** What a prune removed. */
+export interface PruneStats {
+  /** generations of the app deleted */
+  deletedGenerations: number[];
+  /** unreferenced chunks deleted (of any app) */
+  deletedChunks: number;
+  /** in bytes */
+  freedBytes: number;
+}
+
 export interface ImageStore {
   /** Stores the image directory `dir` as the next generation of `app`; verified before it resolves. */
   put(app: string, dir: string): Promise<{ manifest: ImageManifest; stats: PutStats }>;
@@ -51,7 +61,7 @@ export interface ImageStore {
   /** Writes the image of `manifest` into the empty directory `dir`, verifying every chunk. */
   get(manifest: ImageManifest, dir: string): Promise<void>;
   /** Deletes generations older than the newest verified one, and chunks no manifest references. */
-  prune(app: string): Promise<void>;
+  prune(app: string): Promise<PruneStats | void>;
   /** Every app that has at least one stored generation, with its newest generation number. */
   apps(): Promise<Array<{ app: string; generation: number }>>;
 }
