@@ -184,10 +184,18 @@ export class DnsServer {
   }
 
   private onUdp(sock: dgram.Socket, msg: Buffer, rinfo: dgram.RemoteInfo): void {
+    // Source port 0 cannot be replied to, and dgram.send throws synchronously for it: one
+    // spoofed datagram would otherwise be an uncaught exception in the gateway.
+    if (rinfo.port === 0) return;
     const r = this.responder;
     const out = r.respond(msg, false, this.table);
     if (out === undefined) return;
-    sock.send(out, rinfo.port, rinfo.address);
+    try {
+      sock.send(out, rinfo.port, rinfo.address);
+    } catch (err) {
+      this.log.debug({ err: describeError(err), peer: rinfo.address }, 'dns udp send failed');
+      return;
+    }
     this.counter.count(false, r.rcode);
     if (r.app !== undefined) this.wake(r.app);
   }

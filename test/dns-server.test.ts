@@ -389,6 +389,23 @@ describe('dns server', () => {
     assert.equal(idOf(await c2.ask(query('hello.apps.test', T.A, { id: 13 }))), 13);
   });
 
+  it('ignores a datagram from source port 0 (cannot be answered; must not crash the process)', async (t) => {
+    // Only a raw socket can send one: python3 as root. The datagram reaches the server's
+    // socket before python exits, so before the query that follows.
+    const payload = query('hello.apps.test', T.A, { id: 0x0bad }).toString('hex');
+    const script = [
+      'import socket, struct, sys',
+      `p = bytes.fromhex("${payload}")`,
+      's = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)',
+      `s.sendto(struct.pack("!HHHH", 0, ${h.port}, 8 + len(p), 0) + p, ("127.0.0.1", 0))`,
+    ].join('\n');
+    const sent = await new Promise<boolean>((resolve) => execFile('python3', ['-c', script], (err) => resolve(!err)));
+    if (!sent) return t.skip('needs python3 and a raw socket (root)');
+    const out = await udp.ask(query('hello.apps.test', T.A, { id: 0x0600d }));
+    assert.equal(idOf(out), 0x0600d);
+    assert.equal(rcodeOf(out), 0);
+  });
+
   it('keeps answering through bursts of random garbage', async () => {
     let seed = 99;
     const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) >>> 16) / 65536;
