@@ -101,7 +101,8 @@ export class HttpConnection {
   private readonly ctx: HttpContext;
   private readonly client: Socket;
   private readonly clientIp: string;
-  private readonly log: Logger;
+  private readonly id: number;
+  private logger: Logger | null = null;
 
   /** the app this connection is attached to, for connection accounting */
   private route: AppRoute | null = null;
@@ -156,7 +157,7 @@ export class HttpConnection {
     this.client = client;
     const ip = client.remoteAddress ?? '';
     this.clientIp = ip.startsWith('::ffff:') ? ip.slice(7) : ip;
-    this.log = ctx.log.child({ conn: id });
+    this.id = id;
     this.reqChunks = new ChunkedScanner(ctx.maxHeaderSize);
     this.resChunks = new ChunkedScanner(MAX_RESPONSE_HEAD);
     this.waitSince = ctx.now;
@@ -165,6 +166,11 @@ export class HttpConnection {
     client.on('drain', this.onClientDrain);
     client.on('error', this.onClientError);
     client.on('close', this.onClientClose);
+  }
+
+  /** The connection's child logger, made on first use (most connections never log). */
+  private get log(): Logger {
+    return (this.logger ??= this.ctx.log.child({ conn: this.id }));
   }
 
   /** Called by the listener's sweep: enforces the head timeout and ends lingering closes. */
