@@ -1,5 +1,8 @@
-import { mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
 import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import { isNoise } from './criu.js';
 import { run, which, type RunResult } from './exec.js';
 
@@ -68,6 +71,30 @@ export interface Timing {
 }
 
 const TIMEOUT_MS = 120_000;
+
+/** How an attached runc (and so the container's init) ended. */
+export interface RuncExit {
+  /** the init's exit code; null when it was killed by a signal */
+  code: number | null;
+  /** the signal that killed the init (runc reports it as 128 + n), or runc itself */
+  signal: NodeJS.Signals | null;
+}
+
+/**
+ * A container whose runc stays in the foreground as the parent of its init (`runc run` /
+ * `runc restore` without --detach). runc waits for the init, deletes the container when it is
+ * gone, and exits with its status; a checkpoint ends it too (the init is killed by CRIU: SIGKILL).
+ * runc runs in its own session, so a worker that dies leaves it and its container running.
+ */
+export interface AttachedContainer {
+  /** host PID of the container's init */
+  pid: number;
+  /** host PID of the foreground runc */
+  runcPid: number;
+  /** settles once, when runc exits (the init is gone) */
+  exit: Promise<RuncExit>;
+  timing: Timing;
+}
 
 export class RuncError extends Error {
   constructor(
@@ -163,6 +190,65 @@ export class Runc {
     return { pid: readPid(pidFile), timing: { ms: r.ms, criuMs: criuDuration(path.join(o.workPath, 'restore.log')) } };
   }
 
+  /**
+   * `run` with runc in the foreground (see AttachedContainer): resolves once runc has written the
+   * init's PID, rejects with runc's error when runc exits first.
+   */
+  runAttached(id: string, bundle: string): Promise<AttachedContainer> {
+    return this.attached('run', id, ['run', '--bundle', bundle, '--pid-file', this.file(id, 'pid'), id], null);
+  }
+
+  /**
+   * `restore` with runc in the foreground (see AttachedContainer): resolves once CRIU restored the
+   * tree and runc wrote the init's PID; rejects with runc's and CRIU's errors when runc exits first.
+   */
+  restoreAttached(id: string, o: RestoreOptions): Promise<AttachedContainer> {
+    mkdirSync(o.workPath, { recursive: true });
+    const args = ['restore', '--bundle', o.bundle, '--image-path', o.imagePath, '--work-path', o.workPath, '--pid-file', this.file(id, 'pid'), ...criuFlags(o), id];
+    return this.attached('restore', id, args, path.join(o.workPath, 'restore.log'));
+  }
+
+  private async attached(op: string, id: string, args: string[], criuLog: string | null): Promise<AttachedContainer> {
+    const log = this.file(id, `${op}.log`);
+    const pidFile = this.file(id, 'pid');
+    rmSync(log, { force: true });
+    rmSync(pidFile, { force: true });
+    const started = performance.now();
+    // stdio 'ignore': the container inherits runc's stdio until its /bin/sh reopens it inside
+    // (bundle.ts); its own session (detached): signals to the worker's process group do not
+    // reach it, and it outlives a worker that dies.
+    const child = spawn(this.bin, this.global(log).concat(args), { stdio: 'ignore', detached: true });
+    child.unref();
+    let exited: RuncExit | null = null;
+    let spawnError: Error | null = null;
+    const exit = new Promise<RuncExit>((resolve) => {
+      child.once('exit', (code, signal) => resolve((exited = decodeExit(code, signal))));
+      child.once('error', (err) => {
+        spawnError = err;
+        resolve((exited = { code: null, signal: null }));
+      });
+    });
+    // runc writes the PID file (write + rename) once the init exists: after create for `run`,
+    // after CRIU's restore for `restore`.
+    const deadline = started + TIMEOUT_MS;
+    let wait = 2;
+    while (!existsSync(pidFile)) {
+      if (exited) {
+        const err = spawnError as Error | null;
+        const why = err ? err.message : this.logTail(id, op) || `runc exited ${describeExit(exited)}`;
+        throw new RuncError(op, id, why, criuLog ? criuErrors(criuLog) : []);
+      }
+      if (performance.now() > deadline) {
+        child.kill('SIGKILL');
+        throw new RuncError(op, id, `no container process after ${TIMEOUT_MS} ms`, criuLog ? criuErrors(criuLog) : []);
+      }
+      await Promise.race([delay(wait), exit]);
+      wait = Math.min(wait * 2, 20);
+    }
+    const ms = performance.now() - started;
+    return { pid: readPid(pidFile), runcPid: child.pid ?? 0, exit, timing: { ms, criuMs: criuLog ? criuDuration(criuLog) : null } };
+  }
+
   private async exec(op: string, id: string, args: string[], how: { detached?: boolean; criuLog?: string } = {}): Promise<RunResult> {
     const log = this.file(id, `${op}.log`);
     rmSync(log, { force: true });
@@ -206,6 +292,19 @@ export class Runc {
     }
     return msgs.slice(-3).join(' | ');
   }
+}
+
+/** runc exits 128 + n when its container's init was killed by signal n. */
+function decodeExit(code: number | null, signal: NodeJS.Signals | null): RuncExit {
+  if (code !== null && code > 128) {
+    const name = (Object.keys(osConstants.signals) as NodeJS.Signals[]).find((k) => osConstants.signals[k] === code - 128);
+    if (name) return { code: null, signal: name };
+  }
+  return { code, signal };
+}
+
+function describeExit(e: RuncExit): string {
+  return e.signal ? `on ${e.signal}` : `with code ${e.code}`;
 }
 
 function criuFlags(o: { tcpEstablished?: boolean; fileLocks?: boolean }): string[] {

@@ -1,0 +1,574 @@
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, closeSync } from 'node:fs';
+import http from 'node:http';
+import { connect as netConnect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { after, before, describe, it } from 'node:test';
+import { isPicoError, PicoError } from '../shared/errors.js';
+import { createLogger, silentLogger } from '../shared/log.js';
+import type { AppSpec, Endpoint } from '../shared/protocol.js';
+import { containerIdFor } from '../worker/oci/app-records.js';
+import { run } from '../worker/oci/exec.js';
+import { checkHost, type HostReport } from '../worker/oci/host-check.js';
+import { NETNS_DIR } from '../worker/oci/netns.js';
+import { Runc } from '../worker/oci/runc.js';
+import { OciRuntime, type OciRuntimeOptions } from '../worker/oci-runtime.js';
+import type { Container } from '../worker/runtime.js';
+import { DirImageStore } from './helpers/dir-image-store.js';
+import { repoFile } from './helpers/paths.js';
+import { until } from './helpers/poll.js';
+
+/*
+ * The `oci` runtime through the ContainerRuntime interface, in CRIU's zdtm shape: each app
+ * (test/fixtures/oci/*.mjs) builds state in its container, is checkpointed into an image store and
+ * restored, and then verifies its own state. Failure paths: the store refusing the image, CRIU
+ * refusing the dump, a corrupt image, a worker killed with containers running or with a dump not
+ * yet stored.
+ *
+ * Traffic goes only to container addresses routed over the runtime's veths (checked per request).
+ * The image store is a directory-copy fake with real sha256 verification (helpers/dir-image-store.ts).
+ */
+
+const root = process.getuid?.() === 0;
+let host: HostReport | undefined;
+let skip: string | false = false;
+if (!root) {
+  skip = 'needs root: runc, CRIU and network namespaces only work as root (CI runs as root)';
+} else {
+  host = await checkHost();
+  // CI must run these: there a host that cannot checkpoint fails the suite with the reason.
+  if (!host.ok && !process.env.CI) skip = `this host cannot run the oci runtime: ${host.message}`;
+}
+
+const log = process.env.PICO_TEST_LOG ? createLogger({ level: 'debug' }) : silentLogger();
+const prefix = `pt${process.pid}-`;
+// Slots apart from a worker's (0..15999 by default) and the spike test's (16000+), per process.
+const slotBase = 12_000 + (process.pid % 30) * 100;
+const readOnlyPaths = process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)];
+
+describe('oci runtime: apps swap out and back in with their memory', { skip, timeout: 300_000 }, () => {
+  let work = '';
+  let store: DirImageStore;
+  let runtime: OciRuntime;
+  let inspect: Runc;
+  const stateDirs: string[] = [];
+  const runtimes: OciRuntime[] = [];
+  const workers: ChildProcess[] = [];
+
+  function options(stateDir: string, slotOffset: number, extra: Partial<OciRuntimeOptions> = {}): OciRuntimeOptions {
+    stateDirs.push(stateDir);
+    return {
+      log,
+      imageStore: store,
+      criu: host!.criu!.path,
+      stateDir,
+      prefix,
+      slots: { first: slotBase + slotOffset, count: 50 },
+      defaults: { readOnlyPaths },
+      stopGraceMs: 2000,
+      ...extra,
+    };
+  }
+
+  before(async () => {
+    assert.ok(host?.ok, host?.message);
+    work = mkdtempSync(path.join(tmpdir(), 'pico-ocirt-'));
+    store = new DirImageStore(path.join(work, 'store'));
+    runtime = new OciRuntime(
+      options(path.join(work, 'state'), 0, {
+        apps: { refuser: { tcpEstablished: false }, counter: { memoryLimit: 256 * 1024 * 1024 } },
+      }),
+    );
+    runtimes.push(runtime);
+    inspect = new Runc({ criu: host!.criu!.path, root: path.join(work, 'state', 'runc'), logDir: path.join(work, 'inspect-logs') });
+  });
+
+  after(async () => {
+    for (const w of workers) w.kill('SIGKILL');
+    // Stop what the runtimes know of, then sweep every state directory as a restarted worker
+    // would (kills runc containers, removes every app's netns) — even after a failed test.
+    for (const r of runtimes) {
+      for (const c of r.containers()) await r.stop(c).catch((e: unknown) => console.error('cleanup: stop:', e));
+    }
+    for (const dir of new Set(stateDirs)) {
+      await new OciRuntime({ log, imageStore: store, criu: host!.criu!.path, stateDir: dir, prefix })
+        .cleanLeftovers()
+        .catch((e: unknown) => console.error('cleanup:', e));
+    }
+    if (work) rmSync(work, { recursive: true, force: true });
+  });
+
+  function spec(name: string, fixture: string, ports: number[]): AppSpec {
+    const dir = path.join(work, 'apps', name);
+    mkdirSync(dir, { recursive: true });
+    copyFileSync(repoFile(`test/fixtures/oci/${fixture}`), path.join(dir, fixture));
+    return { name, command: [process.execPath, fixture], cwd: dir, env: {}, ports, readyTimeoutMs: 20_000 };
+  }
+
+  /** The container of `app` is gone: runc knows no such container, its netns is removed. */
+  async function assertGone(app: string, r: Runc = inspect): Promise<void> {
+    const id = containerIdFor(prefix, app);
+    assert.equal(await r.state(id), null, `runc still has ${id}`);
+    assert.ok(!existsSync(path.join(NETNS_DIR, id)), `netns ${id} is still there`);
+  }
+
+  it('an HTTP counter app keeps its count across three checkpoint/restore cycles', async (t) => {
+    const s = spec('counter', 'counter.mjs', [8080]);
+    let c = await runtime.start(s);
+    const ep = c.endpoints[8080]!;
+    assert.match(ep.host, /^10\.200\.\d+\.\d+$/);
+    assert.equal(ep.port, 8080);
+    for (let i = 1; i <= 3; i++) assert.equal((await inc(ep)).count, i);
+    const boot = await state(ep);
+    assert.equal(boot.pid, 1);
+    assert.equal(boot.app, 'counter');
+    let count = 3;
+
+    for (let cycle = 1; cycle <= 3; cycle++) {
+      const t0 = performance.now();
+      const result = await runtime.checkpoint(c);
+      const ckptMs = performance.now() - t0;
+      assert.equal(result.generation, cycle);
+      assert.ok(result.imageBytes > 32 * 1024 * 1024, `image of ${result.imageBytes} bytes holds the app's 32 MiB`);
+      await c.exited; // settles on a swap-out
+      await assertGone('counter');
+      assert.equal((await store.latest('counter'))?.generation, cycle);
+
+      const t1 = performance.now();
+      c = await runtime.restore(s);
+      const restoreMs = performance.now() - t1;
+      assert.deepEqual(c.endpoints[8080], ep, 'the app comes back at the same address');
+      const back = await state(ep);
+      t.diagnostic(`cycle ${cycle}: checkpoint ${ckptMs.toFixed(0)} ms (dump ${result.dumpMs}, store ${result.storeMs}), restore until ready ${restoreMs.toFixed(0)} ms, image ${(result.imageBytes / 1e6).toFixed(1)} MB`);
+      assert.equal(back.bootId, boot.bootId, 'the app must come back, not start again');
+      assert.equal(back.pid, 1);
+      assert.equal(back.count, count);
+      assert.equal(memoryLimit(c.pid!), 256 * 1024 * 1024, 'the restored container keeps its memory limit');
+      await until(async () => (await state(ep)).ticks > back.ticks + 5, "the app's timer to tick after the restore");
+      assert.equal((await inc(ep)).count, ++count);
+      assert.equal(await verify(ep), '200 PASS');
+    }
+    // Older generations are pruned once a newer one is stored.
+    assert.deepEqual(readdirSync(path.join(store.root, 'counter')), ['3']);
+    // One start-up, every increment logged, across the cycles.
+    const lines = readFileSync(runtime.logFile('counter'), 'utf8').trim().split('\n');
+    assert.equal(lines.filter((l) => l.startsWith('booted ')).length, 1, lines.join('\n'));
+    assert.deepEqual(lines.filter((l) => l.startsWith('inc ')).map((l) => Number(l.slice(4))), [1, 2, 3, 4, 5, 6]);
+
+    await runtime.stop(c);
+    assert.deepEqual(await c.exited, { code: 0, signal: null }, 'SIGTERM: the app closed and exited 0');
+    await assertGone('counter');
+  });
+
+  it('a TCP key-value app keeps its data', async () => {
+    const s = spec('kv', 'kv.mjs', [6379]);
+    let c = await runtime.start(s);
+    const ep = c.endpoints[6379]!;
+    const sets = Array.from({ length: 200 }, (_, i) => `SET key${i} value ${i * i}`);
+    assert.deepEqual(await kv(ep, ...sets), sets.map(() => 'OK'));
+    const [boot] = await kv(ep, 'BOOT');
+    await runtime.checkpoint(c);
+    await assertGone('kv');
+    c = await runtime.restore(s);
+    assert.deepEqual(await kv(ep, 'BOOT', 'GET key0', 'GET key199', 'GET nothing', 'VERIFY'), [boot, 'value 0', `value ${199 * 199}`, 'NIL', 'PASS']);
+    assert.deepEqual(await kv(ep, 'SET after restore', 'GET after', 'VERIFY'), ['OK', 'restore', 'PASS']);
+    await runtime.stop(c);
+    await assertGone('kv');
+  });
+
+  it('a multi-process app (a parent with worker children) comes back whole', async () => {
+    const s = spec('family', 'family.mjs', [8080, 9001, 9002]);
+    let c = await runtime.start(s);
+    const [p0, p1, p2] = [c.endpoints[8080]!, c.endpoints[9001]!, c.endpoints[9002]!];
+    assert.equal(p1.host, p0.host);
+    for (let i = 0; i < 3; i++) await request(p1, 'POST', '/inc');
+    await request(p2, 'POST', '/inc');
+    const before = JSON.parse((await request(p0, 'GET', '/family')).body) as Family;
+    assert.equal(before.pid, 1);
+    assert.equal(before.children.length, 2);
+    assert.deepEqual(before.ipc.map((x) => x.count), [3, 1]);
+
+    await runtime.checkpoint(c);
+    await assertGone('family');
+    c = await runtime.restore(s);
+
+    const after = JSON.parse((await request(p0, 'GET', '/family')).body) as Family;
+    // Same tree, same PIDs in the container's PID namespace, same memory, IPC channels working.
+    assert.deepEqual(after, before);
+    for (const [ep, child] of [[p1, before.children[0]!], [p2, before.children[1]!]] as const) {
+      const st = JSON.parse((await request(ep, 'GET', '/state')).body) as { pid: number; ppid: number };
+      assert.equal(st.pid, child.pid);
+      assert.equal(st.ppid, 1);
+    }
+    assert.equal(JSON.parse((await request(p1, 'POST', '/inc')).body).count, 4);
+    // The host sees the whole tree: the init and its two children.
+    assert.equal(childrenOf(c.pid!).length, 2);
+    await runtime.stop(c);
+    await assertGone('family');
+  });
+
+  it('two apps listening on the same port both work, and swap independently', async () => {
+    const [sa, sb] = [spec('twin-a', 'counter.mjs', [8080]), spec('twin-b', 'counter.mjs', [8080])];
+    let a = await runtime.start(sa);
+    const b = await runtime.start(sb);
+    const [ea, eb] = [a.endpoints[8080]!, b.endpoints[8080]!];
+    assert.notEqual(ea.host, eb.host);
+    assert.equal(ea.port, eb.port);
+    await inc(ea);
+    for (let i = 0; i < 4; i++) await inc(eb);
+    assert.deepEqual([(await state(ea)).app, (await state(ea)).count], ['twin-a', 1]);
+    assert.deepEqual([(await state(eb)).app, (await state(eb)).count], ['twin-b', 4]);
+    await runtime.checkpoint(a);
+    assert.equal((await state(eb)).count, 4, 'twin-b serves while twin-a is stored');
+    a = await runtime.restore(sa);
+    assert.deepEqual([(await state(ea)).app, (await state(ea)).count], ['twin-a', 1]);
+    assert.equal(await verify(eb), '200 PASS');
+    await Promise.all([runtime.stop(a), runtime.stop(b)]);
+    await assertGone('twin-a');
+    await assertGone('twin-b');
+  });
+
+  it('a store that refuses the image: the container is resumed and keeps serving', async () => {
+    const s = spec('resume', 'counter.mjs', [8080]);
+    const c = await runtime.start(s);
+    const ep = c.endpoints[8080]!;
+    await inc(ep);
+    await inc(ep);
+    const boot = await state(ep);
+    const pidBefore = c.pid;
+    let exited = false;
+    void c.exited.then(() => (exited = true));
+    store.failPut = new PicoError('PICO_ERR_STORE', 'store not writable: EACCES');
+    try {
+      await assert.rejects(runtime.checkpoint(c), (err: unknown) => {
+        assert.ok(isPicoError(err, 'PICO_ERR_CHECKPOINT_FAILED'), String(err));
+        assert.match(err.message, /store not writable/);
+        assert.match(err.message, /resumed and keeps running/);
+        return true;
+      });
+    } finally {
+      store.failPut = null;
+    }
+    // The app was dumped and restored from its dump: same app, same memory, new host PID.
+    const back = await state(ep);
+    assert.equal(back.bootId, boot.bootId);
+    assert.equal(back.count, 2);
+    assert.equal((await inc(ep)).count, 3);
+    assert.equal(await verify(ep), '200 PASS');
+    assert.notEqual(c.pid, pidBefore);
+    assert.equal(exited, false, 'the container did not exit: it is the same container');
+    assert.equal(await store.latest('resume'), undefined, 'nothing was stored');
+    assert.equal(existsSync(path.join(runtime.stateDir, 'apps', 'resume', 'staging')), false);
+    // The resumed container is a full citizen: a checkpoint now succeeds and restores.
+    assert.equal((await runtime.checkpoint(c)).generation, 1);
+    assert.equal(exited, true);
+    const r = await runtime.restore(s);
+    assert.equal((await state(ep)).count, 3);
+    await runtime.stop(r);
+    await assertGone('resume');
+  });
+
+  it('a dump that CRIU refuses leaves the app running and answering', async () => {
+    // tcpEstablished is off for this app: an open connection makes CRIU refuse the dump.
+    const s = spec('refuser', 'counter.mjs', [8080]);
+    const c = await runtime.start(s);
+    const ep = c.endpoints[8080]!;
+    const pid = c.pid;
+    const conn = await connect(ep);
+    try {
+      await assert.rejects(runtime.checkpoint(c), (err: unknown) => {
+        assert.ok(isPicoError(err, 'PICO_ERR_CHECKPOINT_FAILED'), String(err));
+        assert.match(err.message, /Connected TCP socket/);
+        assert.match(err.message, /keeps running/);
+        return true;
+      });
+    } finally {
+      conn.destroy();
+    }
+    assert.equal(c.pid, pid, 'the very same processes');
+    assert.equal((await inspect.state(containerIdFor(prefix, 'refuser')))?.status, 'running');
+    assert.equal((await inc(ep)).count, 1);
+    assert.equal(await verify(ep), '200 PASS');
+    await runtime.stop(c);
+    await assertGone('refuser');
+  });
+
+  it('a corrupt image is refused with a clear error and leaves nothing running; no image is PICO_ERR_IMAGE_MISSING', async () => {
+    const s = spec('fragile', 'counter.mjs', [8080]);
+    const c = await runtime.start(s);
+    await inc(c.endpoints[8080]!);
+    const { generation } = await runtime.checkpoint(c);
+    const manifest = (await store.latest('fragile'))!;
+    const pages = manifest.files.filter((f) => /^pages-\d+\.img$/.test(f.path)).sort((x, y) => y.size - x.size)[0]!;
+    flipByte(store.filePath('fragile', generation, pages.path), Math.floor(pages.size / 2));
+
+    await assert.rejects(runtime.restore(s), (err: unknown) => {
+      assert.ok(isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'), String(err));
+      assert.match(err.message, new RegExp(`fragile: generation ${generation} cannot be restored: .*${pages.path} fails its sha256`));
+      return true;
+    });
+    assert.equal(runtime.containers().some((x) => x.app === 'fragile'), false);
+    await assertGone('fragile');
+    assert.equal(existsSync(path.join(runtime.stateDir, 'apps', 'fragile', 'restore')), false);
+
+    await assert.rejects(runtime.restore(spec('never-stored', 'counter.mjs', [8080])), (err: unknown) => {
+      assert.ok(isPicoError(err, 'PICO_ERR_IMAGE_MISSING'), String(err));
+      assert.match(err.message, /never-stored has no stored image/);
+      return true;
+    });
+    await assertGone('never-stored');
+  });
+
+  it('`exited` settles with the status when an app dies on its own, and its netns goes', async () => {
+    const s = spec('crasher', 'kv.mjs', [6379]);
+    const c = await runtime.start(s);
+    const conn = await connect(c.endpoints[6379]!);
+    conn.on('error', () => {});
+    conn.write('EXIT 7\n');
+    assert.deepEqual(await c.exited, { code: 7, signal: null });
+    conn.destroy();
+    await until(async () => !existsSync(path.join(NETNS_DIR, containerIdFor(prefix, 'crasher'))), 'the netns of the crashed app to go');
+    await assertGone('crasher');
+    assert.equal(runtime.containers().some((x) => x.app === 'crasher'), false);
+    // …and it can start again at once.
+    const again = await runtime.start(s);
+    assert.deepEqual(await kv(again.endpoints[6379]!, 'VERIFY'), ['PASS']);
+    await runtime.stop(again);
+  });
+
+  it('an app that exits before it is ready fails the start with its log, and nothing is left', async () => {
+    const s = spec('broken', 'counter.mjs', [8080]);
+    s.command = [process.execPath, '-e', 'console.error("cannot open the database"); process.exit(3)'];
+    await assert.rejects(runtime.start(s), (err: unknown) => {
+      assert.ok(isPicoError(err, 'PICO_ERR_APP_EXITED'), String(err));
+      assert.match(err.message, /code 3/);
+      assert.match(err.message, /cannot open the database/);
+      return true;
+    });
+    await assertGone('broken');
+  });
+
+  it('a killed worker: the next one removes its leftovers, stores its unstored dump, and restores every stored app', async () => {
+    const stateDir = path.join(work, 'state-restart');
+    const storeDir = path.join(work, 'store-restart');
+    const s = spec('kv-restart', 'kv.mjs', [6379]);
+    const id = containerIdFor(prefix, 'kv-restart');
+    const { log: _log, imageStore: _store, ...runtimeOpts } = options(stateDir, 50);
+    const cfg = { runtime: runtimeOpts, storeDir, spec: s };
+    const restartedStore = new DirImageStore(storeDir);
+    const restartInspect = new Runc({ criu: host!.criu!.path, root: path.join(stateDir, 'runc'), logDir: path.join(work, 'inspect-logs') });
+
+    // Worker 1 stores generation 1, restores it, takes more writes, and is killed.
+    const w1 = await startWorker(cfg);
+    const ep = (await w1.cmd('start')).endpoints[6379] as Endpoint;
+    assert.deepEqual(await kv(ep, 'SET a 1'), ['OK']);
+    const [boot] = await kv(ep, 'BOOT');
+    assert.equal((await w1.cmd('checkpoint')).generation, 1);
+    await w1.cmd('restore');
+    assert.deepEqual(await kv(ep, 'SET b 2'), ['OK']);
+    await w1.kill();
+    assert.equal((await restartInspect.state(id))?.status, 'running', 'the container outlived its worker');
+
+    // Worker 2 (create: host check + leftovers): the orphan is removed; generation 1 restores.
+    const { runtime: r2, leftovers } = await OciRuntime.create({ log, imageStore: restartedStore, ...runtimeOpts, hostReport: host! });
+    runtimes.push(r2);
+    assert.deepEqual(leftovers, { containers: [id], recovered: [], discarded: [] });
+    await assertGone('kv-restart', restartInspect);
+    let c: Container = await r2.restore(s);
+    assert.deepEqual(c.endpoints[6379], ep);
+    assert.deepEqual(await kv(ep, 'BOOT', 'GET a', 'GET b', 'VERIFY'), [boot, '1', 'NIL', 'PASS']);
+    assert.equal((await r2.checkpoint(c)).generation, 2);
+
+    // Worker 3 restores generation 2, takes a write, dumps — and dies while the store has it.
+    const w3 = await startWorker(cfg);
+    await w3.cmd('restore');
+    assert.deepEqual(await kv(ep, 'SET c 3'), ['OK']);
+    await w3.cmd('hang-store');
+    w3.send('checkpoint');
+    await w3.event('put');
+    await w3.kill();
+    // The dump ended the container; its netns (CRIU-locked) waits for a worker to clean it up.
+    assert.equal(await restartInspect.state(id), null);
+    assert.ok(existsSync(path.join(NETNS_DIR, id)));
+
+    // Worker 4 stores the finished dump (generation 3) and restores it: the write is not lost.
+    const { runtime: r4, leftovers: l4 } = await OciRuntime.create({ log, imageStore: restartedStore, ...runtimeOpts, hostReport: host! });
+    runtimes.push(r4);
+    assert.deepEqual(l4, { containers: [], recovered: [{ app: 'kv-restart', generation: 3 }], discarded: [] });
+    await assertGone('kv-restart', restartInspect);
+    c = await r4.restore(s);
+    assert.deepEqual(await kv(ep, 'BOOT', 'GET a', 'GET c', 'VERIFY'), [boot, '1', '3', 'PASS']);
+    await r4.stop(c);
+    await assertGone('kv-restart', restartInspect);
+  });
+
+  it('create() refuses a host that cannot run the runtime, with the report\'s words', async () => {
+    const report = { ...host!, ok: false, message: 'the oci runtime cannot run on this host: no usable criu; run scripts/install-oci.sh (as root)' };
+    await assert.rejects(OciRuntime.create({ log, imageStore: store, stateDir: path.join(work, 'state-refused'), hostReport: report }), (err: unknown) => {
+      assert.ok(isPicoError(err, 'PICO_ERR_HOST_UNSUPPORTED'), String(err));
+      assert.equal(err.message, report.message);
+      return true;
+    });
+  });
+
+  // ---- a worker process (test/fixtures/oci/worker-proc.mjs) ----
+
+  interface WorkerProc {
+    cmd(c: string): Promise<Record<string, any>>;
+    send(c: string): void;
+    event(name: string): Promise<void>;
+    kill(): Promise<void>;
+  }
+
+  async function startWorker(cfg: unknown): Promise<WorkerProc> {
+    const proc = spawn(process.execPath, [repoFile('test/fixtures/oci/worker-proc.mjs'), JSON.stringify(cfg)], { stdio: ['pipe', 'pipe', 'inherit'] });
+    workers.push(proc);
+    const lines: Record<string, any>[] = [];
+    createInterface({ input: proc.stdout! }).on('line', (l) => {
+      lines.push(JSON.parse(l) as Record<string, any>);
+    });
+    const exit = once(proc, 'exit');
+    async function next(match: (x: Record<string, any>) => boolean, what: string): Promise<Record<string, any>> {
+      return until(() => {
+        const i = lines.findIndex(match);
+        if (i < 0) return undefined;
+        return lines.splice(i, 1)[0];
+      }, what, 60_000);
+    }
+    await next((x) => x.ready === true, 'the worker process to be ready');
+    return {
+      async cmd(c) {
+        proc.stdin!.write(`${c}\n`);
+        const r = await next((x) => x.event === undefined, `the worker's answer to ${c}`);
+        if (!r.ok) throw new Error(`worker ${c}: ${r.code}: ${r.message}`);
+        return r;
+      },
+      send(c) {
+        proc.stdin!.write(`${c}\n`);
+      },
+      async event(name) {
+        await next((x) => x.event === name, `the worker's ${name} event`);
+      },
+      async kill() {
+        proc.kill('SIGKILL');
+        await exit;
+      },
+    };
+  }
+});
+
+interface Family {
+  bootId: string;
+  pid: number;
+  children: { pid: number; port: number }[];
+  ipc: { pid: number; count: number; bootId: string }[];
+}
+
+// ---- talking to containers ----
+
+/** Refuses to send anywhere but over a veth of ours: without its netns the address would leave the host. */
+async function assertRouted(ep: Endpoint): Promise<void> {
+  const r = await run('ip', ['-json', 'route', 'get', ep.host], { timeoutMs: 5000 });
+  const routes = JSON.parse(r.stdout || '[]') as { dev?: string }[];
+  assert.ok(routes.length > 0 && routes.every((x) => x.dev?.startsWith('pico')), `${ep.host} is not routed over a container veth: refusing to send`);
+}
+
+async function request(ep: Endpoint, method: string, pathname: string): Promise<{ status: number; body: string }> {
+  await assertRouted(ep);
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      { host: ep.host, port: ep.port, method, path: pathname, agent: false, headers: { connection: 'close' }, timeout: 5000 },
+      (res) => {
+        let body = '';
+        res.setEncoding('utf8').on('data', (d: string) => (body += d));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error(`${method} ${pathname}: no answer in 5 s`)));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+async function state(ep: Endpoint): Promise<{ count: number; bootId: string; pid: number; ticks: number; app: string }> {
+  const r = await request(ep, 'GET', '/state');
+  assert.equal(r.status, 200, r.body);
+  return JSON.parse(r.body);
+}
+
+async function inc(ep: Endpoint): Promise<{ count: number }> {
+  const r = await request(ep, 'POST', '/inc');
+  assert.equal(r.status, 200, r.body);
+  return JSON.parse(r.body);
+}
+
+async function verify(ep: Endpoint): Promise<string> {
+  const r = await request(ep, 'GET', '/verify');
+  return `${r.status} ${r.body}`;
+}
+
+async function connect(ep: Endpoint): Promise<Socket> {
+  await assertRouted(ep);
+  const conn = netConnect({ host: ep.host, port: ep.port });
+  await once(conn, 'connect');
+  return conn;
+}
+
+/** Sends each command on one connection and returns one answer line per command. */
+async function kv(ep: Endpoint, ...commands: string[]): Promise<string[]> {
+  const conn = await connect(ep);
+  try {
+    const answers: string[] = [];
+    const rl = createInterface({ input: conn });
+    const done = new Promise<void>((resolve, reject) => {
+      rl.on('line', (l) => {
+        answers.push(l);
+        if (answers.length === commands.length) resolve();
+      });
+      conn.on('error', reject);
+      conn.on('close', () => reject(new Error(`connection closed after ${answers.length} of ${commands.length} answers`)));
+      setTimeout(() => reject(new Error(`no full answer in 5 s (${answers.length} of ${commands.length})`)), 5000).unref();
+    });
+    conn.write(commands.map((c) => `${c}\n`).join(''));
+    await done;
+    rl.close();
+    return answers;
+  } finally {
+    conn.destroy();
+  }
+}
+
+// ---- the host's view ----
+
+/** The memory limit of the cgroup `pid` is in (cgroup v1 or v2), in bytes. */
+function memoryLimit(pid: number): number {
+  const lines = readFileSync(`/proc/${pid}/cgroup`, 'utf8').trim().split('\n');
+  const v1 = lines.map((l) => l.split(':')).find(([, ctrl]) => ctrl!.split(',').includes('memory'));
+  const file = v1 ? `/sys/fs/cgroup/memory${v1[2]}/memory.limit_in_bytes` : `/sys/fs/cgroup${lines.find((l) => l.startsWith('0::'))!.slice(3)}/memory.max`;
+  return Number(readFileSync(file, 'utf8').trim());
+}
+
+function childrenOf(pid: number): number[] {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+function flipByte(file: string, offset: number): void {
+  assert.ok(offset < statSync(file).size);
+  const fd = openSync(file, 'r+');
+  try {
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, offset);
+    b[0] = b[0]! ^ 0xff;
+    writeSync(fd, b, 0, 1, offset);
+  } finally {
+    closeSync(fd);
+  }
+}

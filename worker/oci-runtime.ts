@@ -1,0 +1,708 @@
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
+import type { ImageStore } from '../pagestore/image-store.js';
+import { describeError, isPicoError, PicoError, type ErrorCode } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import type { AppSpec, Endpoints } from '../shared/protocol.js';
+import { AppRecords, DEFAULT_PREFIX, DEFAULT_SLOTS, type AppRecord, type SlotRange } from './oci/app-records.js';
+import { hostFacts, LOG_FILE, writeBundle, type HostFacts } from './oci/bundle.js';
+import { checkHost, type HostReport } from './oci/host-check.js';
+import { createNetwork, destroyNetwork, type AppNetwork } from './oci/netns.js';
+import { Runc, type AttachedContainer, type RuncExit, type Timing } from './oci/runc.js';
+import { waitForPort } from './readiness.js';
+import type { CheckpointResult, Container, ContainerRuntime, ExitStatus } from './runtime.js';
+
+/** Per-app settings the AppSpec does not carry (yet): see the proposal in the issue's note. */
+export interface OciAppOptions {
+  /** memory limit of the container's cgroup, in bytes; absent: none */
+  memoryLimit?: number;
+  /** more host paths shown read-only at the same path, e.g. a Node installed under /opt */
+  readOnlyPaths?: string[];
+  /** the app's directory, mounted read-write at the same path; default: the spec's cwd */
+  appDir?: string;
+  /** size of the container's /tmp tmpfs in bytes (its contents are part of the image); default 64 MiB */
+  tmpBytes?: number;
+  /**
+   * Dump and restore established TCP connections (CRIU --tcp-established). Default true: an idle
+   * keep-alive connection then cannot make a swap-out fail. false: a dump with an open connection
+   * fails and the app keeps running.
+   */
+  tcpEstablished?: boolean;
+}
+
+export interface OciRuntimeOptions {
+  log: Logger;
+  /** where checkpoints are stored and restores read from */
+  imageStore: ImageStore;
+  /** the criu runc runs (`runc --criu`): OciRuntime.create takes it from checkHost() */
+  criu: string;
+  /** runc binary; default `runc` on PATH */
+  runc?: string;
+  /** the runtime's own files (see worker/oci/app-records.ts); default /var/lib/picocenter/oci */
+  stateDir?: string;
+  /** container id and netns name prefix; default 'pico-' */
+  prefix?: string;
+  /** network slots (a /30 each in 10.200.0.0/16) apps are given; default 0..15999 */
+  slots?: SlotRange;
+  /** settings for every app, overridden per app by `apps` */
+  defaults?: OciAppOptions;
+  /** app name → its settings */
+  apps?: Record<string, OciAppOptions>;
+  /** how long `stop` waits after SIGTERM before SIGKILL, in ms; default 5000 */
+  stopGraceMs?: number;
+  /** after a checkpoint is stored, delete the app's older generations; default true */
+  prune?: boolean;
+  /** the host's layout for bundles; default read once from the host */
+  hostFacts?: HostFacts;
+}
+
+export interface OciCreateOptions extends Omit<OciRuntimeOptions, 'criu'> {
+  /** default: the criu checkHost() chose */
+  criu?: string;
+  /** a report already made (the worker may have run checkHost() itself); default: run it */
+  hostReport?: HostReport;
+}
+
+/** What OciRuntime.create found and cleaned up from a previous worker. */
+export interface LeftoverReport {
+  /** runc containers that were still there (killed and deleted: their memory since the last image is lost) */
+  containers: string[];
+  /** apps whose finished dump had not been stored yet, stored now as their newest generation */
+  recovered: Array<{ app: string; generation: number }>;
+  /** apps whose unfinished or unstorable dump was discarded */
+  discarded: string[];
+}
+
+export interface OciCheckpointResult extends CheckpointResult {
+  generation: number;
+  /** bytes of the image */
+  imageBytes: number;
+  /** bytes the store did not have yet */
+  uploadedBytes: number;
+  /** runc checkpoint (freeze + CRIU dump), in ms */
+  dumpMs: number;
+  /** page store put (write, read back, verify), in ms */
+  storeMs: number;
+}
+
+export const DEFAULT_STATE_DIR = '/var/lib/picocenter/oci';
+const DEFAULT_STOP_GRACE_MS = 5000;
+/** how long a runc whose init was killed may take to exit before it is killed itself */
+const RUNC_EXIT_TIMEOUT_MS = 10_000;
+/** Environment variables passed through from the worker (PATH is the container's own). */
+const PASSED_ENV = ['LANG', 'LC_ALL', 'TZ'];
+const LOG_TAIL_LINES = 20;
+const LOG_TAIL_BYTES = 16 * 1024;
+
+/**
+ * One incarnation of a container: one foreground runc and the init it is the parent of. A
+ * container has a new incarnation after a checkpoint that had to be resumed.
+ */
+interface Incarnation {
+  att: AttachedContainer;
+  /** set (synchronously readable) once runc exited */
+  status: RuncExit | null;
+}
+
+/*
+ * A container's phases. `exited` settles exactly once, on the way to `gone`:
+ *
+ *   starting ──ready──► running ──checkpoint()──► checkpointing ──stored──► gone
+ *      │                 │  ▲                          │
+ *      │ not ready       │  └── dump failed / store failed: resumed ──┘
+ *      ▼                 ├──stop()──► stopping ──► gone
+ *    gone                └──init exited on its own──► gone
+ *
+ * Only in `running` does an exit of runc mean "crashed"; in the other phases the operation that
+ * is under way expects it and handles it.
+ */
+type Phase = 'starting' | 'running' | 'checkpointing' | 'stopping' | 'gone';
+
+class OciContainer implements Container {
+  readonly startedAt = new Date();
+  readonly exited: Promise<ExitStatus>;
+  phase: Phase = 'starting';
+  private settle!: (s: ExitStatus) => void;
+
+  constructor(
+    readonly runtime: OciRuntime,
+    readonly spec: AppSpec,
+    readonly record: AppRecord,
+    readonly network: AppNetwork,
+    readonly endpoints: Endpoints,
+    public incarnation: Incarnation,
+  ) {
+    this.exited = new Promise((resolve) => (this.settle = resolve));
+  }
+
+  get app(): string {
+    return this.spec.name;
+  }
+
+  /** host PID of the container's init (it changes when a checkpoint is resumed) */
+  get pid(): number {
+    return this.incarnation.att.pid;
+  }
+
+  finish(status: ExitStatus): void {
+    if (this.phase === 'gone') return;
+    this.phase = 'gone';
+    this.settle(status);
+  }
+}
+
+/**
+ * The `oci` runtime: each app runs as a runc container in its own PID, mount and network
+ * namespaces, reached over a veth pair at a private address (so apps may share a port); a
+ * swap-out dumps it with CRIU into the page store, a wake restores it — memory, listening
+ * sockets and child processes — from the newest verified image.
+ *
+ * runc stays in the foreground as the parent of the container's init (no --detach): its exit is
+ * the container's exit, with the init's status, with no polling and no PID reuse to guard
+ * against. It runs in its own session, so a worker that dies leaves containers running; the next
+ * OciRuntime.create() removes them (see cleanLeftovers).
+ *
+ * Operations on one app are serialised here too (the worker does as well), so the clean-up after
+ * a crash can never overlap the next start of the same app.
+ */
+export class OciRuntime implements ContainerRuntime {
+  readonly name = 'oci';
+  readonly keepsMemory = true;
+  readonly stateDir: string;
+  private readonly log: Logger;
+  private readonly store: ImageStore;
+  private readonly runc: Runc;
+  private readonly records: AppRecords;
+  private readonly host: HostFacts;
+  private readonly active = new Map<string, OciContainer>();
+  private readonly queues = new Map<string, Promise<unknown>>();
+
+  /**
+   * Runs no host check and cleans nothing up: use OciRuntime.create() in a worker. The constructor
+   * is for tests that already checked the host.
+   */
+  constructor(private readonly opts: OciRuntimeOptions) {
+    this.log = opts.log;
+    this.store = opts.imageStore;
+    this.stateDir = opts.stateDir ?? DEFAULT_STATE_DIR;
+    this.records = new AppRecords(this.stateDir, opts.prefix ?? DEFAULT_PREFIX, opts.slots ?? DEFAULT_SLOTS);
+    this.runc = new Runc({
+      criu: opts.criu,
+      ...(opts.runc ? { runc: opts.runc } : {}),
+      root: path.join(this.stateDir, 'runc'),
+      logDir: path.join(this.stateDir, 'runc-logs'),
+    });
+    this.host = opts.hostFacts ?? hostFacts();
+  }
+
+  /**
+   * The runtime a worker uses: checks the host (PICO_ERR_HOST_UNSUPPORTED with the report's
+   * plain-English message when it cannot run containers and checkpoint them — never a silent
+   * fallback), then cleans up what a previous worker on the same state directory left behind.
+   */
+  static async create(opts: OciCreateOptions): Promise<{ runtime: OciRuntime; host: HostReport; leftovers: LeftoverReport }> {
+    const host = opts.hostReport ?? (await checkHost());
+    if (!host.ok || !host.criu) throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', host.message);
+    const runtime = new OciRuntime({ ...opts, criu: opts.criu ?? host.criu.path, runc: opts.runc ?? host.runc?.path });
+    opts.log.info({ stateDir: runtime.stateDir }, host.message);
+    const leftovers = await runtime.cleanLeftovers();
+    return { runtime, host, leftovers };
+  }
+
+  /** The app's stdout and stderr, on the host (`picocenter logs APP`). */
+  logFile(app: string): string {
+    return path.join(this.records.paths(app).logDir, LOG_FILE);
+  }
+
+  /** The containers this runtime runs now. */
+  containers(): Container[] {
+    return [...this.active.values()];
+  }
+
+  async start(spec: AppSpec): Promise<Container> {
+    return this.serialise(spec.name, async () => {
+      this.assertNoContainer(spec.name);
+      const log = this.log.child({ app: spec.name });
+      const record = this.records.ensure(spec.name);
+      const net = this.records.network(record);
+      const p = this.records.paths(spec.name);
+      const started = performance.now();
+      await this.removeStale(record);
+      this.writeBundle(spec, record, net);
+      await createNetwork(net);
+      const logFrom = fileSize(this.logFile(spec.name));
+      let att: AttachedContainer;
+      try {
+        att = await this.runc.runAttached(record.id, p.bundle);
+      } catch (err) {
+        await this.cleanupNetwork(net, log);
+        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: runc could not start the container: ${describeError(err)}`, { cause: err });
+      }
+      const c = this.adopt(spec, record, net, att);
+      await this.becomeReady(c, logFrom, 'start');
+      log.info({ container: record.id, address: net.containerAddress, pid: c.pid, ms: Math.round(performance.now() - started) }, 'container running');
+      return c;
+    });
+  }
+
+  /**
+   * Swap-out. In order, and why:
+   *   1. dump into STATE/apps/APP/staging (runc checkpoint: freeze, CRIU dump, tree killed). A
+   *      failed dump leaves the tree running (CRIU unfreezes it): the app keeps serving.
+   *   2. put the dump into the page store, which writes, reads back and verifies it.
+   *   3. only then: the container is gone for good; delete the staging dump and the netns.
+   * If 2 fails, the dump is the only copy of the app: it is restored from the staging directory
+   * into its (still existing, CRIU-locked) netns, so the app keeps serving, and the checkpoint
+   * fails with PICO_ERR_CHECKPOINT_FAILED.
+   */
+  async checkpoint(container: Container): Promise<OciCheckpointResult> {
+    const c = this.own(container);
+    return this.serialise(c.app, async () => {
+      if (c.phase !== 'running' || this.active.get(c.app) !== c) {
+        throw new PicoError('PICO_ERR_INVALID_STATE', `app ${c.app}: no running container to checkpoint (it is ${c.phase})`);
+      }
+      const log = this.log.child({ app: c.app });
+      const p = this.records.paths(c.app);
+      const tcpEstablished = this.appOptions(c.app).tcpEstablished ?? true;
+      const inc = c.incarnation;
+      c.phase = 'checkpointing';
+      rmSync(p.staging, { recursive: true, force: true });
+      rmSync(p.dumpWork, { recursive: true, force: true });
+
+      // 1. dump
+      let dump: Timing;
+      try {
+        dump = await this.runc.checkpoint(c.record.id, { imagePath: p.staging, workPath: p.dumpWork, tcpEstablished });
+      } catch (err) {
+        rmSync(p.staging, { recursive: true, force: true });
+        const state = await this.runc.state(c.record.id).catch(() => null);
+        if (state?.status === 'running' && inc.status === null) {
+          c.phase = 'running';
+          log.warn({ err: describeError(err) }, 'checkpoint failed; the container keeps running');
+          throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', `app ${c.app}: the dump failed, the container keeps running: ${describeError(err)}`, { cause: err });
+        }
+        await this.lose(c, inc, log, 'the dump failed and the container is gone');
+        throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', `app ${c.app}: the dump failed and the container is gone: ${describeError(err)}`, { cause: err });
+      }
+      // The dump killed the tree; its runc exits with it.
+      const status = await this.runcExit(inc);
+
+      // 2. store and verify
+      const storeStarted = performance.now();
+      let stored: Awaited<ReturnType<ImageStore['put']>>;
+      try {
+        stored = await this.store.put(c.app, p.staging);
+      } catch (storeErr) {
+        log.error({ err: describeError(storeErr) }, 'storing the image failed; resuming the container from its dump');
+        await this.resume(c, storeErr);
+        // resume() throws when it cannot resume; here the app serves again.
+        rmSync(p.staging, { recursive: true, force: true });
+        throw new PicoError(
+          'PICO_ERR_CHECKPOINT_FAILED',
+          `app ${c.app}: storing the image failed, the container was resumed and keeps running: ${describeError(storeErr)}`,
+          { cause: storeErr },
+        );
+      }
+      const storeMs = performance.now() - storeStarted;
+
+      // 3. the image is verified in the store: the container may go
+      this.active.delete(c.app);
+      c.finish(status);
+      rmSync(p.staging, { recursive: true, force: true });
+      await this.cleanupNetwork(c.network, log);
+      if (this.opts.prune ?? true) {
+        await this.store.prune(c.app).catch((err: unknown) => log.warn({ err: describeError(err) }, 'pruning older generations failed'));
+      }
+      const result: OciCheckpointResult = {
+        generation: stored.manifest.generation,
+        imageBytes: stored.stats.totalBytes,
+        uploadedBytes: stored.stats.uploadedBytes,
+        dumpMs: Math.round(dump.ms),
+        storeMs: Math.round(storeMs),
+      };
+      log.info({ ...result, criuMs: dump.criuMs }, 'checkpoint stored');
+      return result;
+    });
+  }
+
+  /**
+   * Swap-in from the newest verified generation: fetch it (the store verifies every chunk), make
+   * the netns afresh, `runc restore`, wait until every port accepts. Nothing is left running or
+   * half-made when it throws: a missing image is PICO_ERR_IMAGE_MISSING, a corrupt one keeps the
+   * store's PICO_ERR_IMAGE_CORRUPT.
+   */
+  async restore(spec: AppSpec): Promise<Container> {
+    return this.serialise(spec.name, async () => {
+      this.assertNoContainer(spec.name);
+      const log = this.log.child({ app: spec.name });
+      const t0 = performance.now();
+      const manifest = await this.store.latest(spec.name).catch((err: unknown) => {
+        throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
+      });
+      if (!manifest) throw new PicoError('PICO_ERR_IMAGE_MISSING', `app ${spec.name} has no stored image to restore`);
+      const record = this.records.ensure(spec.name);
+      const net = this.records.network(record);
+      const p = this.records.paths(spec.name);
+      rmSync(p.restore, { recursive: true, force: true });
+      rmSync(p.restoreWork, { recursive: true, force: true });
+      mkdirSync(p.restore, { recursive: true });
+      try {
+        await this.store.get(manifest, p.restore);
+      } catch (err) {
+        rmSync(p.restore, { recursive: true, force: true });
+        throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: generation ${manifest.generation} cannot be restored`);
+      }
+      const fetchedMs = performance.now() - t0;
+      await this.removeStale(record);
+      this.writeBundle(spec, record, net);
+      await createNetwork(net);
+      const logFrom = fileSize(this.logFile(spec.name));
+      let att: AttachedContainer;
+      try {
+        att = await this.runc.restoreAttached(record.id, { bundle: p.bundle, imagePath: p.restore, workPath: p.restoreWork, tcpEstablished: this.appOptions(spec.name).tcpEstablished ?? true });
+      } catch (err) {
+        await this.runc.delete(record.id, { force: true }).catch(() => undefined);
+        await this.cleanupNetwork(net, log);
+        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${manifest.generation} failed: ${describeError(err)}`, { cause: err });
+      } finally {
+        // A full restore has read the whole image.
+        rmSync(p.restore, { recursive: true, force: true });
+      }
+      const restoredMs = performance.now() - t0;
+      const c = this.adopt(spec, record, net, att);
+      await this.becomeReady(c, logFrom, 'restore');
+      log.info(
+        {
+          generation: manifest.generation,
+          pid: c.pid,
+          fetchMs: Math.round(fetchedMs),
+          restoreMs: Math.round(restoredMs - fetchedMs),
+          criuMs: att.timing.criuMs,
+          readyMs: Math.round(performance.now() - t0 - restoredMs),
+        },
+        'container restored',
+      );
+      return c;
+    });
+  }
+
+  /** SIGTERM, SIGKILL after the grace period, delete the container, remove its netns. */
+  async stop(container: Container): Promise<void> {
+    const c = this.own(container);
+    await this.serialise(c.app, async () => {
+      if (c.phase === 'gone') return;
+      const log = this.log.child({ app: c.app });
+      c.phase = 'stopping';
+      const status = await this.kill(c.record, c.incarnation, this.opts.stopGraceMs ?? DEFAULT_STOP_GRACE_MS, log);
+      if (this.active.get(c.app) === c) this.active.delete(c.app);
+      await this.cleanupNetwork(c.network, log);
+      c.finish(status);
+      log.info({ code: status.code, signal: status.signal }, 'container stopped');
+    });
+  }
+
+  /** Waits for operations under way. Containers keep running: stop or checkpoint them first. */
+  async close(): Promise<void> {
+    await Promise.all([...this.queues.values()]);
+  }
+
+  /**
+   * What a previous worker on this state directory left behind, made safe:
+   * - every runc container (our runc root holds only ours) is killed and deleted. Its memory
+   *   since its last stored image is lost; the app restores from that image.
+   * - a finished dump in a staging directory whose container is gone (the worker died between
+   *   dump and store) is stored now: it is the newest state of that app.
+   * - every app's netns is removed (a wake makes it afresh), and fetched restore images deleted.
+   */
+  async cleanLeftovers(): Promise<LeftoverReport> {
+    const report: LeftoverReport = { containers: [], recovered: [], discarded: [] };
+    const present = new Set<string>();
+    for (const state of await this.runc.list()) {
+      present.add(state.id);
+      this.log.warn({ container: state.id, status: state.status, pid: state.pid }, 'removing a container left by a previous worker');
+      await this.runc.kill(state.id, 'SIGKILL', { all: true }).catch(() => undefined);
+      await this.runc.delete(state.id, { force: true }).catch((err: unknown) => this.log.error({ container: state.id, err: describeError(err) }, 'cannot delete a leftover container'));
+      report.containers.push(state.id);
+    }
+    for (const record of this.records.all()) {
+      const log = this.log.child({ app: record.app });
+      const p = this.records.paths(record.app);
+      await this.cleanupNetwork(this.records.network(record), log);
+      rmSync(p.restore, { recursive: true, force: true });
+      if (!existsSync(p.staging)) continue;
+      if (!present.has(record.id) && dumpFinished(p.staging, p.dumpWork)) {
+        try {
+          const { manifest } = await this.store.put(record.app, p.staging);
+          report.recovered.push({ app: record.app, generation: manifest.generation });
+          log.warn({ generation: manifest.generation }, 'stored a dump a previous worker made but did not store');
+        } catch (err) {
+          log.error({ err: describeError(err), staging: p.staging }, 'a dump a previous worker left cannot be stored; it is kept');
+          report.discarded.push(record.app);
+          continue;
+        }
+      } else {
+        report.discarded.push(record.app);
+      }
+      rmSync(p.staging, { recursive: true, force: true });
+    }
+    return report;
+  }
+
+  // ---- internals ----
+
+  private adopt(spec: AppSpec, record: AppRecord, net: AppNetwork, att: AttachedContainer): OciContainer {
+    const endpoints: Endpoints = {};
+    for (const port of spec.ports) endpoints[port] = { host: net.containerAddress, port };
+    const c = new OciContainer(this, spec, record, net, endpoints, this.incarnation(att));
+    this.active.set(spec.name, c);
+    return c;
+  }
+
+  private incarnation(att: AttachedContainer): Incarnation {
+    const inc: Incarnation = { att, status: null };
+    void att.exit.then((s) => (inc.status = s));
+    return inc;
+  }
+
+  /**
+   * Waits until every port accepts on the container's address; then the container is `running`
+   * and a later exit of its runc is a crash. On failure the container is removed and the error
+   * says why, with the tail of the app's log.
+   */
+  private async becomeReady(c: OciContainer, logFrom: number, what: 'start' | 'restore'): Promise<void> {
+    const inc = c.incarnation;
+    const ready = new AbortController();
+    const timer = setTimeout(() => ready.abort(), c.spec.readyTimeoutMs);
+    let failure: PicoError | null = null;
+    try {
+      const outcome = await Promise.race([
+        Promise.all(c.spec.ports.map((port) => waitForPort(c.network.containerAddress, port, ready.signal))).then((ok) => ({ ok: ok.every(Boolean) })),
+        inc.att.exit.then((exited) => ({ exited })),
+      ]);
+      if ('exited' in outcome) {
+        const { code, signal } = outcome.exited;
+        failure = new PicoError('PICO_ERR_APP_EXITED', `app ${c.app} exited before it was ready after its ${what} (code ${code}, signal ${signal})${logTail(this.logFile(c.app), logFrom)}`);
+      } else if (!outcome.ok) {
+        failure = new PicoError(
+          'PICO_ERR_READY_TIMEOUT',
+          `app ${c.app}: ports ${c.spec.ports.join(', ')} did not accept connections at ${c.network.containerAddress} within ${c.spec.readyTimeoutMs} ms after its ${what}${logTail(this.logFile(c.app), logFrom)}`,
+        );
+      }
+    } finally {
+      clearTimeout(timer);
+      ready.abort();
+    }
+    if (failure) {
+      const log = this.log.child({ app: c.app });
+      const status = await this.kill(c.record, inc, 0, log);
+      if (this.active.get(c.app) === c) this.active.delete(c.app);
+      await this.cleanupNetwork(c.network, log);
+      c.finish(status);
+      throw failure;
+    }
+    c.phase = 'running';
+    this.watch(c, inc);
+  }
+
+  /** A runc exit while `running` is a crash: the container is gone; its netns is cleaned up. */
+  private watch(c: OciContainer, inc: Incarnation): void {
+    void inc.att.exit.then((status) => {
+      if (c.incarnation !== inc || c.phase !== 'running') return; // an operation under way expects it
+      const log = this.log.child({ app: c.app });
+      log.warn({ code: status.code, signal: status.signal }, 'container exited on its own');
+      void this.serialise(c.app, () => this.lose(c, inc, log, 'exited on its own')).catch(() => undefined);
+    });
+  }
+
+  /** The container is gone without a checkpoint: forget it and clean up after it. */
+  private async lose(c: OciContainer, inc: Incarnation, log: Logger, why: string): Promise<void> {
+    if (c.phase === 'gone') return;
+    const status = inc.status ?? (await this.kill(c.record, inc, 0, log));
+    if (this.active.get(c.app) === c) this.active.delete(c.app);
+    await this.runc.delete(c.record.id, { force: true }).catch(() => undefined);
+    // A new container of the app may already exist only after this (serialised), so the
+    // netns is this container's.
+    await this.cleanupNetwork(c.network, log);
+    c.finish(status);
+    log.info({ why }, 'container removed');
+  }
+
+  /**
+   * The store failed after a successful dump: restore the container from its staging dump into its
+   * netns (which CRIU left locked; the restore unlocks it). Throws PICO_ERR_CHECKPOINT_FAILED when
+   * even that fails; the dump is then kept in the staging directory.
+   */
+  private async resume(c: OciContainer, storeErr: unknown): Promise<void> {
+    const log = this.log.child({ app: c.app });
+    const p = this.records.paths(c.app);
+    rmSync(p.restoreWork, { recursive: true, force: true });
+    try {
+      const att = await this.runc.restoreAttached(c.record.id, {
+        bundle: p.bundle,
+        imagePath: p.staging,
+        workPath: p.restoreWork,
+        tcpEstablished: this.appOptions(c.app).tcpEstablished ?? true,
+      });
+      c.incarnation = this.incarnation(att);
+      await this.becomeReady(c, fileSize(this.logFile(c.app)), 'restore');
+      log.warn({ pid: c.pid }, 'container resumed from its dump after the store failed');
+    } catch (err) {
+      log.error({ err: describeError(err), staging: p.staging }, 'resuming the container failed; its dump is kept');
+      if (c.phase !== 'gone') {
+        await this.runc.delete(c.record.id, { force: true }).catch(() => undefined);
+        await this.cleanupNetwork(c.network, log);
+        if (this.active.get(c.app) === c) this.active.delete(c.app);
+        c.finish(c.incarnation.status ?? { code: null, signal: null });
+      }
+      throw new PicoError(
+        'PICO_ERR_CHECKPOINT_FAILED',
+        `app ${c.app}: storing the image failed (${describeError(storeErr)}) and resuming the container from its dump failed too ` +
+          `(${describeError(err)}); the dump is kept at ${p.staging}`,
+        { cause: err },
+      );
+    }
+  }
+
+  /**
+   * Ends one incarnation: SIGTERM and up to `graceMs` for it to exit (0: straight to SIGKILL),
+   * then SIGKILL to everything in it; waits for runc to exit and deletes the container.
+   */
+  private async kill(record: AppRecord, inc: Incarnation, graceMs: number, log: Logger): Promise<ExitStatus> {
+    if (inc.status === null && graceMs > 0) {
+      await this.runc.kill(record.id, 'SIGTERM').catch(() => undefined);
+      await Promise.race([inc.att.exit, delay(graceMs)]);
+    }
+    if (inc.status === null) await this.runc.kill(record.id, 'SIGKILL', { all: true }).catch(() => undefined);
+    const status = await this.runcExit(inc);
+    await this.runc.delete(record.id, { force: true }).catch((err: unknown) => log.warn({ err: describeError(err) }, 'runc delete failed'));
+    return status;
+  }
+
+  /** runc's exit once its init is gone; a runc that hangs on is killed. */
+  private async runcExit(inc: Incarnation): Promise<RuncExit> {
+    const timeout = delay(RUNC_EXIT_TIMEOUT_MS).then(() => null);
+    const status = await Promise.race([inc.att.exit, timeout]);
+    if (status) return status;
+    try {
+      process.kill(inc.att.runcPid, 'SIGKILL');
+    } catch {
+      // gone meanwhile
+    }
+    return inc.att.exit;
+  }
+
+  /** A container of this id that runc still has but no one runs (a crash of ours mid-operation). */
+  private async removeStale(record: AppRecord): Promise<void> {
+    if ((await this.runc.state(record.id)) === null) return;
+    this.log.warn({ app: record.app, container: record.id }, 'removing a stale container');
+    await this.runc.kill(record.id, 'SIGKILL', { all: true }).catch(() => undefined);
+    await this.runc.delete(record.id, { force: true });
+  }
+
+  private async cleanupNetwork(net: AppNetwork, log: Logger): Promise<void> {
+    await destroyNetwork(net).catch((err: unknown) => log.warn({ err: describeError(err), netns: net.name }, 'removing the netns failed'));
+  }
+
+  private writeBundle(spec: AppSpec, record: AppRecord, net: AppNetwork): void {
+    const o = this.appOptions(spec.name);
+    const env: Record<string, string> = {};
+    for (const k of PASSED_ENV) if (process.env[k] !== undefined) env[k] = process.env[k]!;
+    Object.assign(env, spec.env, { APP_NAME: spec.name, PORTS: spec.ports.join(',') });
+    if (spec.ports.length > 0) env.PORT = String(spec.ports[0]);
+    const p = this.records.paths(spec.name);
+    writeBundle(
+      p.bundle,
+      {
+        id: record.id,
+        args: spec.command,
+        env,
+        appDir: o.appDir ?? spec.cwd,
+        cwd: spec.cwd,
+        logDir: p.logDir,
+        netnsPath: net.path,
+        ...(o.memoryLimit !== undefined ? { memoryLimit: o.memoryLimit } : {}),
+        ...(o.readOnlyPaths ? { readOnlyPaths: o.readOnlyPaths } : {}),
+        ...(o.tmpBytes !== undefined ? { tmpBytes: o.tmpBytes } : {}),
+      },
+      this.host,
+    );
+  }
+
+  private appOptions(app: string): OciAppOptions {
+    const d = this.opts.defaults ?? {};
+    const a = this.opts.apps?.[app] ?? {};
+    return { ...d, ...a, readOnlyPaths: [...(d.readOnlyPaths ?? []), ...(a.readOnlyPaths ?? [])] };
+  }
+
+  private assertNoContainer(app: string): void {
+    if (this.active.has(app)) throw new PicoError('PICO_ERR_INVALID_STATE', `app ${app} already has a container on this worker`);
+  }
+
+  private own(container: Container): OciContainer {
+    if (!(container instanceof OciContainer) || container.runtime !== this) {
+      throw new PicoError('PICO_ERR_INVALID_STATE', `app ${container.app}: the container is not one of this oci runtime's`);
+    }
+    return container;
+  }
+
+  private serialise<T>(app: string, op: () => Promise<T>): Promise<T> {
+    const prev = this.queues.get(app) ?? Promise.resolve();
+    const next = prev.then(op, op);
+    const settled = next.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.queues.set(app, settled);
+    void settled.then(() => {
+      if (this.queues.get(app) === settled) this.queues.delete(app);
+    });
+    return next;
+  }
+}
+
+/** Keeps a PicoError's code (IMAGE_CORRUPT, IMAGE_MISSING…) and adds what we were doing. */
+function rethrow(err: unknown, fallback: ErrorCode, doing: string): PicoError {
+  const code = isPicoError(err) ? err.code : fallback;
+  return new PicoError(code, `${doing}: ${describeError(err)}`, { cause: err });
+}
+
+/** A finished dump: an inventory and CRIU's own last word that it finished. */
+function dumpFinished(imageDir: string, workDir: string): boolean {
+  if (!existsSync(path.join(imageDir, 'inventory.img'))) return false;
+  try {
+    return /Dumping finished successfully/.test(readFileSync(path.join(workDir, 'dump.log'), 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+function fileSize(file: string): number {
+  try {
+    return statSync(file).size;
+  } catch {
+    return 0;
+  }
+}
+
+/** The app's last log lines written since byte `from`, for an error message. */
+function logTail(file: string, from: number): string {
+  let text = '';
+  try {
+    const size = fileSize(file);
+    const start = Math.max(from, size - LOG_TAIL_BYTES);
+    if (size <= start) return '';
+    const fd = openSync(file, 'r');
+    try {
+      const buf = Buffer.alloc(size - start);
+      readSync(fd, buf, 0, buf.length, start);
+      text = buf.toString('utf8');
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return '';
+  }
+  const lines = text.trimEnd().split('\n').slice(-LOG_TAIL_LINES);
+  return lines.length > 0 && lines[0] !== '' ? `; last log lines:\n    ${lines.join('\n    ')}` : '';
+}
