@@ -13,11 +13,13 @@ import {
   manifestChecksum,
   manifestKey,
   parseManifest,
+  sha256,
   type ChunkedImageStoreOptions,
 } from '../pagestore/chunked-image-store.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
 import type { ImageManifest } from '../pagestore/image-store.js';
 import { MemoryObjectStore, type StoreOp } from '../pagestore/memory-store.js';
+import { until } from './helpers/poll.js';
 import { collect, type ObjectInfo, type ObjectStore, type PutOptions } from '../pagestore/object-store.js';
 
 // One ImageStore suite, run against the fs backend and the in-memory fake. Images are temp
@@ -536,32 +538,40 @@ for (const backend of backends) {
       assert.equal((await b.images.prune('app')).deletedChunks, 0);
     });
 
-    it('a put of chunks whose deletion is in flight uploads them again', async () => {
+    it('a put of chunks whose deletion is in flight waits for it, then uploads them again', async () => {
       const b = open();
-      const v1 = imageDir({ 'a.img': randomBytes(4 * CHUNK) });
-      const v2 = imageDir({ 'a.img': randomBytes(4 * CHUNK) });
-      await b.images.put('app', v1);
-      await b.images.put('app', v2);
+      const orphan = randomBytes(4 * CHUNK);
+      await b.images.put('app', imageDir({ 'a.img': orphan }));
+      await b.images.put('app', imageDir({ 'a.img': randomBytes(4 * CHUNK) }));
       await b.images.prune('app', { collect: false });
-      const deleting = gate();
+      // Hold every deletion of the collection until the put is waiting on them.
+      let deletes = 0;
       const resume = gate();
-      b.store.hook = async (op) => {
+      const extra = randomBytes(100);
+      const extraKey = chunkKey(sha256(extra));
+      let putReachedExtra = false;
+      b.store.hook = async (op, key) => {
         if (op === 'delete') {
-          deleting.open();
+          deletes++;
           await resume.wait();
         }
+        if (op === 'head' && key === extraKey) putReachedExtra = true;
       };
       const pruning = b.images.prune('app');
-      await deleting.wait();
-      const putting = b.images.put('late', v1);
-      await new Promise((r) => setTimeout(r, 20)); // let the put reach the chunk being deleted
+      await until(() => deletes === 4, 'the collection to delete the 4 orphaned chunks');
+      // The put needs the 4 chunks being deleted (a.img), then one more (z.img): once it heads
+      // z.img's chunk, it has registered all of a.img's and is waiting for their deletion.
+      const src = imageDir({ 'a.img': orphan, 'z.img': extra });
+      const putting = b.images.put('late', src);
+      await until(() => putReachedExtra, 'the put to reach z.img');
       resume.open();
-      await pruning;
-      const { manifest } = await putting;
+      assert.equal((await pruning).deletedChunks, 4);
+      const { manifest, stats } = await putting;
+      assert.equal(stats.uploadedChunks, 5, 'the deleted chunks were uploaded again');
       b.store.hook = undefined;
       const out = fresh('restore');
       await b.images.get(manifest, out);
-      assertSameTree(out, v1);
+      assertSameTree(out, src);
     });
 
     it('puts and prunes of many apps at once: every newest generation stays restorable', async () => {

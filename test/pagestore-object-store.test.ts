@@ -7,6 +7,7 @@ import { after, describe, it } from 'node:test';
 import { isPicoError } from '../shared/errors.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
 import { MemoryObjectStore } from '../pagestore/memory-store.js';
+import { openImageStore } from '../pagestore/index.js';
 import { collect, isNotFound, ObjectExistsError, StoreError, TEMP_PREFIX, type ObjectStore } from '../pagestore/object-store.js';
 
 // The ObjectStore contract, run against every backend; then what only the fs backend or the
@@ -193,5 +194,18 @@ describe('MemoryObjectStore fault injection', () => {
     await assert.rejects(s.delete('a'), (err: unknown) => err instanceof StoreError && err.errno === 'EROFS');
     assert.deepEqual(s.keys(), ['a']);
     assert.equal(s.size, 5);
+  });
+});
+
+describe('openImageStore', () => {
+  it('opens the fs store the config names, and round-trips through it', async () => {
+    const root = fresh('store');
+    const images = openImageStore({ kind: 'fs', path: root }, { chunkSize: 64 * 1024 });
+    const src = fresh('img');
+    mkdirSync(src);
+    writeFileSync(path.join(src, 'pages-1.img'), randomBytes(200_000));
+    const { manifest } = await images.put('kv', src);
+    assert.deepEqual(readdirSync(root).sort(), ['apps', 'chunks']);
+    assert.deepEqual(await images.latest('kv'), manifest);
   });
 });
