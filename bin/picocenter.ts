@@ -1,0 +1,99 @@
+#!/usr/bin/env node
+import { parseArgs } from 'node:util';
+import { loadConfig } from '../shared/config.js';
+import { describeError } from '../shared/errors.js';
+import { createLogger } from '../shared/log.js';
+import type { AppStatus } from '../gateway/placement.js';
+import { AdminClient } from './admin-client.js';
+import { startSystem } from './system.js';
+
+const USAGE = `usage: picocenter <command> [--config FILE]
+
+commands:
+  up                   run the gateway, DNS and a worker in this process
+  status [--json]      apps with name, state, worker and last wake time
+  wake APP             wake APP and wait until it runs
+  checkpoint APP       swap APP out now and wait until it is stored
+
+options:
+  --config FILE        the config file (default: picocenter.yaml)`;
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: 'string', short: 'c', default: 'picocenter.yaml' },
+      json: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  const [command, ...rest] = positionals;
+  if (values.help || !command) {
+    console.log(USAGE);
+    return command || values.help ? 0 : 2;
+  }
+  const cfg = loadConfig(values.config!);
+  switch (command) {
+    case 'up':
+      return up(cfg);
+    case 'status': {
+      const { apps } = await new AdminClient(cfg).call<{ apps: AppStatus[] }>('GET', '/v1/apps');
+      if (values.json) console.log(JSON.stringify(apps, null, 2));
+      else printTable(apps);
+      return 0;
+    }
+    case 'wake':
+    case 'checkpoint': {
+      const app = rest[0];
+      if (!app) throw new Error(`usage: picocenter ${command} APP`);
+      const st = await new AdminClient(cfg).call<AppStatus>('POST', `/v1/apps/${encodeURIComponent(app)}/${command}`);
+      console.log(`${st.name}: ${st.state}`);
+      return 0;
+    }
+    default:
+      console.error(`unknown command: ${command}\n\n${USAGE}`);
+      return 2;
+  }
+}
+
+async function up(cfg: ReturnType<typeof loadConfig>): Promise<number> {
+  const log = createLogger();
+  const system = await startSystem(cfg, log);
+  let stopping = false;
+  await new Promise<void>((resolve) => {
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (stopping) return;
+      stopping = true;
+      log.info({ signal }, 'shutting down');
+      void system.stop().then(resolve, (err: unknown) => {
+        log.error({ err: describeError(err) }, 'shutdown failed');
+        resolve();
+      });
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+  log.info('stopped');
+  log.flush();
+  return 0;
+}
+
+function printTable(apps: AppStatus[]): void {
+  const rows = [['APP', 'STATE', 'WORKER', 'LAST WAKE', 'ERROR']];
+  for (const a of apps) {
+    rows.push([a.name, a.operation ? `${a.state} (${a.operation})` : a.state, a.worker ?? '-', a.lastWake ?? '-', a.lastError?.message.split('\n')[0] ?? '']);
+  }
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  for (const r of rows) console.log(r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd());
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    console.error(`picocenter: ${describeError(err)}`);
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,97 @@
+import { isIP, type AddressInfo } from 'node:net';
+import type { Config } from '../shared/config.js';
+import type { Logger } from '../shared/log.js';
+import { Metrics } from '../shared/metrics.js';
+import { DnsServer } from '../dns/server.js';
+import { buildZone } from '../dns/zone.js';
+import { AdminServer } from '../gateway/admin.js';
+import { Hold } from '../gateway/hold.js';
+import { HttpListener } from '../gateway/http-listener.js';
+import { Placement } from '../gateway/placement.js';
+import { RouteTable } from '../gateway/routes.js';
+import { TcpListener } from '../gateway/tcp-listener.js';
+import { LocalWorkerConnection } from '../worker/local-connection.js';
+import { ProcessRuntime } from '../worker/process-runtime.js';
+import { Worker } from '../worker/worker.js';
+
+/** A whole Picocenter in one process: what `picocenter up` runs, and what e2e tests start. */
+export interface System {
+  readonly placement: Placement;
+  readonly routes: RouteTable;
+  readonly metrics: Metrics;
+  readonly addresses: { dns: AddressInfo; http: AddressInfo; admin: AddressInfo };
+  stop(): Promise<void>;
+}
+
+/**
+ * The composition root. Start order: worker → placement → listeners (HTTP, TCP) → DNS → admin,
+ * so nothing is announced before what it points at can hold clients. Stop runs in reverse and
+ * works after a partial start.
+ */
+export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<System> {
+  const metrics = new Metrics();
+  const routes = new RouteTable(cfg);
+  const worker = new Worker('local', new ProcessRuntime(log.child({ worker: 'local' })), log.child({ worker: 'local' }));
+  const connection = new LocalWorkerConnection(worker);
+  const placement = new Placement({ config: cfg, workers: [connection], metrics, log });
+  const hold = new Hold(placement, metrics, log);
+
+  const stops: Array<() => Promise<void>> = [];
+  const stop = async () => {
+    for (const s of stops.reverse()) {
+      try {
+        await s();
+      } catch (err) {
+        log.error({ err: (err as Error).message }, 'stop step failed');
+      }
+    }
+  };
+  stops.push(() => connection.close());
+  stops.push(() => placement.stop());
+  try {
+    const httpListener = new HttpListener({ listen: cfg.gateway.http.listen, maxHeaderSize: cfg.gateway.http.maxHeaderSize, routes, hold, lifecycle: placement, metrics, log });
+    stops.push(() => httpListener.stop());
+    const http = await httpListener.start();
+
+    const tcpListener = new TcpListener({ routes, hold, lifecycle: placement, metrics, log });
+    stops.push(() => tcpListener.stop());
+    await tcpListener.start();
+
+    const httpAddress = cfg.gateway.http.address ?? advertisable(cfg.gateway.http.listen.host);
+    const dnsHost = cfg.gateway.dns.listen.host;
+    const zone = buildZone({
+      zones: cfg.gateway.dns.zones,
+      ttlMs: cfg.gateway.dns.ttl,
+      nameserverAddress: isWildcard(dnsHost) ? httpAddress : dnsHost,
+      apps: [...routes.apps.values()].map((r) => {
+        const address = r.address ?? httpAddress;
+        return { app: r.name, names: r.domains, a: isIP(address) === 4 ? [address] : [], aaaa: isIP(address) === 6 ? [address] : [] };
+      }),
+    });
+    const dns = new DnsServer({ listen: cfg.gateway.dns.listen, zone, waker: { onLookup: (app) => placement.wake(app, 'dns') }, metrics, log });
+    stops.push(() => dns.stop());
+    const dnsAddrs = await dns.start();
+
+    const admin = new AdminServer({ listen: cfg.gateway.admin.listen, token: cfg.gateway.admin.token, placement, routes, hold, metrics, log });
+    stops.push(() => admin.stop());
+    const adminAddr = await admin.start();
+
+    log.info({ dns: dnsAddrs.udp, http, admin: adminAddr, apps: routes.apps.size }, 'picocenter up');
+    return { placement, routes, metrics, addresses: { dns: dnsAddrs.udp, http, admin: adminAddr }, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+function isWildcard(host: string): boolean {
+  return host === '0.0.0.0' || host === '::';
+}
+
+/** A wildcard listen address cannot be given out in DNS answers. */
+function advertisable(host: string): string {
+  if (isWildcard(host)) {
+    throw new Error(`gateway listens on ${host}: set gateway.http.address to the address clients should reach`);
+  }
+  return host;
+}

@@ -1,0 +1,136 @@
+import { timingSafeEqual } from 'node:crypto';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { ListenAddress } from '../shared/config.js';
+import { describeError, isPicoError, type ErrorCode } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import type { Metrics } from '../shared/metrics.js';
+import type { Hold } from './hold.js';
+import type { Placement } from './placement.js';
+import type { RouteTable } from './routes.js';
+
+/*
+ * The admin API, on its own listener. Every route but /healthz needs `Authorization: Bearer
+ * <token>`. Routes:
+ *   GET  /healthz                       liveness, no token
+ *   GET  /metrics                       Prometheus text format
+ *   GET  /v1/apps                       status of every app
+ *   GET  /v1/apps/NAME                  status of one app
+ *   POST /v1/apps/NAME/wake             wake and wait (through the hold) until it runs
+ *   POST /v1/apps/NAME/checkpoint       swap a running app out and wait until it is stored
+ * Errors are JSON `{ error: { code, message } }` with a stable code.
+ */
+
+const STATUS_OF: Partial<Record<ErrorCode, number>> = {
+  PICO_ERR_UNKNOWN_APP: 404,
+  PICO_ERR_INVALID_STATE: 409,
+  PICO_ERR_HOLD_TIMEOUT: 504,
+  PICO_ERR_HOLD_QUEUE_FULL: 503,
+  PICO_ERR_WAKE_FAILED: 502,
+  PICO_ERR_CHECKPOINT_FAILED: 502,
+};
+
+export interface AdminServerOptions {
+  listen: ListenAddress;
+  token: string;
+  placement: Placement;
+  routes: RouteTable;
+  hold: Hold;
+  metrics: Metrics;
+  log: Logger;
+}
+
+export class AdminServer {
+  private readonly server: http.Server;
+  private readonly token: Buffer;
+  private readonly log: Logger;
+
+  constructor(private readonly opts: AdminServerOptions) {
+    this.token = Buffer.from(`Bearer ${opts.token}`);
+    this.log = opts.log.child({ component: 'admin' });
+    this.server = http.createServer((req, res) => {
+      this.route(req, res).catch((err: unknown) => {
+        this.log.error({ err: describeError(err) }, 'admin request failed');
+        if (!res.headersSent) sendError(res, 500, 'PICO_ERR_INTERNAL', describeError(err));
+        else res.destroy();
+      });
+    });
+    this.server.headersTimeout = 10_000;
+    this.server.requestTimeout = 0; // wake and checkpoint may take long; bounded by the hold
+  }
+
+  async start(): Promise<AddressInfo> {
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(this.opts.listen.port, this.opts.listen.host, () => {
+        this.server.off('error', reject);
+        resolve();
+      });
+    });
+    return this.server.address() as AddressInfo;
+  }
+
+  async stop(): Promise<void> {
+    if (!this.server.listening) return;
+    await new Promise<void>((resolve) => {
+      this.server.close(() => resolve());
+      this.server.closeAllConnections();
+    });
+  }
+
+  private authorized(req: http.IncomingMessage): boolean {
+    const given = Buffer.from(req.headers.authorization ?? '');
+    return given.length === this.token.length && timingSafeEqual(given, this.token);
+  }
+
+  private async route(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://admin');
+    const parts = url.pathname.split('/').filter(Boolean);
+    if (url.pathname === '/healthz') return sendJson(res, 200, { ok: true });
+    if (!this.authorized(req)) {
+      res.setHeader('www-authenticate', 'Bearer realm="picocenter"');
+      return sendError(res, 401, 'PICO_ERR_UNAUTHORIZED', 'missing or wrong bearer token');
+    }
+    const { placement, routes, hold, metrics } = this.opts;
+    if (url.pathname === '/metrics' && req.method === 'GET') {
+      const body = await metrics.registry.metrics();
+      res.writeHead(200, { 'content-type': metrics.registry.contentType });
+      res.end(body);
+      return;
+    }
+    if (parts[0] !== 'v1' || parts[1] !== 'apps') return sendError(res, 404, 'PICO_ERR_NOT_FOUND', `no route ${url.pathname}`);
+    if (parts.length === 2 && req.method === 'GET') return sendJson(res, 200, { apps: placement.status() });
+    const name = decodeURIComponent(parts[2] ?? '');
+    const route = routes.apps.get(name);
+    if (!route) return sendError(res, 404, 'PICO_ERR_UNKNOWN_APP', `no app named ${name}`);
+    const statusOf = () => placement.status().find((a) => a.name === name);
+    try {
+      if (parts.length === 3 && req.method === 'GET') return sendJson(res, 200, statusOf());
+      if (parts.length === 4 && req.method === 'POST' && parts[3] === 'wake') {
+        const port = route.httpPort ?? route.tcpPorts[0]!;
+        const aborted = new AbortController();
+        res.on('close', () => aborted.abort());
+        await hold.waitForReady(route, port, 'admin', aborted.signal);
+        return sendJson(res, 200, statusOf());
+      }
+      if (parts.length === 4 && req.method === 'POST' && parts[3] === 'checkpoint') {
+        await placement.checkpoint(name);
+        return sendJson(res, 200, statusOf());
+      }
+    } catch (err) {
+      if (isPicoError(err)) return sendError(res, STATUS_OF[err.code] ?? 500, err.code, err.message);
+      throw err;
+    }
+    return sendError(res, 405, 'PICO_ERR_METHOD', `${req.method} ${url.pathname} is not supported`);
+  }
+}
+
+function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+function sendError(res: http.ServerResponse, status: number, code: string, message: string): void {
+  sendJson(res, status, { error: { code, message } });
+}

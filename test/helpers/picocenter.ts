@@ -1,0 +1,100 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { request } from 'undici';
+import { repoFile } from './paths.js';
+import { until } from './poll.js';
+
+export interface LogLine {
+  level: number;
+  msg: string;
+  [key: string]: unknown;
+}
+
+/** A whole `picocenter up` process started from a config string (CoreDNS test/server.go style). */
+export interface RunningPicocenter {
+  readonly dir: string;
+  readonly configFile: string;
+  readonly proc: ChildProcess;
+  readonly dnsPort: number;
+  readonly httpPort: number;
+  readonly adminPort: number;
+  readonly token: string;
+  readonly logs: LogLine[];
+  /** GET/POST on the admin API with the token; returns status and parsed JSON (or text). */
+  admin(method: 'GET' | 'POST', p: string, token?: string | null): Promise<{ status: number; body: any }>;
+  appState(app: string): Promise<string>;
+  /** SIGTERM and wait for the exit; returns the exit code. */
+  stop(): Promise<number | null>;
+}
+
+export const CLI = repoFile('dist/bin/picocenter.js');
+
+export async function startPicocenter(configYaml: string): Promise<RunningPicocenter> {
+  const dir = mkdtempSync(path.join(tmpdir(), 'pico-e2e-'));
+  const configFile = path.join(dir, 'picocenter.yaml');
+  writeFileSync(configFile, configYaml);
+  const proc = spawn(process.execPath, [CLI, 'up', '--config', configFile], {
+    cwd: dir,
+    env: { ...process.env, PICO_LOG_LEVEL: 'debug' },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  const logs: LogLine[] = [];
+  const raw: string[] = [];
+  createInterface({ input: proc.stderr! }).on('line', (line) => {
+    raw.push(line);
+    try {
+      logs.push(JSON.parse(line) as LogLine);
+    } catch {
+      // not a log line (a crash trace): kept in `raw` for the failure message
+    }
+  });
+  let exited = false;
+  const exit = new Promise<number | null>((resolve) => proc.once('exit', (code) => ((exited = true), resolve(code))));
+  const upLine = await until(
+    () => {
+      if (exited) throw new Error(`picocenter exited before it was up:\n${raw.join('\n')}`);
+      return logs.find((l) => l.msg === 'picocenter up');
+    },
+    'picocenter up',
+    15_000,
+  );
+  const addr = upLine as unknown as { dns: { port: number }; http: { port: number }; admin: { port: number } };
+  const token = /token:\s*(\S+)/.exec(configYaml)?.[1] ?? '';
+  const adminPort = addr.admin.port;
+  const admin: RunningPicocenter['admin'] = async (method, p, tok = token) => {
+    const res = await request(`http://127.0.0.1:${adminPort}${p}`, {
+      method,
+      headers: tok === null ? {} : { authorization: `Bearer ${tok}` },
+    });
+    const text = await res.body.text();
+    let body: unknown = text;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      // metrics are text
+    }
+    return { status: res.statusCode, body };
+  };
+  return {
+    dir,
+    configFile,
+    proc,
+    dnsPort: addr.dns.port,
+    httpPort: addr.http.port,
+    adminPort,
+    token,
+    logs,
+    admin,
+    async appState(app) {
+      const { body } = await admin('GET', `/v1/apps/${app}`);
+      return (body as { state: string }).state;
+    },
+    async stop() {
+      if (!exited) proc.kill('SIGTERM');
+      return exit;
+    },
+  };
+}
