@@ -17,7 +17,8 @@ deps:
 
 bench: build
 	bash scripts/install.sh --bench
-	node dist/bench/run.js
+	node dist/bench/http.js --runs 3
+	node dist/bench/dns.js
 
 clean:
 	rm -rf dist
