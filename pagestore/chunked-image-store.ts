@@ -286,6 +286,9 @@ async function walkImageDir(dir: string): Promise<SourceFile[]> {
     for (const e of entries) {
       const a = path.join(abs, e.name);
       const r = rel === '' ? e.name : `${rel}/${e.name}`;
+      if (!safeFilePath(r)) {
+        throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', `image directory ${dir}: cannot store a file named ${JSON.stringify(r)}`);
+      }
       if (e.isDirectory()) await visit(a, r);
       else if (e.isFile()) {
         const st = await lstat(a);

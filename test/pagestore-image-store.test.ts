@@ -607,6 +607,7 @@ for (const backend of backends) {
       const withLink = imageDir({ 'a.img': Buffer.from('x') });
       execFileSync('ln', ['-s', 'a.img', path.join(withLink, 'link.img')]);
       await rejectsWith(b.images.put('app', withLink), 'PICO_ERR_CHECKPOINT_FAILED', /link\.img is not a regular file/);
+      await rejectsWith(b.images.put('app', imageDir({ 'sub/.pico-partial-x': Buffer.from('x') })), 'PICO_ERR_CHECKPOINT_FAILED', /cannot store a file named/);
       assert.equal(await b.images.latest('app'), undefined);
       assert.deepEqual(await b.images.apps(), []);
       // An empty image directory is a valid (empty) image.
