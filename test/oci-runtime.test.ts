@@ -116,6 +116,13 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     assert.ok(!existsSync(path.join(NETNS_DIR, id)), `netns ${id} is still there`);
   }
 
+  /** Stored: runc knows no such container; its netns is kept (CRIU-locked) for the wake. */
+  async function assertStored(app: string): Promise<void> {
+    const id = containerIdFor(prefix, app);
+    assert.equal(await inspect.state(id), null, `runc still has ${id}`);
+    assert.ok(existsSync(path.join(NETNS_DIR, id)), `netns ${id} is not kept while the app is stored`);
+  }
+
   it('an HTTP counter app keeps its count across three checkpoint/restore cycles', async (t) => {
     const s = spec('counter', 'counter.mjs', [8080]);
     let c = await runtime.start(s);
@@ -135,7 +142,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
       assert.equal(result.generation, cycle);
       assert.ok(result.imageBytes > 32 * 1024 * 1024, `image of ${result.imageBytes} bytes holds the app's 32 MiB`);
       await c.exited; // settles on a swap-out
-      await assertGone('counter');
+      await assertStored('counter');
       assert.equal((await store.latest('counter'))?.generation, cycle);
 
       const t1 = performance.now();
@@ -172,7 +179,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     assert.deepEqual(await kv(ep, ...sets), sets.map(() => 'OK'));
     const [boot] = await kv(ep, 'BOOT');
     await runtime.checkpoint(c);
-    await assertGone('kv');
+    await assertStored('kv');
     c = await runtime.restore(s);
     assert.deepEqual(await kv(ep, 'BOOT', 'GET key0', 'GET key199', 'GET nothing', 'VERIFY'), [boot, 'value 0', `value ${199 * 199}`, 'NIL', 'PASS']);
     assert.deepEqual(await kv(ep, 'SET after restore', 'GET after', 'VERIFY'), ['OK', 'restore', 'PASS']);
@@ -193,7 +200,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     assert.deepEqual(before.ipc.map((x) => x.count), [3, 1]);
 
     await runtime.checkpoint(c);
-    await assertGone('family');
+    await assertStored('family');
     c = await runtime.restore(s);
 
     const after = JSON.parse((await request(p0, 'GET', '/family')).body) as Family;
@@ -312,7 +319,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
       return true;
     });
     assert.equal(runtime.containers().some((x) => x.app === 'fragile'), false);
-    await assertGone('fragile');
+    await assertStored('fragile'); // still stored: nothing runs, its netns waits for a good image
     assert.equal(existsSync(path.join(runtime.stateDir, 'apps', 'fragile', 'restore')), false);
 
     await assert.rejects(runtime.restore(spec('never-stored', 'counter.mjs', [8080])), (err: unknown) => {
@@ -357,7 +364,8 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     const storeDir = path.join(work, 'store-restart');
     const s = spec('kv-restart', 'kv.mjs', [6379]);
     const id = containerIdFor(prefix, 'kv-restart');
-    const { log: _log, imageStore: _store, ...runtimeOpts } = options(stateDir, 50);
+    // This worker removes an app's netns at the swap-out (the default keeps it).
+    const { log: _log, imageStore: _store, ...runtimeOpts } = options(stateDir, 50, { keepNetworkWhileStored: false });
     const cfg = { runtime: runtimeOpts, storeDir, spec: s };
     const restartedStore = new DirImageStore(storeDir);
     const restartInspect = new Runc({ criu: host!.criu!.path, root: path.join(stateDir, 'runc'), logDir: path.join(work, 'inspect-logs') });
@@ -368,6 +376,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     assert.deepEqual(await kv(ep, 'SET a 1'), ['OK']);
     const [boot] = await kv(ep, 'BOOT');
     assert.equal((await w1.cmd('checkpoint')).generation, 1);
+    await assertGone('kv-restart', restartInspect);
     await w1.cmd('restore');
     assert.deepEqual(await kv(ep, 'SET b 2'), ['OK']);
     await w1.kill();

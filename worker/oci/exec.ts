@@ -23,6 +23,8 @@ export interface RunOptions {
    * container would hold them open and the command would never seem to finish.
    */
   stdio?: 'pipe' | 'ignore';
+  /** written to the command's stdin, which is then closed (with stdio 'pipe'); default: no stdin */
+  input?: string;
 }
 
 const MAX_CAPTURE = 256 * 1024; // per stream, in characters: keeps the tail
@@ -30,7 +32,7 @@ const MAX_CAPTURE = 256 * 1024; // per stream, in characters: keeps the tail
 /** Runs a command to completion. Never throws: failures are in the result. */
 export function run(cmd: string, args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
   const started = performance.now();
-  const stdio: StdioOptions = options.stdio === 'ignore' ? 'ignore' : ['ignore', 'pipe', 'pipe'];
+  const stdio: StdioOptions = options.stdio === 'ignore' ? 'ignore' : [options.input !== undefined ? 'pipe' : 'ignore', 'pipe', 'pipe'];
   return new Promise((resolve) => {
     let stdout = '';
     let stderr = '';
@@ -40,6 +42,10 @@ export function run(cmd: string, args: readonly string[], options: RunOptions = 
       error = new Error(`${path.basename(cmd)} ${args[0] ?? ''} timed out after ${options.timeoutMs ?? 60_000} ms`);
       child.kill('SIGKILL');
     }, options.timeoutMs ?? 60_000);
+    if (options.input !== undefined && child.stdin) {
+      child.stdin.on('error', () => {}); // a command that exits without reading: its result says why
+      child.stdin.end(options.input);
+    }
     child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout = (stdout + d).slice(-MAX_CAPTURE)));
     child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-MAX_CAPTURE)));
     child.once('error', (err) => {

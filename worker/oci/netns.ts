@@ -55,22 +55,35 @@ export function networkFor(name: string, slot: number): AppNetwork {
  */
 export async function createNetwork(net: AppNetwork): Promise<void> {
   await destroyNetwork(net);
-  const steps: string[][] = [
-    ['netns', 'add', net.name],
-    ['link', 'add', net.hostInterface, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', net.name],
-    ['addr', 'add', `${net.hostAddress}/${net.prefixLength}`, 'dev', net.hostInterface],
-    ['link', 'set', net.hostInterface, 'up'],
-    ['-n', net.name, 'addr', 'add', `${net.containerAddress}/${net.prefixLength}`, 'dev', 'eth0'],
-    ['-n', net.name, 'link', 'set', 'eth0', 'up'],
-    ['-n', net.name, 'link', 'set', 'lo', 'up'],
+  // Two `ip -batch` runs instead of one `ip` per step: each spawn costs 5-15 ms on a busy host,
+  // and this is on the wake path.
+  const batches: { args: string[]; lines: string[] }[] = [
+    {
+      args: [],
+      lines: [
+        `netns add ${net.name}`,
+        `link add ${net.hostInterface} type veth peer name eth0 netns ${net.name}`,
+        `addr add ${net.hostAddress}/${net.prefixLength} dev ${net.hostInterface}`,
+        `link set ${net.hostInterface} up`,
+      ],
+    },
+    {
+      args: ['-n', net.name],
+      lines: [`addr add ${net.containerAddress}/${net.prefixLength} dev eth0`, 'link set eth0 up', 'link set lo up'],
+    },
   ];
-  for (const args of steps) {
-    const r = await ip(args, { timeoutMs: 10_000 });
+  for (const b of batches) {
+    const r = await ip([...b.args, '-batch', '-'], { timeoutMs: 10_000, input: `${b.lines.join('\n')}\n` });
     if (!succeeded(r)) {
       await destroyNetwork(net);
-      throw new Error(`network ${net.name}: \`ip ${args.join(' ')}\` failed: ${failureReason(r)}`);
+      throw new Error(`network ${net.name}: \`ip ${b.args.join(' ')} -batch\` (${b.lines.join('; ')}) failed: ${failureReason(r)}`);
     }
   }
+}
+
+/** True when the namespace and the host end of its veth pair exist (no process is spawned). */
+export function networkExists(net: AppNetwork): boolean {
+  return existsSync(net.path) && existsSync(`/sys/class/net/${net.hostInterface}`);
 }
 
 /** Removes the namespace and the veth pair. Idempotent. */
@@ -99,7 +112,7 @@ export async function routesToContainer(net: AppNetwork): Promise<boolean> {
   }
 }
 
-function ip(args: string[], options: { timeoutMs: number }) {
+function ip(args: string[], options: { timeoutMs: number; input?: string }) {
   return run(which('ip') ?? 'ip', args, options);
 }
 

@@ -137,6 +137,14 @@ export class Runc {
     await this.exec('start', id, ['start', id]);
   }
 
+  /**
+   * Whether runc has state for `id` under its root, without running runc (a directory check): the
+   * cheap test before `state` on the wake path.
+   */
+  has(id: string): boolean {
+    return existsSync(path.join(this.opts.root, id));
+  }
+
   /** The container's state, or null when runc knows no container by that id. */
   async state(id: string): Promise<ContainerState | null> {
     const r = await this.raw(['state', id]);
