@@ -52,6 +52,8 @@ export const DEFAULT_CHUNK_SIZE = 1 << 20;
 export const DEFAULT_CONCURRENCY = 8;
 /** in ms */
 export const DEFAULT_GC_GRACE_MS = 60 * 60 * 1000;
+/** in ms */
+export const DEFAULT_COLLECT_EVERY_MS = 10 * 60 * 1000;
 
 export interface ChunkedImageStoreOptions {
   store: ObjectStore;
@@ -61,6 +63,12 @@ export interface ChunkedImageStoreOptions {
   concurrency?: number;
   /** Chunks written less than this long ago (ms) are never collected; 0 relies on in-process tracking alone. Default 1 h. */
   gcGraceMs?: number;
+  /**
+   * prune(app) collects chunks only if the last collection of this instance started at least
+   * this long ago (ms); a collection reads every manifest of every app. 0: on every prune.
+   * Default 10 min.
+   */
+  collectEveryMs?: number;
   log?: Logger;
   /** Clock for the grace period (ms since the epoch). Default Date.now. */
   now?: () => number;
@@ -332,6 +340,10 @@ export class ChunkedImageStore implements ImageStore {
   readonly chunkSize: number;
   readonly concurrency: number;
   readonly gcGraceMs: number;
+  readonly collectEveryMs: number;
+  /** when the last collection started (ms, this.now()); -Infinity before the first */
+  private lastCollection = -Infinity;
+  private collecting: Promise<{ deletedChunks: number; freedBytes: number }> | undefined;
   private readonly log: Logger;
   private readonly now: () => number;
   private readonly registry: ChunkRegistry;
@@ -343,6 +355,7 @@ export class ChunkedImageStore implements ImageStore {
     this.chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
     this.concurrency = options.concurrency ?? DEFAULT_CONCURRENCY;
     this.gcGraceMs = options.gcGraceMs ?? DEFAULT_GC_GRACE_MS;
+    this.collectEveryMs = options.collectEveryMs ?? DEFAULT_COLLECT_EVERY_MS;
     this.log = options.log ?? silentLogger();
     this.now = options.now ?? Date.now;
     this.registry = registryFor(this.store);
@@ -743,7 +756,8 @@ export class ChunkedImageStore implements ImageStore {
   /**
    * Deletes generations of `app` older than its newest verified one (its manifest verifies and
    * every chunk it names is stored with the right size), then collects chunks no manifest
-   * references (unless `collect: false`).
+   * references: always with `collect: true`, never with `collect: false`, and by default when
+   * no collection ran in the last `collectEveryMs`.
    */
   async prune(app: string, options: { collect?: boolean } = {}): Promise<PruneStats> {
     checkApp(app);
@@ -764,7 +778,8 @@ export class ChunkedImageStore implements ImageStore {
       }
       return newest.generation;
     });
-    if (options.collect ?? true) {
+    const collect = options.collect ?? (this.collecting === undefined && this.now() - this.lastCollection >= this.collectEveryMs);
+    if (collect) {
       const c = await this.collectChunks();
       stats.deletedChunks = c.deletedChunks;
       stats.freedBytes = c.freedBytes;
@@ -790,8 +805,23 @@ export class ChunkedImageStore implements ImageStore {
     return ok;
   }
 
-  /** Deletes chunks that no manifest of any app references (see the invariant at the top). */
+  /**
+   * Deletes chunks that no manifest of any app references (see the invariant at the top). One
+   * collection at a time per instance: a call while one runs waits for it, then runs its own.
+   */
   async collectChunks(): Promise<{ deletedChunks: number; freedBytes: number }> {
+    while (this.collecting) await this.collecting.catch(() => {});
+    this.lastCollection = this.now();
+    const run = this.collectNow();
+    this.collecting = run;
+    try {
+      return await run;
+    } finally {
+      this.collecting = undefined;
+    }
+  }
+
+  private async collectNow(): Promise<{ deletedChunks: number; freedBytes: number }> {
     const touched = this.registry.begin();
     let deletedChunks = 0;
     let freedBytes = 0;

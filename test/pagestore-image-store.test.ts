@@ -181,7 +181,7 @@ for (const backend of backends) {
   describe(`ChunkedImageStore on the ${backend.name} store`, () => {
     const open = (opts: Partial<ChunkedImageStoreOptions> = {}) => {
       const b = backend.make();
-      const images = new ChunkedImageStore({ store: b.store, chunkSize: CHUNK, gcGraceMs: 0, ...opts });
+      const images = new ChunkedImageStore({ store: b.store, chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0, ...opts });
       return { ...b, images };
     };
 
@@ -452,6 +452,26 @@ for (const backend of backends) {
       assert.deepEqual(await b.images.prune('app'), { deletedGenerations: [], deletedChunks: 0, freedBytes: 0 });
     });
 
+    it('prune collects at most once per collectEveryMs unless asked to', async () => {
+      let now = 1_000_000;
+      const b = open({ collectEveryMs: 60_000, now: () => now });
+      await b.images.put('app', imageDir({ 'a.img': randomBytes(2 * CHUNK) }));
+      await b.images.put('app', imageDir({ 'a.img': randomBytes(2 * CHUNK) }));
+      const lists: string[] = [];
+      b.store.hook = (op, key) => void (op === 'list' && lists.push(key));
+      assert.equal((await b.images.prune('app')).deletedChunks, 2);
+      assert.ok(lists.includes('chunks/'));
+      await b.images.put('app', imageDir({ 'a.img': randomBytes(2 * CHUNK) }));
+      lists.length = 0;
+      const second = await b.images.prune('app');
+      assert.deepEqual([second.deletedGenerations, second.deletedChunks], [[2], 0]);
+      assert.ok(!lists.includes('chunks/'), 'collected again within collectEveryMs');
+      assert.equal((await b.images.prune('app', { collect: true })).deletedChunks, 2);
+      now += 60_000;
+      await b.images.put('app', imageDir({ 'a.img': randomBytes(2 * CHUNK) }));
+      assert.equal((await b.images.prune('app')).deletedChunks, 2);
+    });
+
     it('prune leaves orphaned chunks younger than the grace period', async () => {
       const b = open({ gcGraceMs: 60_000 });
       const v1 = imageDir({ 'a.img': randomBytes(2 * CHUNK) });
@@ -464,7 +484,7 @@ for (const backend of backends) {
       assert.equal(stats.deletedChunks, 0);
       assert.equal((await b.keys()).length, before.length - 1);
       // Later, past the grace period, they go.
-      const later = new ChunkedImageStore({ store: b.store, chunkSize: CHUNK, gcGraceMs: 60_000, now: () => Date.now() + 120_000 });
+      const later = new ChunkedImageStore({ store: b.store, chunkSize: CHUNK, gcGraceMs: 60_000, collectEveryMs: 0, now: () => Date.now() + 120_000 });
       assert.equal((await later.prune('app')).deletedChunks, 2);
     });
 
@@ -642,7 +662,7 @@ describe('ChunkedImageStore on a real unwritable or full directory', () => {
   it('a store path under a regular file (ENOTDIR): put rejects PICO_ERR_STORE naming path and errno', async () => {
     const file = fresh('file');
     writeFileSync(file, 'not a directory');
-    const images = new ChunkedImageStore({ store: new FsObjectStore({ root: path.join(file, 'store') }), chunkSize: CHUNK, gcGraceMs: 0 });
+    const images = new ChunkedImageStore({ store: new FsObjectStore({ root: path.join(file, 'store') }), chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0 });
     const err = await rejectsWith(images.put('app', imageDir({ 'a.img': randomBytes(100) })), 'PICO_ERR_STORE', /ENOTDIR/, new RegExp(file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
     assert.ok(err.message.length > 0);
     assert.equal(await images.latest('app'), undefined);
@@ -661,7 +681,7 @@ describe('ChunkedImageStore on a real unwritable or full directory', () => {
       t.skip('root without mount permission: no way to make a directory unwritable');
       return;
     }
-    const images = new ChunkedImageStore({ store: new FsObjectStore({ root }), chunkSize: CHUNK, gcGraceMs: 0 });
+    const images = new ChunkedImageStore({ store: new FsObjectStore({ root }), chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0 });
     const v1 = imageDir({ 'a.img': randomBytes(2 * CHUNK) });
     await images.put('app', v1);
     makeReadOnly();
@@ -684,7 +704,7 @@ describe('ChunkedImageStore on a real unwritable or full directory', () => {
     }
     const root = path.join(mnt, 'full');
     const fs = new FsObjectStore({ root });
-    const images = new ChunkedImageStore({ store: fs, chunkSize: CHUNK, gcGraceMs: 0 });
+    const images = new ChunkedImageStore({ store: fs, chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0 });
     await rejectsWith(images.put('app', imageDir({ 'a.img': randomBytes(6 * MiB) })), 'PICO_ERR_STORE', /ENOSPC/);
     assert.equal(await images.latest('app'), undefined);
     const leftovers = execFileSync('find', [root, '-name', '.pico-tmp-*']).toString();
