@@ -18,6 +18,8 @@ import { NETNS_DIR } from '../worker/oci/netns.js';
 import { Runc } from '../worker/oci/runc.js';
 import { OciRuntime, type OciRuntimeOptions } from '../worker/oci-runtime.js';
 import type { Container } from '../worker/runtime.js';
+import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
+import { FsObjectStore } from '../pagestore/fs-store.js';
 import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
@@ -413,6 +415,41 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     assert.deepEqual(await kv(ep, 'BOOT', 'GET a', 'GET c', 'VERIFY'), [boot, '1', '3', 'PASS']);
     await r4.stop(c);
     await assertGone('kv-restart', restartInspect);
+  });
+
+  it('with the real page store (chunked, fs): swap cycles, a flipped byte in a chunk is refused', async () => {
+    const storeRoot = path.join(work, 'pagestore');
+    const chunked = new ChunkedImageStore({ store: new FsObjectStore({ root: storeRoot }), log });
+    const r = new OciRuntime(options(path.join(work, 'state-chunked'), 100, { imageStore: chunked }));
+    runtimes.push(r);
+    const s = spec('paged', 'counter.mjs', [8080]);
+    let c = await r.start(s);
+    const ep = c.endpoints[8080]!;
+    await inc(ep);
+    const boot = await state(ep);
+    const first = await r.checkpoint(c);
+    c = await r.restore(s);
+    assert.equal((await inc(ep)).count, 2);
+    const second = await r.checkpoint(c);
+    assert.equal(second.generation, first.generation + 1);
+    assert.ok(second.uploadedBytes <= second.imageBytes);
+    c = await r.restore(s);
+    assert.deepEqual([(await state(ep)).bootId, (await state(ep)).count], [boot.bootId, 2]);
+    assert.equal(await verify(ep), '200 PASS');
+    await r.checkpoint(c);
+
+    // Flip a byte in one chunk of the biggest pages file of the newest generation.
+    const manifest = (await chunked.latest('paged'))!;
+    const pages = manifest.files.filter((f) => /^pages-\d+\.img$/.test(f.path)).sort((x, y) => y.size - x.size)[0]!;
+    const chunk = pages.chunks[Math.floor(pages.chunks.length / 2)]!;
+    flipByte(path.join(storeRoot, 'chunks', chunk.slice(0, 2), chunk), 100);
+    await assert.rejects(r.restore(s), (err: unknown) => {
+      assert.ok(isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'), String(err));
+      assert.match(err.message, /^app paged: generation \d+ cannot be restored: /);
+      return true;
+    });
+    assert.equal(r.containers().length, 0);
+    assert.equal(await new Runc({ criu: host!.criu!.path, root: path.join(work, 'state-chunked', 'runc'), logDir: path.join(work, 'inspect-logs') }).state(containerIdFor(prefix, 'paged')), null);
   });
 
   it('create() refuses a host that cannot run the runtime, with the report\'s words', async () => {
