@@ -43,7 +43,7 @@ import { lstat, mkdir, open, readdir, rename, rmdir, unlink, type FileHandle } f
 import path from 'node:path';
 import { isPicoError, PicoError, type ErrorCode } from '../shared/errors.js';
 import { silentLogger, type Logger } from '../shared/log.js';
-import { Bounded, mapBounded } from './bounded.js';
+import { Bounded, BufferPool, mapBounded } from './bounded.js';
 import { IMAGE_FORMAT_VERSION, type ImageFile, type ImageManifest, type ImageStore, type PruneStats, type PutStats } from './image-store.js';
 import { isNotFound, ObjectExistsError, type ObjectStore } from './object-store.js';
 
@@ -343,6 +343,7 @@ export class ChunkedImageStore implements ImageStore {
   readonly collectEveryMs: number;
   /** when the last collection started (ms, this.now()); -Infinity before the first */
   private lastCollection = -Infinity;
+  private readonly pools = new Map<number, BufferPool>();
   private collecting: Promise<{ deletedChunks: number; freedBytes: number }> | undefined;
   private readonly log: Logger;
   private readonly now: () => number;
@@ -364,6 +365,13 @@ export class ChunkedImageStore implements ImageStore {
     }
     if (!Number.isInteger(this.concurrency) || this.concurrency < 1) throw new RangeError(`concurrency must be a positive integer, got ${this.concurrency}`);
     if (!(this.gcGraceMs >= 0)) throw new RangeError(`gcGraceMs must be >= 0, got ${this.gcGraceMs}`);
+  }
+
+  /** The pool of chunk buffers of `size` bytes (one per chunk size in use; idle ones are kept). */
+  private buffers(size: number): BufferPool {
+    let p = this.pools.get(size);
+    if (!p) this.pools.set(size, (p = new BufferPool(size, this.concurrency + 1)));
+    return p;
   }
 
   // ---- put ---------------------------------------------------------------------------------
@@ -397,19 +405,24 @@ export class ChunkedImageStore implements ImageStore {
       const files: ImageFile[] = [];
       const pool = new Bounded(this.concurrency);
       try {
-        for (const src of sources) files.push(await this.putFile(src, pool, held, stats));
+        const buffers = this.buffers(this.chunkSize);
+        for (const src of sources) files.push(await this.putFile(src, pool, buffers, held, stats));
         await pool.drain();
       } finally {
         await pool.settle();
       }
 
       // Step 3: read every chunk back before anything references it; repair what does not verify.
+      const buffers = this.buffers(this.chunkSize);
       await mapBounded(held, this.concurrency, async ([hash, at]) => {
+        const into = buffers.take();
         try {
-          await this.getChunk(hash, at.length);
+          await this.getChunk(hash, at.length, into);
         } catch (err) {
           if (!isNotFound(err) && !isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT')) throw err;
           await this.repairChunk(app, hash, at, stats, err);
+        } finally {
+          buffers.give(into);
         }
       });
 
@@ -456,7 +469,7 @@ export class ChunkedImageStore implements ImageStore {
   }
 
   /** Steps 1 and 2 for one file: read it chunk by chunk, hash each, hand uploads to `pool`. */
-  private async putFile(src: SourceFile, pool: Bounded, held: Map<string, ChunkSource>, stats: ChunkedPutStats): Promise<ImageFile> {
+  private async putFile(src: SourceFile, pool: Bounded, buffers: BufferPool, held: Map<string, ChunkSource>, stats: ChunkedPutStats): Promise<ImageFile> {
     const chunks: string[] = [];
     let size = 0;
     let fh: FileHandle;
@@ -467,21 +480,22 @@ export class ChunkedImageStore implements ImageStore {
     }
     try {
       for (let index = 0; ; index++) {
-        // Wait for a slot before reading: at most `concurrency` chunk buffers exist at once.
+        // Wait for a slot before reading: at most `concurrency` chunk buffers are in use at once.
         await pool.acquire();
-        let buf = Buffer.allocUnsafe(this.chunkSize);
+        const full = buffers.take();
         let n: number;
         try {
-          n = await readFully(fh, buf, size);
+          n = await readFully(fh, full, size);
         } catch (err) {
           pool.spawn(async () => {});
           throw withContext(err, `cannot read ${src.abs}`, 'PICO_ERR_CHECKPOINT_FAILED');
         }
         if (n === 0) {
+          buffers.give(full);
           pool.spawn(async () => {}); // give the slot back
           break;
         }
-        if (n < buf.length) buf = buf.subarray(0, n);
+        const buf = n < full.length ? full.subarray(0, n) : full;
         const offset = size;
         size += n;
         const hash = sha256(buf);
@@ -489,19 +503,23 @@ export class ChunkedImageStore implements ImageStore {
         stats.chunks++;
         stats.totalBytes += n;
         if (held.has(hash)) {
+          buffers.give(full);
           pool.spawn(async () => {}); // this put already stores these bytes
         } else {
           held.set(hash, { file: src, index, offset, length: n });
-          const body = buf;
           pool.spawn(async () => {
-            await this.registry.hold(hash);
-            const key = chunkKey(hash);
-            const info = await this.store.head(key);
-            // A stored chunk of the wrong size cannot be this content: write it again.
-            if (info && info.size === body.length) return;
-            await this.store.put(key, body);
-            stats.uploadedBytes += body.length;
-            stats.uploadedChunks++;
+            try {
+              await this.registry.hold(hash);
+              const key = chunkKey(hash);
+              const info = await this.store.head(key);
+              // A stored chunk of the wrong size cannot be this content: write it again.
+              if (info && info.size === buf.length) return;
+              await this.store.put(key, buf);
+              stats.uploadedBytes += buf.length;
+              stats.uploadedChunks++;
+            } finally {
+              buffers.give(full);
+            }
           });
         }
         if (n < this.chunkSize) break;
@@ -546,10 +564,13 @@ export class ChunkedImageStore implements ImageStore {
 
   // ---- read ----------------------------------------------------------------------------------
 
-  /** Fetches one chunk and checks its sha256 (and length, when known). */
-  async getChunk(hash: string, length?: number): Promise<Buffer> {
+  /**
+   * Fetches one chunk and checks its sha256 (and length, when known). With `into`, the chunk may
+   * be read into it (the result is then a view of `into`).
+   */
+  async getChunk(hash: string, length?: number, into?: Buffer): Promise<Buffer> {
     if (!HASH.test(hash)) throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `not a chunk hash: ${JSON.stringify(hash)}`);
-    const buf = await this.store.get(chunkKey(hash));
+    const buf = await this.store.get(chunkKey(hash), into);
     const got = sha256(buf);
     if (got !== hash || (length !== undefined && buf.length !== length)) {
       throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `chunk ${hash} failed its checksum (got sha256 ${got}, ${buf.length} bytes)`);
@@ -558,10 +579,10 @@ export class ChunkedImageStore implements ImageStore {
   }
 
   /** getChunk with the image, file and chunk index in any error. */
-  private async fetchChunk(manifest: ImageManifest, file: string, index: number, hash: string, length: number): Promise<Buffer> {
+  private async fetchChunk(manifest: ImageManifest, file: string, index: number, hash: string, length: number, into?: Buffer): Promise<Buffer> {
     const where = `image of app "${manifest.app}" generation ${manifest.generation}, file ${file}, chunk ${index} (${hash})`;
     try {
-      return await this.getChunk(hash, length);
+      return await this.getChunk(hash, length, into);
     } catch (err) {
       if (isNotFound(err)) throw new PicoError('PICO_ERR_IMAGE_MISSING', `${where}: missing from ${this.store.location}`, { cause: err });
       if (isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT')) throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `${where}: failed its checksum`, { cause: err });
@@ -676,6 +697,7 @@ export class ChunkedImageStore implements ImageStore {
     }
     const targets: Target[] = [];
     const pool = new Bounded(this.concurrency);
+    const buffers = this.buffers(m.chunkSize);
 
     const mkdirs = async (d: string): Promise<void> => {
       const first = await mkdir(d, { recursive: true });
@@ -718,12 +740,17 @@ export class ChunkedImageStore implements ImageStore {
             const hash = t.file.chunks[i]!;
             const index = i;
             pool.spawn(async () => {
-              const buf = await this.fetchChunk(m, t.file.path, index, hash, chunkLength(t.file, index, m.chunkSize));
-              if (!t.handle) {
-                temps.push(t.tmp);
-                t.handle = open(t.tmp, 'wx', 0o600);
+              const into = buffers.take();
+              try {
+                const buf = await this.fetchChunk(m, t.file.path, index, hash, chunkLength(t.file, index, m.chunkSize), into);
+                if (!t.handle) {
+                  temps.push(t.tmp);
+                  t.handle = open(t.tmp, 'wx', 0o600);
+                }
+                await writeFully(await t.handle, buf, index * m.chunkSize);
+              } finally {
+                buffers.give(into);
               }
-              await writeFully(await t.handle, buf, index * m.chunkSize);
               if (--t.remaining === 0) await finish(t);
             });
           }

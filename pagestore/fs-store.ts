@@ -15,7 +15,7 @@
  * (EACCES, ENOSPC, EROFS, ENOTDIR...); an absent object is ObjectNotFoundError.
  */
 import { randomBytes } from 'node:crypto';
-import { link, mkdir, open, readdir, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { link, mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import {
   checkKey,
@@ -111,13 +111,26 @@ export class FsObjectStore implements ObjectStore {
     }
   }
 
-  async get(key: string): Promise<Buffer> {
+  async get(key: string, into?: Buffer): Promise<Buffer> {
     const file = this.pathOf(key, 'get');
+    let fh: FileHandle | undefined;
     try {
-      return await readFile(file);
+      fh = await open(file, 'r');
+      const st = await fh.stat();
+      if (!st.isFile()) throw Object.assign(new Error(`EISDIR: not a file, open '${file}'`), { code: 'EISDIR' });
+      const buf = into && into.length >= st.size ? into.subarray(0, st.size) : Buffer.allocUnsafe(st.size);
+      let got = 0;
+      while (got < buf.length) {
+        const { bytesRead } = await fh.read(buf, got, buf.length - got, got);
+        if (bytesRead === 0) break;
+        got += bytesRead;
+      }
+      return got === buf.length ? buf : buf.subarray(0, got);
     } catch (err) {
       if (ABSENT.has(errnoOf(err) ?? '')) throw new ObjectNotFoundError(key, this.location, { cause: err });
       throw this.fail('get', key, file, err);
+    } finally {
+      await fh?.close().catch(() => {});
     }
   }
 

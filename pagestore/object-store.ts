@@ -36,8 +36,13 @@ export interface PutOptions {
 }
 
 export interface ObjectStore {
+  /** The store is done with `body` once the returned promise resolves; the caller may reuse it. */
   put(key: string, body: Buffer, options?: PutOptions): Promise<void>;
-  get(key: string): Promise<Buffer>;
+  /**
+   * The object's bytes. With `into` large enough, a backend may read them into it and return a
+   * view of it (callers that reuse buffers avoid fresh allocations); it may also ignore `into`.
+   */
+  get(key: string, into?: Buffer): Promise<Buffer>;
   head(key: string): Promise<ObjectInfo | undefined>;
   list(prefix: string): AsyncIterable<string>;
   delete(key: string): Promise<void>;

@@ -43,9 +43,9 @@ class HookedStore implements ObjectStore {
     await this.hook?.('put', key);
     return this.inner.put(key, body, options);
   }
-  async get(key: string): Promise<Buffer> {
+  async get(key: string, into?: Buffer): Promise<Buffer> {
     await this.hook?.('get', key);
-    return this.inner.get(key);
+    return this.inner.get(key, into);
   }
   async head(key: string): Promise<ObjectInfo | undefined> {
     await this.hook?.('head', key);

@@ -50,6 +50,24 @@ for (const { name, make } of backends) {
       assert.deepEqual((await collect(s.list('chunks/'))).sort(), ['chunks/ab/abce']);
     });
 
+    it('get may read into a buffer the caller passes', async () => {
+      const s = make();
+      const body = randomBytes(5000);
+      await s.put('k', body);
+      const into = Buffer.alloc(8192);
+      const got = await s.get('k', into);
+      assert.ok(got.equals(body));
+      if (got.buffer === into.buffer) assert.equal(got.byteOffset, into.byteOffset);
+      const small = Buffer.alloc(100);
+      assert.ok((await s.get('k', small)).equals(body), 'too small a buffer is not used');
+      assert.ok(small.equals(Buffer.alloc(100)));
+      // Reusing the buffer after put resolved does not change the stored object.
+      const reused = Buffer.from(body);
+      await s.put('r', reused);
+      reused.fill(0);
+      assert.ok((await s.get('r')).equals(body));
+    });
+
     it('lists by plain string prefix, like S3', async () => {
       const s = make();
       for (const k of ['apps/a/1.json', 'apps/ab/1.json', 'apps/b/1.json', 'apps-x']) await s.put(k, Buffer.from(k));
