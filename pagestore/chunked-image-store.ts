@@ -210,8 +210,9 @@ function withContext(err: unknown, what: string, fallback: ErrorCode = 'PICO_ERR
 }
 
 /*
- * Chunks that puts of this process are using, and the collections in progress, per ObjectStore
- * (every ChunkedImageStore on one ObjectStore object shares it). See the invariant at the top.
+ * Chunks that puts of this process are using, and the collections in progress, per store
+ * location (every ChunkedImageStore of this process on one store shares it). See the invariant
+ * at the top.
  */
 class ChunkRegistry {
   private readonly pending = new Map<string, number>();
@@ -261,11 +262,12 @@ class ChunkRegistry {
   }
 }
 
-const registries = new WeakMap<ObjectStore, ChunkRegistry>();
+/** By `location`: two ObjectStore objects on one directory or bucket share the registry. */
+const registries = new Map<string, ChunkRegistry>();
 
 function registryFor(store: ObjectStore): ChunkRegistry {
-  let r = registries.get(store);
-  if (!r) registries.set(store, (r = new ChunkRegistry()));
+  let r = registries.get(store.location);
+  if (!r) registries.set(store.location, (r = new ChunkRegistry()));
   return r;
 }
 

@@ -32,8 +32,11 @@ interface Entry {
   lastModified: number;
 }
 
+let instances = 0;
+
 export class MemoryObjectStore implements ObjectStore {
-  readonly location = 'memory:';
+  /** `memory:<n>`, distinct per instance */
+  readonly location = `memory:${++instances}`;
   /** Every put and delete rejects with EROFS while set. */
   readOnly = false;
   /** Runs before every operation (after the key is checked); may await or throw. */
