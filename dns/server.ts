@@ -238,9 +238,12 @@ export class DnsServer {
 
   private wake(app: string): void {
     try {
-      this.opts.waker.onLookup(app);
+      // TypeScript lets an async function stand in for a void one: catch its rejection too,
+      // or it would be an unhandled rejection, which ends the process.
+      const ret: unknown = this.opts.waker.onLookup(app);
+      if (ret instanceof Promise) ret.catch((err: unknown) => this.log.warn({ app, err: describeError(err) }, 'dns waker failed'));
     } catch (err) {
-      this.log.warn({ app, err: describeError(err) }, 'dns waker threw');
+      this.log.warn({ app, err: describeError(err) }, 'dns waker failed');
     }
   }
 }

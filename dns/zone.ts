@@ -42,7 +42,8 @@ export interface ZoneData {
  * Contract: the DNS server calls onLookup synchronously, right after it has handed the answer
  * to the socket, once per lookup (a resolver that retries calls it again). It must return
  * quickly — deduplicate and start the wake asynchronously — because every query behind it
- * waits while it runs. A throw is logged and otherwise ignored.
+ * waits while it runs. A throw (or a returned promise's rejection) is logged and otherwise
+ * ignored.
  */
 export interface AppWaker {
   onLookup(app: string): void;

@@ -541,15 +541,20 @@ describe('dns server: lifecycle', () => {
     }
   });
 
-  it('answers even when the waker throws', async () => {
-    const h = await startServer(ZONE, { waker: { onLookup: () => { throw new Error('placement is broken'); } } });
-    const udp = new UdpClient(h.port);
-    try {
-      assert.equal(rcodeOf(await udp.ask(query('hello.apps.test', T.A))), 0);
-      assert.equal(rcodeOf(await udp.ask(query('hello.apps.test', T.A))), 0);
-    } finally {
-      udp.close();
-      await h.server.stop();
+  it('answers even when the waker throws or rejects', async () => {
+    for (const onLookup of [
+      () => { throw new Error('placement is broken'); },
+      async () => { throw new Error('placement is broken, asynchronously'); },
+    ]) {
+      const h = await startServer(ZONE, { waker: { onLookup } });
+      const udp = new UdpClient(h.port);
+      try {
+        assert.equal(rcodeOf(await udp.ask(query('hello.apps.test', T.A))), 0);
+        assert.equal(rcodeOf(await udp.ask(query('hello.apps.test', T.A))), 0);
+      } finally {
+        udp.close();
+        await h.server.stop();
+      }
     }
   });
 
