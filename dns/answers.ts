@@ -1,7 +1,7 @@
 import { isIP } from 'node:net';
 import { PicoError } from '../shared/errors.js';
 import { CLASS_IN, HEADER_SIZE, MAX_LABEL, RCODE, TYPE, type Query } from './wire.js';
-import { nameserverOf, normalizeName, zoneOf, type ZoneData } from './zone.js';
+import { isPlainIPv6, nameserverOf, normalizeName, zoneOf, type ZoneData } from './zone.js';
 
 /*
  * The zone compiled into ready-made answers. Every response this server sends is
@@ -73,6 +73,7 @@ function ipv6Bytes(addr: string): number[] {
   const all = rest === undefined ? h : [...h, ...new Array<number>(8 - h.length - r.length).fill(0), ...r];
   const bytes = all.flatMap((g) => [g >> 8, g & 0xff]);
   if (tail.length) bytes.splice(12, 4, ...tail);
+  if (bytes.length !== 16 || bytes.some((b) => !(b >= 0 && b <= 255))) fail(`cannot encode IPv6 address "${addr}"`);
   return bytes;
 }
 
@@ -179,7 +180,7 @@ function validate(zone: ZoneData): void {
   const nsNames = new Set(zone.zones.map(nameserverOf));
   const addrs = (what: string, a: readonly string[], aaaa: readonly string[]) => {
     for (const x of a) if (isIP(x) !== 4) fail(`${what}: "${x}" is not an IPv4 address`);
-    for (const x of aaaa) if (isIP(x) !== 6) fail(`${what}: "${x}" is not an IPv6 address`);
+    for (const x of aaaa) if (!isPlainIPv6(x)) fail(`${what}: "${x}" is not an IPv6 address (without a scope)`);
   };
   addrs('nameserver', zone.nameserver.a, zone.nameserver.aaaa);
   if (zone.nameserver.a.length + zone.nameserver.aaaa.length === 0) fail('the nameserver has no address');

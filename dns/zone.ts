@@ -105,9 +105,14 @@ export function nameserverOf(zone: string): string {
   return `ns.${zone}`;
 }
 
+/** An IPv6 address without a zone index (`fe80::1%eth0` passes isIP but means nothing in DNS). */
+export function isPlainIPv6(x: string): boolean {
+  return isIP(x) === 6 && !x.includes('%');
+}
+
 function byFamily(addresses: readonly string[], family: 4 | 6, what: string, problem: (m: string) => void): string[] {
   const ok = addresses.filter((x) => {
-    if (isIP(x) === family) return true;
+    if (family === 4 ? isIP(x) === 4 : isPlainIPv6(x)) return true;
     problem(`${what}: "${x}" is not an IPv${family} address; ignored`);
     return false;
   });
@@ -130,7 +135,7 @@ export function buildZone(input: ZoneInput): ZoneData {
   }
   if (zones.length === 0) throw new PicoError('PICO_ERR_CONFIG', 'no dns zones');
   const nsAddresses = typeof input.nameserverAddress === 'string' ? [input.nameserverAddress] : input.nameserverAddress;
-  const nsBad = nsAddresses.find((x) => isIP(x) === 0);
+  const nsBad = nsAddresses.find((x) => isIP(x) !== 4 && !isPlainIPv6(x));
   if (nsBad !== undefined) throw new PicoError('PICO_ERR_CONFIG', `dns nameserver address "${nsBad}" is not an IP address`);
   const nameserver = Object.freeze({
     a: Object.freeze([...new Set(nsAddresses.filter((x) => isIP(x) === 4))]),

@@ -167,6 +167,7 @@ describe('dns wire: buildZone', () => {
         { app: 'dup', names: ['ok.apps.test', 'dup.apps.test'], a: ['127.0.1.4', 'fd00::9'], aaaa: [] },
         { app: 'noaddr', names: ['noaddr.apps.test'], a: [], aaaa: [] },
         { app: 'badname', names: ['bad_name-.apps.test'], a: ['127.0.1.5'], aaaa: [] },
+        { app: 'scoped', names: ['scoped.apps.test'], a: [], aaaa: ['fe80::1%eth0'] },
       ],
     });
     assert.deepEqual([...zone.records.keys()].sort(), ['dup.apps.test', 'ok.apps.test']);
@@ -174,6 +175,7 @@ describe('dns wire: buildZone', () => {
     assert.deepEqual(zone.records.get('dup.apps.test')?.a, ['127.0.1.4']);
     assert.deepEqual(problems.map((p) => `${p.app} ${p.name}`).sort(), [
       'badname bad_name-.apps.test', 'dup ', 'dup ok.apps.test', 'noaddr noaddr.apps.test', 'nsname ns.apps.test', 'outside x.example.com',
+      'scoped ', 'scoped scoped.apps.test',
     ]);
   });
 
