@@ -26,6 +26,8 @@ export interface DnsServerOptions {
 /** Attempts at finding a port free for both UDP and TCP when asked for port 0. */
 const PORT_ATTEMPTS = 8;
 
+const UDP_ERROR_LOG_INTERVAL_MS = 10_000;
+
 type State = 'new' | 'starting' | 'running' | 'stopped';
 
 /**
@@ -46,6 +48,7 @@ export class DnsServer {
   private udp: dgram.Socket | undefined;
   private tcp: net.Server | undefined;
   private readonly conns = new Set<net.Socket>();
+  private readonly udpErrors = { loggedAt: -Infinity, suppressed: 0 };
   /** settles when the current start attempt has finished, either way */
   private starting: Promise<void> | undefined;
 
@@ -157,7 +160,7 @@ export class DnsServer {
       sock.once('error', reject);
       sock.bind({ address: host, port, exclusive: true }, () => {
         sock.off('error', reject);
-        sock.on('error', (err) => this.log.warn({ err: describeError(err) }, 'dns udp socket error'));
+        sock.on('error', (err) => this.udpError(err));
         sock.on('message', (msg, rinfo) => this.onUdp(sock, msg, rinfo));
         try {
           sock.setRecvBufferSize(4 << 20); // absorb bursts; capped by net.core.rmem_max
@@ -181,6 +184,22 @@ export class DnsServer {
         resolve(server.address() as AddressInfo);
       });
     });
+  }
+
+  /**
+   * Asynchronous send errors (ENOBUFS under a flood, EPERM from a firewall) arrive here, one
+   * per datagram: log the first, then at most one line per interval with how many were
+   * left out, so a flood cannot turn into a log flood.
+   */
+  private udpError(err: Error): void {
+    const now = Date.now();
+    if (now - this.udpErrors.loggedAt < UDP_ERROR_LOG_INTERVAL_MS) {
+      this.udpErrors.suppressed++;
+      return;
+    }
+    this.log.warn({ err: describeError(err), suppressed: this.udpErrors.suppressed }, 'dns udp socket error');
+    this.udpErrors.loggedAt = now;
+    this.udpErrors.suppressed = 0;
   }
 
   private onUdp(sock: dgram.Socket, msg: Buffer, rinfo: dgram.RemoteInfo): void {
