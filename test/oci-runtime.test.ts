@@ -11,7 +11,7 @@ import { after, before, describe, it } from 'node:test';
 import { isPicoError, PicoError } from '../shared/errors.js';
 import { createLogger, silentLogger } from '../shared/log.js';
 import type { AppSpec, Endpoint } from '../shared/protocol.js';
-import { containerIdFor } from '../worker/oci/app-records.js';
+import { AppRecords, containerIdFor } from '../worker/oci/app-records.js';
 import { run } from '../worker/oci/exec.js';
 import { checkHost, type HostReport } from '../worker/oci/host-check.js';
 import { NETNS_DIR } from '../worker/oci/netns.js';
@@ -51,6 +51,40 @@ const prefix = `pt${process.pid}-`;
 // Slots apart from a worker's (0..15999 by default) and the spike test's (16000+), per process.
 const slotBase = 12_000 + (process.pid % 30) * 100;
 const readOnlyPaths = process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)];
+
+describe('oci runtime: per-app records (no root needed)', () => {
+  it('container ids are the prefixed app name, or a hashed form that fits runc\'s 64 characters', () => {
+    assert.equal(containerIdFor('pico-', 'mail'), 'pico-mail');
+    const long1 = containerIdFor('pico-', `${'a'.repeat(62)}1`);
+    const long2 = containerIdFor('pico-', `${'a'.repeat(62)}2`);
+    for (const id of [long1, long2]) assert.match(id, /^pico-a+-[0-9a-f]{8}$/);
+    assert.ok(long1.length <= 64);
+    assert.notEqual(long1, long2);
+    assert.equal(containerIdFor('pico-', `${'a'.repeat(62)}1`), long1, 'deterministic');
+  });
+
+  it('a slot is chosen once per app, kept on disk, and found again by a new instance', () => {
+    const dir = mkdtempSync(path.join(tmpdir(), 'pico-records-'));
+    try {
+      const a = new AppRecords(dir, 'pr-', { first: 16_300, count: 3 });
+      const mail = a.ensure('mail');
+      const dns = a.ensure('dns');
+      assert.equal(mail.id, 'pr-mail');
+      assert.notEqual(mail.slot, dns.slot);
+      for (const r of [mail, dns]) assert.ok(r.slot >= 16_300 && r.slot < 16_303);
+      assert.deepEqual(a.ensure('mail'), mail);
+      const b = new AppRecords(dir, 'other-', { first: 16_300, count: 3 });
+      assert.deepEqual(b.get('mail'), mail, 'a restarted worker finds the same id and slot');
+      assert.deepEqual(b.ensure('dns'), dns);
+      b.ensure('web');
+      assert.throws(() => b.ensure('full'), /no free network slot in 16300..16302/);
+      assert.throws(() => b.ensure('Not_An_App'), /not lowercase letters, digits and dashes/);
+      assert.equal(b.network(mail).containerAddress, `10.200.${(mail.slot * 4) >> 8}.${((mail.slot * 4) & 255) + 2}`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
 
 describe('oci runtime: apps swap out and back in with their memory', { skip, timeout: 300_000 }, () => {
   let work = '';

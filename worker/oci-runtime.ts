@@ -235,9 +235,11 @@ export class OciRuntime implements ContainerRuntime {
       const net = this.records.network(record);
       const p = this.records.paths(spec.name);
       const started = performance.now();
-      await this.removeStale(record);
-      this.writeBundle(spec, record, net);
-      await createNetwork(net);
+      await this.prepare(spec, record, net, 'start', async () => {
+        await this.removeStale(record);
+        this.writeBundle(spec, record, net);
+        await createNetwork(net);
+      });
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
       try {
@@ -362,11 +364,13 @@ export class OciRuntime implements ContainerRuntime {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: generation ${manifest.generation} cannot be restored`);
       }
       const fetchedMs = performance.now() - t0;
-      await this.removeStale(record);
-      this.writeBundle(spec, record, net);
       // The netns kept while the app was stored (CRIU-locked; the restore unlocks it), or afresh.
       const keptNetwork = networkExists(net);
-      if (!keptNetwork) await createNetwork(net);
+      await this.prepare(spec, record, net, 'restore', async () => {
+        await this.removeStale(record);
+        this.writeBundle(spec, record, net);
+        if (!keptNetwork) await createNetwork(net);
+      });
       const preparedMs = performance.now() - t0;
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
@@ -611,6 +615,16 @@ export class OciRuntime implements ContainerRuntime {
     this.log.warn({ app: record.app, container: record.id }, 'removing a stale container');
     await this.runc.kill(record.id, 'SIGKILL', { all: true }).catch(() => undefined);
     await this.runc.delete(record.id, { force: true });
+  }
+
+  /** The steps before runc: a failure is PICO_ERR_WAKE_FAILED naming the app and leaves no netns. */
+  private async prepare(spec: AppSpec, record: AppRecord, net: AppNetwork, what: 'start' | 'restore', steps: () => Promise<void>): Promise<void> {
+    try {
+      await steps();
+    } catch (err) {
+      await this.cleanupNetwork(net, this.log.child({ app: spec.name }));
+      throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: cannot prepare container ${record.id} for its ${what}: ${describeError(err)}`, { cause: err });
+    }
   }
 
   private async cleanupNetwork(net: AppNetwork, log: Logger): Promise<void> {
