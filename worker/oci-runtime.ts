@@ -231,7 +231,7 @@ export class OciRuntime implements ContainerRuntime {
     return this.serialise(spec.name, async () => {
       this.assertNoContainer(spec.name);
       const log = this.log.child({ app: spec.name });
-      const record = this.records.ensure(spec.name);
+      const record = this.record(spec.name);
       const net = this.records.network(record);
       const p = this.records.paths(spec.name);
       const started = performance.now();
@@ -351,7 +351,7 @@ export class OciRuntime implements ContainerRuntime {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
       });
       if (!manifest) throw new PicoError('PICO_ERR_IMAGE_MISSING', `app ${spec.name} has no stored image to restore`);
-      const record = this.records.ensure(spec.name);
+      const record = this.record(spec.name);
       const net = this.records.network(record);
       const p = this.records.paths(spec.name);
       rmSync(p.restore, { recursive: true, force: true });
@@ -660,6 +660,15 @@ export class OciRuntime implements ContainerRuntime {
     const d = this.opts.defaults ?? {};
     const a = this.opts.apps?.[app] ?? {};
     return { ...d, ...a, readOnlyPaths: [...(d.readOnlyPaths ?? []), ...(a.readOnlyPaths ?? [])] };
+  }
+
+  /** The app's id and network slot (made on first use); a failure is PICO_ERR_WAKE_FAILED. */
+  private record(app: string): AppRecord {
+    try {
+      return this.records.ensure(app);
+    } catch (err) {
+      throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${app}: ${describeError(err)}`, { cause: err });
+    }
   }
 
   private assertNoContainer(app: string): void {
