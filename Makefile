@@ -7,7 +7,7 @@ up: build
 	node dist/bin/picocenter.js up --config $(CONFIG)
 
 test: build
-	node --test --test-concurrency=1 dist/test/
+	node --test --test-concurrency=1 dist/test/*.test.js
 
 build: deps
 	npx tsc -p tsconfig.json
@@ -21,4 +21,3 @@ bench: build
 	node dist/bench/dns.js
 
 clean:
-	rm -rf dist

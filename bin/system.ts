@@ -63,6 +63,8 @@ export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<S
       zones: cfg.gateway.dns.zones,
       ttlMs: cfg.gateway.dns.ttl,
       nameserverAddress: isWildcard(dnsHost) ? httpAddress : dnsHost,
+      // A name DNS cannot serve (e.g. an app named ns.<zone>) is reported; the others are served.
+      onProblem: (p) => log.warn({ app: p.app, name: p.name }, `dns name not served: ${p.message}`),
       apps: [...routes.apps.values()].map((r) => {
         const address = r.address ?? httpAddress;
         return { app: r.name, names: r.domains, a: isIP(address) === 4 ? [address] : [], aaaa: isIP(address) === 6 ? [address] : [] };

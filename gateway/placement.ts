@@ -180,6 +180,12 @@ export class Placement implements AppLifecycle {
   async stop(): Promise<void> {
     this.stopping = true;
     for (const rec of this.apps.values()) clearTimeout(rec.idleTimer);
+    // A wake in flight is cancelled (its worker aborts the start), not waited out.
+    for (const rec of this.apps.values()) {
+      if (rec.operation === 'starting' || rec.operation === 'restoring') {
+        void rec.worker?.call({ v: 1, type: 'stop', app: rec.config.name }).catch(() => undefined);
+      }
+    }
     await Promise.all([...this.apps.values()].map((rec) => rec.op));
     await Promise.all(
       [...this.apps.values()]
@@ -209,6 +215,7 @@ export class Placement implements AppLifecycle {
     const log = this.log.child({ app, worker: worker.id });
     const started = performance.now();
     rec.operation = kind === 'start' ? 'starting' : 'restoring';
+    rec.worker = worker;
     if (kind === 'restore') this.setState(rec, 'restoring');
     log.info({ trigger, kind }, 'wake');
     rec.op = (async () => {
@@ -216,7 +223,6 @@ export class Placement implements AppLifecycle {
       try {
         const res = await worker.call({ v: 1, type: kind, app: rec.spec });
         if (res.type === 'running') {
-          rec.worker = worker;
           rec.endpoints = res.endpoints;
           rec.lastWake = new Date();
           rec.lastActivity = Date.now();
@@ -230,6 +236,7 @@ export class Placement implements AppLifecycle {
       rec.operation = undefined;
       const seconds = (performance.now() - started) / 1000;
       if (error) {
+        rec.worker = undefined;
         rec.lastError = { code: error.code, message: error.message, at: new Date() };
         this.metrics.wakes.inc({ app, trigger, result: 'failed' });
         log.error({ err: error.message }, 'wake failed');

@@ -108,4 +108,17 @@ describe('process runtime', () => {
     await until(() => events.includes('short:7'), 'the exit event');
     off();
   });
+
+  it('a stop cancels a start that is still waiting for its ports', async () => {
+    const starting = worker.handle({
+      v: 1,
+      type: 'start',
+      app: spec('never-ready', await freePort(), { command: ['node', '-e', 'setInterval(() => {}, 1000)'], readyTimeoutMs: 600_000 }),
+    });
+    const stopped = await worker.handle({ v: 1, type: 'stop', app: 'never-ready' });
+    assert.equal(stopped.type, 'stopped');
+    const res = await starting;
+    assert.ok(res.type === 'error');
+    assert.equal(res.code, 'PICO_ERR_SHUTTING_DOWN');
+  });
 });

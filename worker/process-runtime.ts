@@ -26,7 +26,7 @@ export class ProcessRuntime implements ContainerRuntime {
 
   constructor(private readonly log: Logger) {}
 
-  async start(spec: AppSpec): Promise<Container> {
+  async start(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
     const log = this.log.child({ app: spec.name });
     const env: Record<string, string> = {};
     for (const k of PASSED_ENV) if (process.env[k] !== undefined) env[k] = process.env[k]!;
@@ -58,6 +58,8 @@ export class ProcessRuntime implements ContainerRuntime {
     // Ready when every port accepts connections; fail fast if the process exits first.
     const ready = new AbortController();
     const timer = setTimeout(() => ready.abort(), spec.readyTimeoutMs);
+    const onAbort = () => ready.abort();
+    signal?.addEventListener('abort', onAbort, { once: true });
     const exitedEarly = exited.then((status) => ({ exited: status }));
     try {
       const outcome = await Promise.race([
@@ -71,6 +73,9 @@ export class ProcessRuntime implements ContainerRuntime {
           `app ${spec.name} exited before it was ready (code ${code}, signal ${signal})${formatTail(stderrTail)}`,
         );
       }
+      if (!outcome.ok && signal?.aborted) {
+        throw new PicoError('PICO_ERR_SHUTTING_DOWN', `start of ${spec.name} was cancelled`);
+      }
       if (!outcome.ok) {
         throw new PicoError(
           'PICO_ERR_READY_TIMEOUT',
@@ -82,6 +87,7 @@ export class ProcessRuntime implements ContainerRuntime {
       throw err;
     } finally {
       clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
       ready.abort();
     }
     log.info({ pid: child.pid }, 'container running');
@@ -93,8 +99,8 @@ export class ProcessRuntime implements ContainerRuntime {
     return { generation: null };
   }
 
-  restore(spec: AppSpec): Promise<Container> {
-    return this.start(spec);
+  restore(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
+    return this.start(spec, signal);
   }
 
   /** SIGTERM to the whole process group, SIGKILL after a grace period. */

@@ -30,12 +30,15 @@ export interface ContainerRuntime {
   readonly name: string;
   /** True when a swap-out keeps the app's memory (CRIU); false for a cold-start runtime. */
   readonly keepsMemory: boolean;
-  /** Starts the app from nothing. */
-  start(spec: AppSpec): Promise<Container>;
+  /**
+   * Starts the app from nothing. When `signal` aborts before the container is ready, the
+   * runtime removes what it started and rejects (shutdown must not wait out a ready timeout).
+   */
+  start(spec: AppSpec, signal?: AbortSignal): Promise<Container>;
   /** Swaps the app out: stores its image (if the runtime keeps one), then removes the container. */
   checkpoint(container: Container): Promise<CheckpointResult>;
   /** Swaps the app in from its newest stored image (a cold-start runtime starts it afresh). */
-  restore(spec: AppSpec): Promise<Container>;
+  restore(spec: AppSpec, signal?: AbortSignal): Promise<Container>;
   /** Removes the container, storing nothing. */
   stop(container: Container): Promise<void>;
 }

@@ -1,4 +1,4 @@
-import { describeError, isPicoError } from '../shared/errors.js';
+import { PicoError, describeError, isPicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { AppSpec, ContainerInfo, WorkerEvent, WorkerRequest, WorkerResponse } from '../shared/protocol.js';
 import type { Container, ContainerRuntime } from './runtime.js';
@@ -16,6 +16,8 @@ export class Worker {
   /** apps whose container is being removed on purpose: their exit is not an event */
   private readonly removing = new Set<string>();
   private readonly listeners = new Set<(ev: WorkerEvent) => void>();
+  /** starts and restores in flight: a `stop` of the same app cancels them instead of queueing */
+  private readonly starting = new Map<string, AbortController>();
 
   constructor(
     readonly id: string,
@@ -31,26 +33,38 @@ export class Worker {
   async handle(req: WorkerRequest): Promise<WorkerResponse> {
     if (req.type === 'list') return { v: 1, type: 'list', containers: this.list() };
     const app = typeof req.app === 'string' ? req.app : req.app.name;
+    if (req.type === 'stop') this.starting.get(app)?.abort();
+    // Registered before queueing, so a stop that arrives while the start waits its turn cancels it too.
+    let cancel: AbortController | undefined;
+    if ((req.type === 'start' || req.type === 'restore') && !this.starting.has(app)) {
+      cancel = new AbortController();
+      this.starting.set(app, cancel);
+    }
     try {
-      return await this.serialise(app, () => this.perform(req));
+      return await this.serialise(app, () => this.perform(req, cancel?.signal));
     } catch (err) {
       this.log.warn({ app, op: req.type, err: describeError(err) }, 'worker operation failed');
       return { v: 1, type: 'error', code: isPicoError(err) ? err.code : 'PICO_ERR_INTERNAL', message: describeError(err) };
+    } finally {
+      if (cancel && this.starting.get(app) === cancel) this.starting.delete(app);
     }
   }
 
   /** Stops every container (clean shutdown). */
   async stopAll(): Promise<void> {
-    await Promise.all([...this.containers.keys()].map((app) => this.handle({ v: 1, type: 'stop', app })));
+    const apps = new Set([...this.containers.keys(), ...this.starting.keys()]);
+    await Promise.all([...apps].map((app) => this.handle({ v: 1, type: 'stop', app })));
   }
 
-  private async perform(req: Exclude<WorkerRequest, { type: 'list' }>): Promise<WorkerResponse> {
+  private async perform(req: Exclude<WorkerRequest, { type: 'list' }>, signal?: AbortSignal): Promise<WorkerResponse> {
     switch (req.type) {
       case 'start':
       case 'restore': {
         const existing = this.containers.get(req.app.name);
         if (existing) return { v: 1, type: 'running', app: req.app.name, endpoints: existing.endpoints, restored: false };
-        const container = req.type === 'start' ? await this.runtime.start(req.app) : await this.runtime.restore(req.app);
+        if (signal?.aborted) throw new PicoError('PICO_ERR_SHUTTING_DOWN', `${req.type} of ${req.app.name} was cancelled`);
+        const container =
+          req.type === 'start' ? await this.runtime.start(req.app, signal) : await this.runtime.restore(req.app, signal);
         this.adopt(req.app, container);
         return {
           v: 1,
