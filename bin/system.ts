@@ -1,5 +1,5 @@
 import { isIP, type AddressInfo } from 'node:net';
-import type { Config } from '../shared/config.js';
+import type { Config, ListenAddress } from '../shared/config.js';
 import type { Logger } from '../shared/log.js';
 import { Metrics } from '../shared/metrics.js';
 import { DnsServer } from '../dns/server.js';
@@ -49,9 +49,16 @@ export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<S
   stops.push(() => connection.close());
   stops.push(() => placement.stop());
   try {
-    const httpListener = new HttpListener({ listen: cfg.gateway.http.listen, maxHeaderSize: cfg.gateway.http.maxHeaderSize, routes, hold, lifecycle: placement, metrics, log });
-    stops.push(() => httpListener.stop());
-    const http = await httpListener.start();
+    const startHttp = async (listen: ListenAddress) => {
+      const listener = new HttpListener({ listen, maxHeaderSize: cfg.gateway.http.maxHeaderSize, routes, hold, lifecycle: placement, metrics, log });
+      stops.push(() => listener.stop());
+      return listener.start();
+    };
+    const http = await startHttp(cfg.gateway.http.listen);
+    // An app with its own address is looked up to that address, so its HTTP port is served
+    // there too (same port as the shared listener, routed by Host as usual).
+    const ownHttp = new Set([...routes.apps.values()].filter((r) => r.address && r.httpPort !== undefined).map((r) => r.address!));
+    for (const host of ownHttp) await startHttp({ host, port: http.port });
 
     const tcpListener = new TcpListener({ routes, hold, lifecycle: placement, metrics, log });
     stops.push(() => tcpListener.stop());

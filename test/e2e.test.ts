@@ -47,12 +47,14 @@ describe('picocenter up, end to end', () => {
   let helloPort: number;
   let echoPort: number;
   let adminPort: number;
+  let dualPort: number;
   const pool = `127.${10 + Math.floor(Math.random() * 200)}.${Math.floor(Math.random() * 250)}.0/24`;
 
   before(async () => {
     helloPort = await freePort();
     echoPort = await freePort();
     adminPort = await freePort();
+    dualPort = await freePort();
     px = await startPicocenter(`
 gateway:
   dns:   { listen: 127.0.0.1:0, zones: [apps.test], ttl: 7s }
@@ -82,6 +84,11 @@ apps:
     http: { port: ${await freePort()} }
     readyTimeout: 1m
     hold: { timeout: 300ms }
+  - name: dual
+    domains: [dual.apps.test]
+    command: [node, ${repoFile('examples/hello/server.js')}]
+    http: { port: ${dualPort} }
+    tcp: [${dualPort}]
   - name: broken
     domains: [broken.apps.test]
     command: [node, -e, "process.exit(2)"]
@@ -125,6 +132,16 @@ apps:
   it('routes raw TCP by the app\'s own address and port', async () => {
     const address = (await dig(px.dnsPort, 'echo.apps.test', 'A', ['+short'])).trim();
     assert.equal(await echoOnce(address, echoPort, 'ping\n'), 'ping\n');
+  });
+
+  it('an app with its own address serves HTTP by Host and raw TCP there', async () => {
+    const address = (await dig(px.dnsPort, 'dual.apps.test', 'A', ['+short'])).trim();
+    assert.notEqual(address, '127.0.0.1');
+    const res = await request(`http://${address}:${px.httpPort}/`, { headers: { host: 'dual.apps.test' } });
+    assert.equal(res.statusCode, 200);
+    assert.match(await res.body.text(), /^hello from dual/);
+    const raw = await echoOnce(address, dualPort, 'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+    assert.match(raw, /^HTTP\/1\.1 200 OK/);
   });
 
   it('50 concurrent requests to a sleeping app: one wake, 50 answers', async () => {
@@ -183,7 +200,7 @@ apps:
   it('the CLI shows status and wakes and checkpoints apps', async () => {
     const { stdout: json } = await run(process.execPath, [CLI, 'status', '--json', '--config', px.configFile]);
     const apps = JSON.parse(json) as Array<{ name: string; state: string; worker: string | null; lastWake: string | null }>;
-    assert.deepEqual(apps.map((a) => a.name).sort(), ['broken', 'echo', 'hello', 'sleepy', 'slow']);
+    assert.deepEqual(apps.map((a) => a.name).sort(), ['broken', 'dual', 'echo', 'hello', 'sleepy', 'slow']);
     const hello = apps.find((a) => a.name === 'hello')!;
     assert.equal(hello.state, 'running');
     assert.equal(hello.worker, 'local');
