@@ -50,7 +50,17 @@ export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<S
   stops.push(() => placement.stop());
   try {
     const startHttp = async (listen: ListenAddress) => {
-      const listener = new HttpListener({ listen, maxHeaderSize: cfg.gateway.http.maxHeaderSize, routes, hold, lifecycle: placement, metrics, log });
+      const listener = new HttpListener({
+        listen,
+        maxHeaderSize: cfg.gateway.http.maxHeaderSize,
+        headerTimeoutMs: cfg.gateway.http.headerTimeout,
+        connectTimeoutMs: cfg.gateway.connectTimeout,
+        routes,
+        hold,
+        lifecycle: placement,
+        metrics,
+        log,
+      });
       stops.push(() => listener.stop());
       return listener.start();
     };
@@ -60,7 +70,7 @@ export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<S
     const ownHttp = new Set([...routes.apps.values()].filter((r) => r.address && r.httpPort !== undefined).map((r) => r.address!));
     for (const host of ownHttp) await startHttp({ host, port: http.port });
 
-    const tcpListener = new TcpListener({ routes, hold, lifecycle: placement, metrics, log });
+    const tcpListener = new TcpListener({ routes, hold, lifecycle: placement, metrics, log, connectTimeoutMs: cfg.gateway.connectTimeout });
     stops.push(() => tcpListener.stop());
     await tcpListener.start();
 

@@ -125,6 +125,7 @@ export const configSchema = z
           address: z.string().refine((s) => isIP(s) !== 0, 'not an IP address').optional()
             .describe('address DNS answers for HTTP apps; default: the listen host (required when it is a wildcard)'),
           maxHeaderSize: sizeOr('16Ki').describe('largest request head accepted; larger gets 431'),
+          headerTimeout: durationOr('30s').describe('a connection must deliver a complete request head within this (else 408), and an idle keep-alive connection is closed after it'),
         })
         .prefault({}),
       admin: z.strictObject({
@@ -134,6 +135,7 @@ export const configSchema = z
       addresses: z.union([cidr, z.array(cidr).min(1)]).optional()
         .transform((v) => (v === undefined ? [] : Array.isArray(v) ? v : [v]))
         .describe('pool of addresses for apps with raw TCP ports'),
+      connectTimeout: durationOr('10s').describe('connecting to a running app\'s endpoint; HTTP clients get 502 after it'),
       hold: z
         .strictObject({
           timeout: durationOr('30s').describe('how long a client is held while its app wakes'),
