@@ -395,6 +395,22 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     await assertGone('broken');
   });
 
+  it('an abort signal cancels a start or restore still waiting for its ports, leaving nothing', async () => {
+    const s = spec('sleeper', 'counter.mjs', [8080]);
+    s.command = [process.execPath, '-e', 'setInterval(() => {}, 1000); process.on("SIGTERM", () => process.exit(0))'];
+    const ac = new AbortController();
+    const t0 = performance.now();
+    setTimeout(() => ac.abort(), 300);
+    await assert.rejects(runtime.start(s, ac.signal), (err: unknown) => {
+      assert.ok(isPicoError(err, 'PICO_ERR_SHUTTING_DOWN'), String(err));
+      return true;
+    });
+    assert.ok(performance.now() - t0 < 10_000, 'cancelled, not the 20 s ready timeout');
+    await assertGone('sleeper');
+    // Already aborted: nothing is even tried.
+    await assert.rejects(runtime.restore(spec('counter', 'counter.mjs', [8080]), AbortSignal.abort()), (err: unknown) => isPicoError(err, 'PICO_ERR_SHUTTING_DOWN'));
+  });
+
   it('a killed worker: the next one removes its leftovers, stores its unstored dump, and restores every stored app', async () => {
     const stateDir = path.join(work, 'state-restart');
     const storeDir = path.join(work, 'store-restart');

@@ -227,8 +227,13 @@ export class OciRuntime implements ContainerRuntime {
     return [...this.active.values()];
   }
 
-  async start(spec: AppSpec): Promise<Container> {
+  /**
+   * Starts the app from nothing. `signal` aborting before the container is ready removes whatever
+   * was made and rejects with PICO_ERR_SHUTTING_DOWN.
+   */
+  async start(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
     return this.serialise(spec.name, async () => {
+      throwIfCancelled(spec, 'start', signal);
       this.assertNoContainer(spec.name);
       const log = this.log.child({ app: spec.name });
       const record = this.record(spec.name);
@@ -243,13 +248,15 @@ export class OciRuntime implements ContainerRuntime {
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
       try {
+        throwIfCancelled(spec, 'start', signal);
         att = await this.runc.runAttached(record.id, p.bundle);
       } catch (err) {
         await this.cleanupNetwork(net, log);
+        if (isPicoError(err)) throw err;
         throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: runc could not start the container: ${describeError(err)}`, { cause: err });
       }
       const c = this.adopt(spec, record, net, att);
-      await this.becomeReady(c, logFrom, 'start');
+      await this.becomeReady(c, logFrom, 'start', signal);
       log.info({ container: record.id, address: net.containerAddress, pid: c.pid, ms: Math.round(performance.now() - started) }, 'container running');
       return c;
     });
@@ -340,10 +347,13 @@ export class OciRuntime implements ContainerRuntime {
    * Swap-in from the newest verified generation: fetch it (the store verifies every chunk), make
    * the netns afresh, `runc restore`, wait until every port accepts. Nothing is left running or
    * half-made when it throws: a missing image is PICO_ERR_IMAGE_MISSING, a corrupt one keeps the
-   * store's PICO_ERR_IMAGE_CORRUPT.
+   * store's PICO_ERR_IMAGE_CORRUPT. `signal` aborting before the container is ready removes the
+   * restored container (the image stays stored: nothing is lost) and rejects with
+   * PICO_ERR_SHUTTING_DOWN.
    */
-  async restore(spec: AppSpec): Promise<Container> {
+  async restore(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
     return this.serialise(spec.name, async () => {
+      throwIfCancelled(spec, 'restore', signal);
       this.assertNoContainer(spec.name);
       const log = this.log.child({ app: spec.name });
       const t0 = performance.now();
@@ -364,6 +374,10 @@ export class OciRuntime implements ContainerRuntime {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: generation ${manifest.generation} cannot be restored`);
       }
       const fetchedMs = performance.now() - t0;
+      if (signal?.aborted) {
+        rmSync(p.restore, { recursive: true, force: true });
+        throwIfCancelled(spec, 'restore', signal);
+      }
       // The netns kept while the app was stored (CRIU-locked; the restore unlocks it), or afresh.
       const keptNetwork = networkExists(net);
       await this.prepare(spec, record, net, 'restore', async () => {
@@ -386,7 +400,7 @@ export class OciRuntime implements ContainerRuntime {
       }
       const restoredMs = performance.now() - t0;
       const c = this.adopt(spec, record, net, att);
-      await this.becomeReady(c, logFrom, 'restore');
+      await this.becomeReady(c, logFrom, 'restore', signal);
       log.info(
         {
           generation: manifest.generation,
@@ -487,10 +501,13 @@ export class OciRuntime implements ContainerRuntime {
    * and a later exit of its runc is a crash. On failure the container is removed and the error
    * says why, with the tail of the app's log.
    */
-  private async becomeReady(c: OciContainer, logFrom: number, what: 'start' | 'restore'): Promise<void> {
+  private async becomeReady(c: OciContainer, logFrom: number, what: 'start' | 'restore', signal?: AbortSignal): Promise<void> {
     const inc = c.incarnation;
     const ready = new AbortController();
     const timer = setTimeout(() => ready.abort(), c.spec.readyTimeoutMs);
+    const onAbort = () => ready.abort();
+    if (signal?.aborted) ready.abort();
+    signal?.addEventListener('abort', onAbort, { once: true });
     let failure: PicoError | null = null;
     try {
       const outcome = await Promise.race([
@@ -500,6 +517,8 @@ export class OciRuntime implements ContainerRuntime {
       if ('exited' in outcome) {
         const { code, signal } = outcome.exited;
         failure = new PicoError('PICO_ERR_APP_EXITED', `app ${c.app} exited before it was ready after its ${what} (code ${code}, signal ${signal})${logTail(this.logFile(c.app), logFrom)}`);
+      } else if (!outcome.ok && signal?.aborted) {
+        failure = new PicoError('PICO_ERR_SHUTTING_DOWN', `${what} of ${c.app} was cancelled`);
       } else if (!outcome.ok) {
         failure = new PicoError(
           'PICO_ERR_READY_TIMEOUT',
@@ -508,6 +527,7 @@ export class OciRuntime implements ContainerRuntime {
       }
     } finally {
       clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
       ready.abort();
     }
     if (failure) {
@@ -695,6 +715,10 @@ export class OciRuntime implements ContainerRuntime {
     });
     return next;
   }
+}
+
+function throwIfCancelled(spec: AppSpec, what: 'start' | 'restore', signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new PicoError('PICO_ERR_SHUTTING_DOWN', `${what} of ${spec.name} was cancelled`);
 }
 
 /** Keeps a PicoError's code (IMAGE_CORRUPT, IMAGE_MISSING…) and adds what we were doing. */
