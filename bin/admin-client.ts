@@ -11,6 +11,11 @@ export class AdminClient {
   }
 
   async call<T>(method: 'GET' | 'POST', path: string): Promise<T> {
+    return JSON.parse(await this.text(method, path)) as T;
+  }
+
+  /** The response body as text; rejects with the API's error code and message on >= 400. */
+  async text(method: 'GET' | 'POST', path: string): Promise<string> {
     let res;
     try {
       res = await request(`${this.base}${path}`, {
@@ -32,7 +37,7 @@ export class AdminClient {
       }
       throw Object.assign(new Error(`${code}: ${message}`), { status: res.statusCode, code });
     }
-    return JSON.parse(text) as T;
+    return text;
   }
 }
 

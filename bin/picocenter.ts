@@ -14,6 +14,7 @@ commands:
   status [--json]      apps with name, state, worker and last wake time
   wake APP             wake APP and wait until it runs
   checkpoint APP       swap APP out now and wait until it is stored
+  logs APP [--bytes N] the last N bytes (default 64 KiB) of APP's stdout and stderr
 
 options:
   --config FILE        the config file (default: picocenter.yaml)`;
@@ -25,6 +26,7 @@ async function main(argv: string[]): Promise<number> {
     options: {
       config: { type: 'string', short: 'c', default: 'picocenter.yaml' },
       json: { type: 'boolean', default: false },
+      bytes: { type: 'string', default: '65536' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -49,6 +51,12 @@ async function main(argv: string[]): Promise<number> {
       if (!app) throw new Error(`usage: picocenter ${command} APP`);
       const st = await new AdminClient(cfg).call<AppStatus>('POST', `/v1/apps/${encodeURIComponent(app)}/${command}`);
       console.log(`${st.name}: ${st.state}`);
+      return 0;
+    }
+    case 'logs': {
+      const app = rest[0];
+      if (!app) throw new Error('usage: picocenter logs APP [--bytes N]');
+      process.stdout.write(await new AdminClient(cfg).text('GET', `/v1/apps/${encodeURIComponent(app)}/logs?bytes=${Number(values.bytes) || 65536}`));
       return 0;
     }
     default:

@@ -1,4 +1,5 @@
 import { isIP, type AddressInfo } from 'node:net';
+import path from 'node:path';
 import type { Config, ListenAddress } from '../shared/config.js';
 import type { Logger } from '../shared/log.js';
 import { Metrics } from '../shared/metrics.js';
@@ -11,7 +12,10 @@ import { Placement } from '../gateway/placement.js';
 import { RouteTable } from '../gateway/routes.js';
 import { TcpListener } from '../gateway/tcp-listener.js';
 import { LocalWorkerConnection } from '../worker/local-connection.js';
+import { OciRuntime } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
+import type { ContainerRuntime } from '../worker/runtime.js';
+import { openImageStore } from '../pagestore/index.js';
 import { Worker } from '../worker/worker.js';
 
 /** A whole Picocenter in one process: what `picocenter up` runs, and what e2e tests start. */
@@ -31,7 +35,8 @@ export interface System {
 export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<System> {
   const metrics = new Metrics();
   const routes = new RouteTable(cfg);
-  const worker = new Worker('local', new ProcessRuntime(log.child({ worker: 'local' })), log.child({ worker: 'local' }));
+  const workerLog = log.child({ worker: 'local' });
+  const worker = new Worker('local', await createRuntime(cfg, workerLog), workerLog);
   const connection = new LocalWorkerConnection(worker);
   const placement = new Placement({ config: cfg, workers: [connection], metrics, log });
   const hold = new Hold(placement, metrics, log);
@@ -49,6 +54,7 @@ export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<S
   stops.push(() => connection.close());
   stops.push(() => placement.stop());
   try {
+    await placement.init();
     const startHttp = async (listen: ListenAddress) => {
       const listener = new HttpListener({
         listen,
@@ -113,4 +119,20 @@ function advertisable(host: string): string {
     throw new Error(`gateway listens on ${host}: set gateway.http.address to the address clients should reach`);
   }
   return host;
+}
+
+/**
+ * The runtime the config asks for. `oci` on a host that cannot checkpoint fails with the host
+ * check's plain-English report; it never falls back to the cold-start runtime.
+ */
+async function createRuntime(cfg: Readonly<Config>, log: Logger): Promise<ContainerRuntime> {
+  switch (cfg.worker.runtime) {
+    case 'process':
+      return new ProcessRuntime(log, path.join(cfg.worker.dataDir, 'logs'));
+    case 'oci': {
+      const imageStore = openImageStore(cfg.store, { log });
+      const { runtime } = await OciRuntime.create({ log, imageStore, stateDir: path.join(cfg.worker.dataDir, 'oci') });
+      return runtime;
+    }
+  }
 }

@@ -18,6 +18,7 @@ import type { RouteTable } from './routes.js';
  *   GET  /v1/apps/NAME                  status of one app
  *   POST /v1/apps/NAME/wake             wake and wait (through the hold) until it runs
  *   POST /v1/apps/NAME/checkpoint       swap a running app out and wait until it is stored
+ *   GET  /v1/apps/NAME/logs?bytes=N     the tail of the app's stdout/stderr (default 64 KiB)
  * Errors are JSON `{ error: { code, message } }` with a stable code.
  */
 
@@ -112,6 +113,13 @@ export class AdminServer {
         res.on('close', () => aborted.abort());
         await hold.waitForReady(route, port, 'admin', aborted.signal);
         return sendJson(res, 200, statusOf());
+      }
+      if (parts.length === 4 && req.method === 'GET' && parts[3] === 'logs') {
+        const bytes = Math.min(Number(url.searchParams.get('bytes') ?? 65536) || 65536, 16 * 1024 * 1024);
+        const text = await placement.logs(name, bytes);
+        res.writeHead(200, { 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(text) });
+        res.end(text);
+        return;
       }
       if (parts.length === 4 && req.method === 'POST' && parts[3] === 'checkpoint') {
         await placement.checkpoint(name);

@@ -32,6 +32,8 @@ interface AppRecord {
   operation?: Operation;
   op?: Promise<void>;
   worker?: WorkerConnection;
+  /** the worker that ran the app last (where its logs are) */
+  lastWorker?: WorkerConnection;
   endpoints?: Endpoints;
   /** newest image generation; null while the app has none (never swapped out with memory) */
   generation: number | null;
@@ -52,6 +54,8 @@ export interface AppStatus {
   domains: string[];
   connections: number;
   lastWake: string | null;
+  /** newest stored image generation; null when the app has none */
+  generation: number | null;
   lastError: { code: string; message: string; at: string } | null;
   endpoints: Endpoints | null;
 }
@@ -71,12 +75,14 @@ export class Placement implements AppLifecycle {
   private readonly log: Logger;
   private readonly unsubscribeWorkers: Array<() => void> = [];
   private stopping = false;
+  private readonly shutdown: 'stop' | 'checkpoint';
 
   constructor(opts: PlacementOptions) {
     if (opts.workers.length === 0) throw new Error('placement needs at least one worker');
     this.workers = opts.workers;
     this.metrics = opts.metrics;
     this.log = opts.log.child({ component: 'placement' });
+    this.shutdown = opts.config.worker.shutdown;
     for (const app of opts.config.apps) {
       this.apps.set(app.name, {
         config: app,
@@ -145,6 +151,24 @@ export class Placement implements AppLifecycle {
     if (rec.connections === 0) this.armIdle(rec);
   }
 
+  /**
+   * Learns which apps already have a stored image (a restarted system): they start `stored`,
+   * so their next wake restores them instead of starting afresh.
+   */
+  async init(): Promise<void> {
+    for (const worker of this.workers) {
+      const res = await worker.call({ v: 1, type: 'list' });
+      if (res.type !== 'list') throw new PicoError('PICO_ERR_WAKE_FAILED', `worker ${worker.id} cannot list its images: ${res.type === 'error' ? res.message : res.type}`);
+      for (const image of res.images) {
+        const rec = this.apps.get(image.app);
+        if (!rec || rec.state !== 'new') continue;
+        rec.generation = image.generation;
+        this.setState(rec, 'stored');
+        this.log.info({ app: image.app, worker: worker.id, generation: image.generation }, 'stored image found');
+      }
+    }
+  }
+
   // ── operations for the admin API ───────────────────────────────────────────────────────
 
   has(app: string): boolean {
@@ -160,6 +184,7 @@ export class Placement implements AppLifecycle {
       domains: [...rec.config.domains],
       connections: rec.connections,
       lastWake: rec.lastWake?.toISOString() ?? null,
+      generation: rec.generation,
       lastError: rec.lastError ? { ...rec.lastError, at: rec.lastError.at.toISOString() } : null,
       endpoints: rec.state === 'running' && rec.endpoints ? rec.endpoints : null,
     }));
@@ -176,7 +201,20 @@ export class Placement implements AppLifecycle {
     if (!stored) throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', rec.lastError?.message ?? 'checkpoint failed');
   }
 
-  /** Clean shutdown: waits for operations in flight, then stops every running app. */
+  /** The tail of an app's stdout/stderr, from the worker that runs (or last ran) it. */
+  async logs(app: string, bytes: number): Promise<string> {
+    const rec = this.apps.get(app);
+    if (!rec) throw new PicoError('PICO_ERR_UNKNOWN_APP', `no app named ${app}`);
+    const worker = rec.worker ?? rec.lastWorker ?? this.workers[0]!;
+    const res = await worker.call({ v: 1, type: 'logs', app, bytes });
+    if (res.type !== 'logs') throw new PicoError('PICO_ERR_INVALID_STATE', res.type === 'error' ? res.message : `unexpected answer ${res.type}`);
+    return res.text;
+  }
+
+  /**
+   * Clean shutdown: cancels wakes in flight, waits for other operations, then stops every
+   * running app — or, with `worker.shutdown: checkpoint`, swaps it out (and stops it if that fails).
+   */
   async stop(): Promise<void> {
     this.stopping = true;
     for (const rec of this.apps.values()) clearTimeout(rec.idleTimer);
@@ -187,6 +225,13 @@ export class Placement implements AppLifecycle {
       }
     }
     await Promise.all([...this.apps.values()].map((rec) => rec.op));
+    if (this.shutdown === 'checkpoint') {
+      await Promise.all(
+        [...this.apps.values()]
+          .filter((rec) => rec.state === 'running' && rec.worker)
+          .map((rec) => this.beginCheckpoint(rec, 'shutdown')),
+      );
+    }
     await Promise.all(
       [...this.apps.values()]
         .filter((rec) => rec.state === 'running' && rec.worker)
@@ -216,6 +261,7 @@ export class Placement implements AppLifecycle {
     const started = performance.now();
     rec.operation = kind === 'start' ? 'starting' : 'restoring';
     rec.worker = worker;
+    rec.lastWorker = worker;
     if (kind === 'restore') this.setState(rec, 'restoring');
     log.info({ trigger, kind }, 'wake');
     rec.op = (async () => {
@@ -254,7 +300,7 @@ export class Placement implements AppLifecycle {
   }
 
   /** Resolves true once the app is stored, false when the swap-out failed (the app runs on). */
-  private beginCheckpoint(rec: AppRecord, reason: 'idle' | 'admin'): Promise<boolean> {
+  private beginCheckpoint(rec: AppRecord, reason: 'idle' | 'admin' | 'shutdown'): Promise<boolean> {
     const app = rec.config.name;
     const worker = rec.worker!;
     const log = this.log.child({ app, worker: worker.id });
@@ -368,6 +414,7 @@ export function toSpec(app: AppConfig, cfg: Readonly<Config>): AppSpec {
     env: { ...app.env },
     ports: [...(app.http ? [app.http.port] : []), ...(app.tcp ?? [])],
     readyTimeoutMs: app.readyTimeout ?? cfg.worker.readyTimeout,
+    ...(app.memory !== undefined ? { memoryLimit: app.memory } : {}),
   };
 }
 

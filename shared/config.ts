@@ -102,6 +102,7 @@ const appSchema = z.strictObject({
   idle: durationOr('5m').describe('swap the app out after this long without connections or traffic; 0 = never'),
   hold: holdSchema.optional().describe('overrides gateway.hold for this app'),
   readyTimeout: duration().optional().describe('overrides worker.readyTimeout for this app'),
+  memory: size().optional().describe('memory limit of the app\'s container (oci runtime), e.g. 256Mi'),
 });
 
 const storeSchema = z.discriminatedUnion('kind', [
@@ -146,10 +147,13 @@ export const configSchema = z
     store: storeSchema.prefault({ kind: 'fs' }),
     worker: z
       .strictObject({
-        runtime: z.enum(['process']).default('process')
-          .describe('process: starts the app\'s command (a cold start: memory is lost on swap-out)'),
+        runtime: z.enum(['process', 'oci']).default('process')
+          .describe('process: starts the app\'s command (a cold start: memory is lost on swap-out); oci: runc containers checkpointed and restored with CRIU'),
+        dataDir: z.string().min(1).default('./data/worker')
+          .describe('the worker\'s own files (app logs, oci container state), relative to the config file'),
         readyTimeout: durationOr('30s').describe('how long an app may take until its ports accept connections'),
-        shutdown: z.enum(['stop']).default('stop').describe('what SIGTERM does to running apps'),
+        shutdown: z.enum(['stop', 'checkpoint']).default('stop')
+          .describe('what SIGTERM does to running apps: stop them, or checkpoint them (oci) so they wake with their memory'),
       })
       .prefault({}),
     apps: z.array(appSchema).default([]),
@@ -172,6 +176,9 @@ export const configSchema = z
           ctx.addIssue({ code: 'custom', path: ['apps', i, 'domains', j], message: `domain "${d}" is not inside any of gateway.dns.zones` });
         }
       });
+      if (app.memory !== undefined && cfg.worker.runtime !== 'oci') {
+        ctx.addIssue({ code: 'custom', path: ['apps', i, 'memory'], message: 'memory limits need worker.runtime: oci' });
+      }
       if (!app.http && !app.tcp) {
         ctx.addIssue({ code: 'custom', path: ['apps', i], message: 'an app needs `http` or `tcp` ports, or no traffic can reach it' });
       }
@@ -280,6 +287,7 @@ function resolvePaths(cfg: Config, baseDir: string): Config {
   return {
     ...cfg,
     store: { ...cfg.store, path: path.resolve(baseDir, cfg.store.path) },
+    worker: { ...cfg.worker, dataDir: path.resolve(baseDir, cfg.worker.dataDir) },
     apps: cfg.apps.map((a) => ({ ...a, cwd: path.resolve(baseDir, a.cwd ?? '.') })),
   };
 }

@@ -22,6 +22,8 @@ export interface AppSpec {
   ports: number[];
   /** in milliseconds */
   readyTimeoutMs: number;
+  /** memory limit of the container in bytes (runtimes with containers); absent: none */
+  memoryLimit?: number;
 }
 
 /** Where the gateway reaches one container port. */
@@ -38,7 +40,8 @@ export type WorkerRequest =
   | { v: 1; type: 'restore'; app: AppSpec } // swap in from the app's newest stored image
   | { v: 1; type: 'checkpoint'; app: string } // swap out: store the image, then remove the container
   | { v: 1; type: 'stop'; app: string } // remove the container, store nothing
-  | { v: 1; type: 'list' };
+  | { v: 1; type: 'list' }
+  | { v: 1; type: 'logs'; app: string; bytes: number }; // the tail of the app's stdout/stderr
 
 export interface ContainerInfo {
   app: string;
@@ -47,11 +50,18 @@ export interface ContainerInfo {
   startedAt: string;
 }
 
+/** The newest stored image of an app, as a worker's page store has it. */
+export interface StoredImage {
+  app: string;
+  generation: number;
+}
+
 export type WorkerResponse =
   | { v: 1; type: 'running'; app: string; endpoints: Endpoints; restored: boolean }
   | { v: 1; type: 'checkpointed'; app: string; generation: number | null } // null: the runtime keeps no image
   | { v: 1; type: 'stopped'; app: string }
-  | { v: 1; type: 'list'; containers: ContainerInfo[] }
+  | { v: 1; type: 'list'; containers: ContainerInfo[]; images: StoredImage[] }
+  | { v: 1; type: 'logs'; app: string; text: string }
   | { v: 1; type: 'error'; code: string; message: string };
 
 /** Unsolicited events from a worker (a container exited on its own). */

@@ -213,6 +213,8 @@ apps:
     const { stdout: wk } = await run(process.execPath, [CLI, 'wake', 'hello', '--config', px.configFile]);
     assert.equal(wk.trim(), 'hello: running');
     await assert.rejects(run(process.execPath, [CLI, 'wake', 'nosuch', '--config', px.configFile]), /PICO_ERR_UNKNOWN_APP/);
+    const { stdout: logs } = await run(process.execPath, [CLI, 'logs', 'hello', '--config', px.configFile]);
+    assert.match(logs, new RegExp(`hello listening on 127\\.0\\.0\\.1:${helloPort}`));
   });
 
   it('SIGTERM stops the apps it started and exits cleanly', async () => {

@@ -222,6 +222,10 @@ export class OciRuntime implements ContainerRuntime {
     return path.join(this.records.paths(app).logDir, LOG_FILE);
   }
 
+  async storedImages(): Promise<Array<{ app: string; generation: number }>> {
+    return this.store.apps();
+  }
+
   /** The containers this runtime runs now. */
   containers(): Container[] {
     return [...this.active.values()];
@@ -668,7 +672,7 @@ export class OciRuntime implements ContainerRuntime {
         cwd: spec.cwd,
         logDir: p.logDir,
         netnsPath: net.path,
-        ...(o.memoryLimit !== undefined ? { memoryLimit: o.memoryLimit } : {}),
+        ...((spec.memoryLimit ?? o.memoryLimit) !== undefined ? { memoryLimit: spec.memoryLimit ?? o.memoryLimit } : {}),
         ...(o.readOnlyPaths ? { readOnlyPaths: o.readOnlyPaths } : {}),
         ...(o.tmpBytes !== undefined ? { tmpBytes: o.tmpBytes } : {}),
       },

@@ -1,4 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream, mkdirSync } from 'node:fs';
+import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { PicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
@@ -24,7 +26,23 @@ export class ProcessRuntime implements ContainerRuntime {
   readonly name = 'process';
   readonly keepsMemory = false;
 
-  constructor(private readonly log: Logger) {}
+  /** `logDir`: where each app's stdout and stderr are appended (APP.log); absent: into the worker's log. */
+  constructor(
+    private readonly log: Logger,
+    private readonly logDir?: string,
+  ) {
+    if (logDir) mkdirSync(logDir, { recursive: true });
+  }
+
+  logFile(app: string): string {
+    return path.join(this.logDir ?? '/dev/null', `${app}.log`);
+  }
+
+  async storedImages(): Promise<Array<{ app: string; generation: number }>> {
+    return [];
+  }
+
+  async close(): Promise<void> {}
 
   async start(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
     const log = this.log.child({ app: spec.name });
@@ -44,11 +62,19 @@ export class ProcessRuntime implements ContainerRuntime {
         resolve({ code: null, signal: null });
       });
     });
-    createInterface({ input: child.stdout! }).on('line', (line) => log.info({ stream: 'stdout' }, line));
+    const logStream = this.logDir ? createWriteStream(this.logFile(spec.name), { flags: 'a' }) : undefined;
+    if (logStream) {
+      logStream.on('error', (err) => log.warn({ err: err.message }, 'app log not writable'));
+      child.stdout!.pipe(logStream, { end: false });
+      child.stderr!.pipe(logStream, { end: false });
+      void exited.then(() => setImmediate(() => logStream.end()));
+    } else {
+      createInterface({ input: child.stdout! }).on('line', (line) => log.info({ stream: 'stdout' }, line));
+    }
     createInterface({ input: child.stderr! }).on('line', (line) => {
       stderrTail.push(line);
       if (stderrTail.length > STDERR_TAIL_LINES) stderrTail.shift();
-      log.warn({ stream: 'stderr' }, line);
+      if (!logStream) log.warn({ stream: 'stderr' }, line);
     });
 
     const endpoints: Endpoints = {};

@@ -41,4 +41,10 @@ export interface ContainerRuntime {
   restore(spec: AppSpec, signal?: AbortSignal): Promise<Container>;
   /** Removes the container, storing nothing. */
   stop(container: Container): Promise<void>;
+  /** The newest stored image of every app (empty for a runtime that keeps none). */
+  storedImages(): Promise<Array<{ app: string; generation: number }>>;
+  /** The file the app's stdout and stderr go to; it survives swap-outs. */
+  logFile(app: string): string;
+  /** Releases what the runtime holds (after its containers were stopped). */
+  close(): Promise<void>;
 }

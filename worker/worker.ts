@@ -1,3 +1,4 @@
+import { open } from 'node:fs/promises';
 import { PicoError, describeError, isPicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { AppSpec, ContainerInfo, WorkerEvent, WorkerRequest, WorkerResponse } from '../shared/protocol.js';
@@ -31,7 +32,8 @@ export class Worker {
   }
 
   async handle(req: WorkerRequest): Promise<WorkerResponse> {
-    if (req.type === 'list') return { v: 1, type: 'list', containers: this.list() };
+    if (req.type === 'list') return { v: 1, type: 'list', containers: this.list(), images: await this.runtime.storedImages() };
+    if (req.type === 'logs') return { v: 1, type: 'logs', app: req.app, text: await readTail(this.runtime.logFile(req.app), req.bytes) };
     const app = typeof req.app === 'string' ? req.app : req.app.name;
     if (req.type === 'stop') this.starting.get(app)?.abort();
     // Registered before queueing, so a stop that arrives while the start waits its turn cancels it too.
@@ -50,13 +52,14 @@ export class Worker {
     }
   }
 
-  /** Stops every container (clean shutdown). */
+  /** Stops every container, then releases the runtime (clean shutdown). */
   async stopAll(): Promise<void> {
     const apps = new Set([...this.containers.keys(), ...this.starting.keys()]);
     await Promise.all([...apps].map((app) => this.handle({ v: 1, type: 'stop', app })));
+    await this.runtime.close();
   }
 
-  private async perform(req: Exclude<WorkerRequest, { type: 'list' }>, signal?: AbortSignal): Promise<WorkerResponse> {
+  private async perform(req: Exclude<WorkerRequest, { type: 'list' | 'logs' }>, signal?: AbortSignal): Promise<WorkerResponse> {
     switch (req.type) {
       case 'start':
       case 'restore': {
@@ -135,5 +138,24 @@ export class Worker {
       if (this.queues.get(app) === settled) this.queues.delete(app);
     });
     return next;
+  }
+}
+
+/** The last `bytes` of a file ('' when it does not exist yet). */
+async function readTail(file: string, bytes: number): Promise<string> {
+  let fh;
+  try {
+    fh = await open(file, 'r');
+  } catch {
+    return '';
+  }
+  try {
+    const { size } = await fh.stat();
+    const length = Math.min(size, Math.max(0, bytes));
+    const buf = Buffer.alloc(length);
+    await fh.read(buf, 0, length, size - length);
+    return buf.toString('utf8');
+  } finally {
+    await fh.close();
   }
 }

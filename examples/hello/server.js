@@ -11,5 +11,5 @@ const server = http.createServer((req, res) => {
   res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
   res.end(body);
 });
-server.listen(port, '127.0.0.1');
+server.listen(port, '127.0.0.1', () => console.log(`hello listening on 127.0.0.1:${port}`));
 for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => server.close(() => process.exit(0)));

@@ -15,6 +15,8 @@ function gate(): Gate {
 export class FakeWorker implements WorkerConnection {
   readonly id = 'fake';
   readonly calls: WorkerRequest[] = [];
+  /** what `list` reports as stored */
+  images: Array<{ app: string; generation: number }> = [];
   failNext: Partial<Record<WorkerRequest['type'], string>> = {};
   private gates: Partial<Record<WorkerRequest['type'], Gate>> = {};
   private readonly listeners = new Set<(ev: WorkerEvent) => void>();
@@ -61,7 +63,9 @@ export class FakeWorker implements WorkerConnection {
       case 'stop':
         return { v: 1, type: 'stopped', app: req.app };
       case 'list':
-        return { v: 1, type: 'list', containers: [] };
+        return { v: 1, type: 'list', containers: [], images: this.images };
+      case 'logs':
+        return { v: 1, type: 'logs', app: req.app, text: '' };
     }
   }
 
