@@ -19,5 +19,6 @@ bench: build
 	bash scripts/install.sh --bench
 	node dist/bench/http.js --runs 3
 	node dist/bench/dns.js
+	node dist/bench/wake.js --runs 3
 
 clean:
