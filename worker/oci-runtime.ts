@@ -12,6 +12,7 @@ import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from '.
 import { Runc, type AttachedContainer, type RuncExit, type Timing } from './oci/runc.js';
 import { waitForPort } from './readiness.js';
 import type { CheckpointResult, Container, ContainerRuntime, ExitStatus } from './runtime.js';
+import { KeyedQueue } from './keyed-queue.js';
 
 /** Per-app settings the AppSpec does not carry (yet): see the proposal in the issue's note. */
 export interface OciAppOptions {
@@ -183,7 +184,7 @@ export class OciRuntime implements ContainerRuntime {
   private readonly records: AppRecords;
   private readonly host: HostFacts;
   private readonly active = new Map<string, OciContainer>();
-  private readonly queues = new Map<string, Promise<unknown>>();
+  private readonly queue = new KeyedQueue();
 
   /**
    * Runs no host check and cleans nothing up: use OciRuntime.create() in a worker. The constructor
@@ -236,7 +237,7 @@ export class OciRuntime implements ContainerRuntime {
    * was made and rejects with PICO_ERR_SHUTTING_DOWN.
    */
   async start(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
-    return this.serialise(spec.name, async () => {
+    return this.queue.run(spec.name, async () => {
       throwIfCancelled(spec, 'start', signal);
       this.assertNoContainer(spec.name);
       const log = this.log.child({ app: spec.name });
@@ -279,7 +280,7 @@ export class OciRuntime implements ContainerRuntime {
    */
   async checkpoint(container: Container): Promise<OciCheckpointResult> {
     const c = this.own(container);
-    return this.serialise(c.app, async () => {
+    return this.queue.run(c.app, async () => {
       if (c.phase !== 'running' || this.active.get(c.app) !== c) {
         throw new PicoError('PICO_ERR_INVALID_STATE', `app ${c.app}: no running container to checkpoint (it is ${c.phase})`);
       }
@@ -356,7 +357,7 @@ export class OciRuntime implements ContainerRuntime {
    * PICO_ERR_SHUTTING_DOWN.
    */
   async restore(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
-    return this.serialise(spec.name, async () => {
+    return this.queue.run(spec.name, async () => {
       throwIfCancelled(spec, 'restore', signal);
       this.assertNoContainer(spec.name);
       const log = this.log.child({ app: spec.name });
@@ -425,7 +426,7 @@ export class OciRuntime implements ContainerRuntime {
   /** SIGTERM, SIGKILL after the grace period, delete the container, remove its netns. */
   async stop(container: Container): Promise<void> {
     const c = this.own(container);
-    await this.serialise(c.app, async () => {
+    await this.queue.run(c.app, async () => {
       if (c.phase === 'gone') return;
       const log = this.log.child({ app: c.app });
       c.phase = 'stopping';
@@ -439,7 +440,7 @@ export class OciRuntime implements ContainerRuntime {
 
   /** Waits for operations under way. Containers keep running: stop or checkpoint them first. */
   async close(): Promise<void> {
-    await Promise.all([...this.queues.values()]);
+    await this.queue.idle();
   }
 
   /**
@@ -552,7 +553,7 @@ export class OciRuntime implements ContainerRuntime {
       if (c.incarnation !== inc || c.phase !== 'running') return; // an operation under way expects it
       const log = this.log.child({ app: c.app });
       log.warn({ code: status.code, signal: status.signal }, 'container exited on its own');
-      void this.serialise(c.app, () => this.lose(c, inc, log, 'exited on its own')).catch(() => undefined);
+      void this.queue.run(c.app, () => this.lose(c, inc, log, 'exited on its own')).catch(() => undefined);
     });
   }
 
@@ -704,20 +705,6 @@ export class OciRuntime implements ContainerRuntime {
       throw new PicoError('PICO_ERR_INVALID_STATE', `app ${container.app}: the container is not one of this oci runtime's`);
     }
     return container;
-  }
-
-  private serialise<T>(app: string, op: () => Promise<T>): Promise<T> {
-    const prev = this.queues.get(app) ?? Promise.resolve();
-    const next = prev.then(op, op);
-    const settled = next.then(
-      () => undefined,
-      () => undefined,
-    );
-    this.queues.set(app, settled);
-    void settled.then(() => {
-      if (this.queues.get(app) === settled) this.queues.delete(app);
-    });
-    return next;
   }
 }
 

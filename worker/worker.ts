@@ -3,6 +3,7 @@ import { PicoError, describeError, isPicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { AppSpec, ContainerInfo, WorkerEvent, WorkerRequest, WorkerResponse } from '../shared/protocol.js';
 import type { Container, ContainerRuntime } from './runtime.js';
+import { KeyedQueue } from './keyed-queue.js';
 
 /**
  * The worker agent: runs containers through one runtime and answers the control protocol.
@@ -13,7 +14,7 @@ import type { Container, ContainerRuntime } from './runtime.js';
  */
 export class Worker {
   private readonly containers = new Map<string, Container>();
-  private readonly queues = new Map<string, Promise<unknown>>();
+  private readonly queue = new KeyedQueue();
   /** apps whose container is being removed on purpose: their exit is not an event */
   private readonly removing = new Set<string>();
   private readonly listeners = new Set<(ev: WorkerEvent) => void>();
@@ -43,7 +44,7 @@ export class Worker {
       this.starting.set(app, cancel);
     }
     try {
-      return await this.serialise(app, () => this.perform(req, cancel?.signal));
+      return await this.queue.run(app, () => this.perform(req, cancel?.signal));
     } catch (err) {
       this.log.warn({ app, op: req.type, err: describeError(err) }, 'worker operation failed');
       return { v: 1, type: 'error', code: isPicoError(err) ? err.code : 'PICO_ERR_INTERNAL', message: describeError(err) };
@@ -124,20 +125,6 @@ export class Worker {
       pid: c.pid,
       startedAt: c.startedAt.toISOString(),
     }));
-  }
-
-  private serialise<T>(app: string, op: () => Promise<T>): Promise<T> {
-    const prev = this.queues.get(app) ?? Promise.resolve();
-    const next = prev.then(op, op);
-    const settled = next.then(
-      () => undefined,
-      () => undefined,
-    );
-    this.queues.set(app, settled);
-    void settled.then(() => {
-      if (this.queues.get(app) === settled) this.queues.delete(app);
-    });
-    return next;
   }
 }
 
