@@ -415,6 +415,8 @@ export function toSpec(app: AppConfig, cfg: Readonly<Config>): AppSpec {
     ports: [...(app.http ? [app.http.port] : []), ...(app.tcp ?? [])],
     readyTimeoutMs: app.readyTimeout ?? cfg.worker.readyTimeout,
     ...(app.memory !== undefined ? { memoryLimit: app.memory } : {}),
+    ...(app.rootfs !== undefined ? { rootfs: app.rootfs } : {}),
+    ...(app.bundle !== undefined ? { bundle: app.bundle } : {}),
   };
 }
 

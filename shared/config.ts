@@ -103,6 +103,10 @@ const appSchema = z.strictObject({
   hold: holdSchema.optional().describe('overrides gateway.hold for this app'),
   readyTimeout: duration().optional().describe('overrides worker.readyTimeout for this app'),
   memory: size().optional().describe('memory limit of the app\'s container (oci runtime), e.g. 256Mi'),
+  rootfs: z.string().min(1).optional()
+    .describe('oci: the container\'s root filesystem directory, relative to the config file; default: the host\'s system read-only plus the app\'s directory'),
+  bundle: z.string().min(1).optional()
+    .describe('oci: an OCI bundle directory (config.json + rootfs) to run instead of building one; command and cwd come from its config.json'),
 });
 
 const storeSchema = z.discriminatedUnion('kind', [
@@ -178,6 +182,14 @@ export const configSchema = z
       });
       if (app.memory !== undefined && cfg.worker.runtime !== 'oci') {
         ctx.addIssue({ code: 'custom', path: ['apps', i, 'memory'], message: 'memory limits need worker.runtime: oci' });
+      }
+      for (const key of ['rootfs', 'bundle'] as const) {
+        if (app[key] !== undefined && cfg.worker.runtime !== 'oci') {
+          ctx.addIssue({ code: 'custom', path: ['apps', i, key], message: `${key} needs worker.runtime: oci` });
+        }
+      }
+      if (app.rootfs !== undefined && app.bundle !== undefined) {
+        ctx.addIssue({ code: 'custom', path: ['apps', i, 'bundle'], message: 'give either rootfs or bundle, not both' });
       }
       if (!app.http && !app.tcp) {
         ctx.addIssue({ code: 'custom', path: ['apps', i], message: 'an app needs `http` or `tcp` ports, or no traffic can reach it' });
@@ -288,7 +300,12 @@ function resolvePaths(cfg: Config, baseDir: string): Config {
     ...cfg,
     store: { ...cfg.store, path: path.resolve(baseDir, cfg.store.path) },
     worker: { ...cfg.worker, dataDir: path.resolve(baseDir, cfg.worker.dataDir) },
-    apps: cfg.apps.map((a) => ({ ...a, cwd: path.resolve(baseDir, a.cwd ?? '.') })),
+    apps: cfg.apps.map((a) => ({
+      ...a,
+      cwd: path.resolve(baseDir, a.cwd ?? '.'),
+      ...(a.rootfs !== undefined ? { rootfs: path.resolve(baseDir, a.rootfs) } : {}),
+      ...(a.bundle !== undefined ? { bundle: path.resolve(baseDir, a.bundle) } : {}),
+    })),
   };
 }
 

@@ -24,6 +24,10 @@ export interface AppSpec {
   readyTimeoutMs: number;
   /** memory limit of the container in bytes (runtimes with containers); absent: none */
   memoryLimit?: number;
+  /** container runtimes: the root filesystem directory; absent: the host's system read-only */
+  rootfs?: string;
+  /** container runtimes: an OCI bundle directory to run as given (its config.json decides) */
+  bundle?: string;
 }
 
 /** Where the gateway reaches one container port. */
