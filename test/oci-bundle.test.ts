@@ -3,7 +3,10 @@ import { lstatSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync } 
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
-import { bundleConfig, LOG_FILE, LOG_MOUNT, writeBundle, type BundleSpec, type HostFacts } from '../worker/oci/bundle.js';
+import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { bundleConfig, LOG_FILE, LOG_MOUNT, pathInside, resolveInRootfs, writeBundle, type BundleSpec, type HostFacts } from '../worker/oci/bundle.js';
+import { defaultSeccomp } from '../worker/oci/seccomp.js';
+import { adaptUserBundle, checkUserConfig, readUserBundle, type UserBundle } from '../worker/oci/user-bundle.js';
 import { compareVersions, isNoise } from '../worker/oci/criu.js';
 import { MAX_SLOT, networkFor } from '../worker/oci/netns.js';
 
@@ -88,6 +91,136 @@ describe('oci bundle config', () => {
     assert.equal(b.logFile, path.join(dir, 'log', LOG_FILE));
     // Rewriting the bundle of a stored app (before its restore) must work.
     writeBundle(path.join(dir, 'bundle'), spec({ logDir: path.join(dir, 'log') }), merged);
+  });
+});
+
+describe('oci bundle config: rootfs layout', () => {
+  it('uses the given directory as a read-only root, with /tmp and /run tmpfs and no host system mounts', () => {
+    const c = bundleConfig(spec({ rootfs: '/srv/rootfs', cwd: '/tmp/apps/hello', readOnlyPaths: ['/opt/node'] }), merged);
+    assert.deepEqual(c.root, { path: '/srv/rootfs', readonly: true });
+    const byDest = new Map(c.mounts.map((m) => [m.destination, m]));
+    for (const p of ['/usr', '/etc', '/opt/node']) assert.equal(byDest.has(p), false, `${p} is a host path: not in a rootfs container`);
+    assert.equal(byDest.get('/tmp')?.type, 'tmpfs');
+    assert.equal(byDest.get('/run')?.type, 'tmpfs');
+    assert.equal(byDest.get(LOG_MOUNT)?.source, '/var/lib/picocenter/logs/hello');
+    // A cwd outside the rootfs is the app's directory: mounted read-write at the same path.
+    assert.deepEqual(byDest.get('/tmp/apps/hello')?.options, ['bind', 'rw', 'nosuid', 'nodev']);
+    assert.equal(c.process.cwd, '/tmp/apps/hello');
+    const order = c.mounts.map((m) => m.destination);
+    assert.ok(order.indexOf('/run') < order.indexOf(LOG_MOUNT));
+    assert.equal(c.process.args[0], '/bin/sh');
+  });
+
+  it('a cwd inside the rootfs is the container path, with nothing mounted for it', () => {
+    const c = bundleConfig(spec({ rootfs: '/srv/rootfs', appDir: '/srv/rootfs/app', cwd: '/srv/rootfs/app/www' }), merged);
+    assert.equal(c.process.cwd, '/app/www');
+    assert.equal(c.mounts.some((m) => m.source.startsWith('/srv/rootfs')), false);
+    assert.equal(pathInside('/srv/rootfs', '/srv/rootfs'), '/');
+    assert.equal(pathInside('/srv/rootfs', '/srv/rootfs-other/x'), null);
+    assert.equal(pathInside('/srv/rootfs', '/srv'), null);
+  });
+
+  it('resolves /bin/sh inside a rootfs the way the container will (absolute links stay inside)', () => {
+    const r = path.join(dir, 'resolve-rootfs');
+    mkdirSync(path.join(r, 'usr', 'bin'), { recursive: true });
+    writeFileSync(path.join(r, 'usr', 'bin', 'dash'), '');
+    symlinkSync('usr/bin', path.join(r, 'bin'));
+    symlinkSync('/usr/bin/dash', path.join(r, 'usr', 'bin', 'sh'));
+    assert.equal(resolveInRootfs(r, '/bin/sh'), path.join(r, 'usr', 'bin', 'dash'));
+    symlinkSync('../../../../etc/passwd', path.join(r, 'usr', 'bin', 'escape'));
+    assert.equal(resolveInRootfs(r, '/bin/escape'), null, '.. stops at the rootfs root: /etc/passwd of the rootfs, which is absent');
+    symlinkSync('loop', path.join(r, 'loop'));
+    assert.equal(resolveInRootfs(r, '/loop'), null);
+  });
+
+  it('every layout carries the default seccomp profile', () => {
+    for (const c of [bundleConfig(spec(), merged), bundleConfig(spec({ rootfs: '/srv/rootfs' }), merged)]) {
+      assert.deepEqual(c.linux.seccomp, defaultSeccomp());
+    }
+    const p = defaultSeccomp();
+    assert.equal(p.defaultAction, 'SCMP_ACT_ALLOW');
+    const denied = p.syscalls.filter((r) => !r.args).flatMap((r) => r.names);
+    for (const name of ['kexec_load', 'init_module', 'open_by_handle_at', 'mount', 'unshare', 'setns', 'bpf', 'userfaultfd', 'clone3']) assert.ok(denied.includes(name), name);
+    for (const name of ['clone', 'ptrace', 'execve', 'mmap']) assert.ok(!denied.includes(name), `${name} must stay allowed`);
+    // clone is denied only with a namespace flag, one rule per flag.
+    assert.ok(p.syscalls.filter((r) => r.names.includes('clone')).every((r) => r.args?.[0]?.op === 'SCMP_CMP_MASKED_EQ'));
+  });
+});
+
+describe('oci bundle config: an operator\'s own bundle', () => {
+  const file = '/srv/b/config.json';
+  const base = () => ({
+    ociVersion: '1.0.2-dev',
+    process: { terminal: true, user: { uid: 1000, gid: 1000 }, args: ['node', 'server.js'], env: ['PATH=/usr/bin', 'PORT=1', 'TERM=xterm'], cwd: '/app', rlimits: [{ type: 'RLIMIT_NOFILE', hard: 1048576, soft: 1024 }] },
+    root: { path: 'rootfs', readonly: true },
+    hostname: 'mine',
+    mounts: [
+      { destination: '/proc', type: 'proc', source: 'proc' },
+      { destination: '/data', type: 'bind', source: 'data', options: ['rbind', 'rw'] },
+    ],
+    hooks: { prestart: [{ path: '/usr/bin/evil' }] },
+    linux: { namespaces: [{ type: 'network' }, { type: 'uts' }], resources: { memory: { limit: 1, swap: 5 } }, maskedPaths: ['/proc/kcore'] },
+  });
+  const user = (config: unknown): UserBundle => ({ dir: '/srv/b', configFile: file, config: checkUserConfig(config, file), rootfs: '/srv/b/rootfs' });
+  const overrides = { id: 'pico-mine', env: { PORT: '8080', APP_NAME: 'mine' }, logDir: '/var/lib/pico/log', netnsPath: '/var/run/netns/pico-mine' };
+
+  it('overrides only what Picocenter controls, and keeps the rest of config.json', () => {
+    const c = adaptUserBundle(user(base()), { ...overrides, memoryLimit: 64 << 20 }, merged) as any;
+    assert.equal(c.process.terminal, false);
+    assert.deepEqual(c.process.args.slice(4), ['node', 'server.js']);
+    assert.equal(c.process.args[0], '/bin/sh');
+    assert.deepEqual(c.process.env, ['PATH=/usr/bin', 'PORT=8080', 'TERM=xterm', 'APP_NAME=mine']);
+    assert.deepEqual(c.process.user, { uid: 1000, gid: 1000 });
+    assert.equal(c.process.cwd, '/app');
+    assert.deepEqual(c.process.rlimits, [{ type: 'RLIMIT_NOFILE', hard: 20000, soft: 1024 }]);
+    assert.equal(c.root.path, '/srv/b/rootfs');
+    assert.equal(c.root.readonly, true);
+    assert.equal(c.hostname, 'mine');
+    assert.deepEqual(c.mounts.map((m: { destination: string }) => m.destination), ['/proc', '/data', '/run', LOG_MOUNT]);
+    assert.equal(c.mounts[1].source, '/srv/b/data', 'a relative bind source is the user bundle\'s');
+    assert.equal(c.mounts[3].source, '/var/lib/pico/log');
+    assert.deepEqual(c.linux.namespaces, [{ type: 'uts' }, { type: 'pid' }, { type: 'mount' }, { type: 'network', path: '/var/run/netns/pico-mine' }]);
+    assert.equal(c.linux.cgroupsPath, '/picocenter/pico-mine');
+    assert.deepEqual(c.linux.resources.memory, { limit: 64 << 20, swap: 5 });
+    assert.deepEqual(c.linux.maskedPaths, ['/proc/kcore']);
+    assert.deepEqual(c.linux.seccomp, defaultSeccomp());
+    assert.equal(c.hooks, undefined, 'hooks would run on the host');
+  });
+
+  it('keeps the bundle\'s own seccomp profile, memory limit and /run tmpfs', () => {
+    const b = base() as any;
+    b.linux.seccomp = { defaultAction: 'SCMP_ACT_ERRNO', syscalls: [] };
+    b.mounts.push({ destination: '/run', type: 'tmpfs', source: 'tmpfs' });
+    const c = adaptUserBundle(user(b), overrides, merged) as any;
+    assert.deepEqual(c.linux.seccomp, { defaultAction: 'SCMP_ACT_ERRNO', syscalls: [] });
+    assert.deepEqual(c.linux.resources.memory, { limit: 1, swap: 5 });
+    assert.equal(c.mounts.filter((m: { destination: string }) => m.destination === '/run').length, 1);
+    b.mounts.at(-1).type = 'bind';
+    assert.throws(() => adaptUserBundle(user(b), overrides, merged), /config\.json: mounts: \/run is a bind mount; Picocenter needs \/run to be a tmpfs/);
+  });
+
+  it('refuses a config.json that is not an OCI config, naming the file and the field', () => {
+    const bad = (mutate: (c: any) => void, why: RegExp) => {
+      const c = base() as any;
+      mutate(c);
+      assert.throws(() => checkUserConfig(c, file), (err: Error) => err.message.startsWith(`bundle config ${file}: `) && why.test(err.message));
+    };
+    assert.throws(() => checkUserConfig([], file), /not a JSON object/);
+    bad((c) => delete c.ociVersion, /ociVersion is missing/);
+    bad((c) => (c.process.args = 'node'), /process\.args/);
+    bad((c) => (c.process.cwd = 'app'), /process\.cwd must be an absolute path/);
+    bad((c) => (c.process.env = [1]), /process\.env/);
+    bad((c) => delete c.root, /root\.path is missing/);
+    bad((c) => (c.mounts = [{ destination: 'x' }]), /mounts\[0\]\.destination/);
+    bad((c) => (c.linux.namespaces = [{}]), /linux\.namespaces/);
+  });
+
+  it('readUserBundle says which file cannot be read or parsed', () => {
+    const b = path.join(dir, 'user-bundle');
+    mkdirSync(b, { recursive: true });
+    assert.throws(() => readUserBundle(b), new RegExp(`bundle config ${path.join(b, 'config.json')} cannot be read: ENOENT`));
+    writeFileSync(path.join(b, 'config.json'), '{');
+    assert.throws(() => readUserBundle(b), /config\.json is not valid JSON/);
   });
 });
 

@@ -372,7 +372,14 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     const conn = await connect(c.endpoints[6379]!);
     conn.on('error', () => {});
     conn.write('EXIT 7\n');
-    assert.deepEqual(await c.exited, { code: 7, signal: null });
+    // runc is an unref'd child (it may outlive its worker): once the connection closes, nothing
+    // else would keep this process's event loop alive until runc's exit is reported.
+    const keepAlive = setInterval(() => {}, 1000);
+    try {
+      assert.deepEqual(await c.exited, { code: 7, signal: null });
+    } finally {
+      clearInterval(keepAlive);
+    }
     conn.destroy();
     await until(async () => !existsSync(path.join(NETNS_DIR, containerIdFor(prefix, 'crasher'))), 'the netns of the crashed app to go');
     await assertGone('crasher');

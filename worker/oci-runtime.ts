@@ -7,6 +7,7 @@ import type { Logger } from '../shared/log.js';
 import type { AppSpec, Endpoints } from '../shared/protocol.js';
 import { AppRecords, DEFAULT_PREFIX, DEFAULT_SLOTS, type AppRecord, type SlotRange } from './oci/app-records.js';
 import { hostFacts, LOG_FILE, writeBundle, type HostFacts } from './oci/bundle.js';
+import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
 import { Runc, type AttachedContainer, type RuncExit, type Timing } from './oci/runc.js';
@@ -613,7 +614,7 @@ export class OciRuntime implements ContainerRuntime {
   private async kill(record: AppRecord, inc: Incarnation, graceMs: number, log: Logger): Promise<ExitStatus> {
     if (inc.status === null && graceMs > 0) {
       await this.runc.kill(record.id, 'SIGTERM').catch(() => undefined);
-      await Promise.race([inc.att.exit, delay(graceMs)]);
+      await raceTimeout(inc.att.exit, graceMs);
     }
     if (inc.status === null) await this.runc.kill(record.id, 'SIGKILL', { all: true }).catch(() => undefined);
     const status = await this.runcExit(inc);
@@ -623,8 +624,7 @@ export class OciRuntime implements ContainerRuntime {
 
   /** runc's exit once its init is gone; a runc that hangs on is killed. */
   private async runcExit(inc: Incarnation): Promise<RuncExit> {
-    const timeout = delay(RUNC_EXIT_TIMEOUT_MS).then(() => null);
-    const status = await Promise.race([inc.att.exit, timeout]);
+    const status = await raceTimeout(inc.att.exit, RUNC_EXIT_TIMEOUT_MS);
     if (status) return status;
     try {
       process.kill(inc.att.runcPid, 'SIGKILL');
@@ -656,13 +656,30 @@ export class OciRuntime implements ContainerRuntime {
     await destroyNetwork(net).catch((err: unknown) => log.warn({ err: describeError(err), netns: net.name }, 'removing the netns failed'));
   }
 
+  /**
+   * The runtime's bundle of the app, in one of three layouts: the app's own OCI bundle
+   * (spec.bundle: its config.json adapted, user-bundle.ts), a given root filesystem (spec.rootfs),
+   * or the host's system read-only plus the app's directory (bundle.ts). Rewritten on every start
+   * and restore; a restore needs the same mounts as the dump, so a bundle's config.json or a
+   * rootfs should not change its mounts while the app is stored.
+   */
   private writeBundle(spec: AppSpec, record: AppRecord, net: AppNetwork): void {
     const o = this.appOptions(spec.name);
     const env: Record<string, string> = {};
-    for (const k of PASSED_ENV) if (process.env[k] !== undefined) env[k] = process.env[k]!;
+    if (spec.bundle === undefined) for (const k of PASSED_ENV) if (process.env[k] !== undefined) env[k] = process.env[k]!;
     Object.assign(env, spec.env, { APP_NAME: spec.name, PORTS: spec.ports.join(',') });
     if (spec.ports.length > 0) env.PORT = String(spec.ports[0]);
     const p = this.records.paths(spec.name);
+    const memoryLimit = spec.memoryLimit ?? o.memoryLimit;
+    if (spec.bundle !== undefined) {
+      writeUserBundle(
+        p.bundle,
+        spec.bundle,
+        { id: record.id, env, logDir: p.logDir, netnsPath: net.path, ...(memoryLimit !== undefined ? { memoryLimit } : {}) },
+        this.host,
+      );
+      return;
+    }
     writeBundle(
       p.bundle,
       {
@@ -673,7 +690,8 @@ export class OciRuntime implements ContainerRuntime {
         cwd: spec.cwd,
         logDir: p.logDir,
         netnsPath: net.path,
-        ...((spec.memoryLimit ?? o.memoryLimit) !== undefined ? { memoryLimit: spec.memoryLimit ?? o.memoryLimit } : {}),
+        ...(memoryLimit !== undefined ? { memoryLimit } : {}),
+        ...(spec.rootfs !== undefined ? { rootfs: spec.rootfs } : {}),
         ...(o.readOnlyPaths ? { readOnlyPaths: o.readOnlyPaths } : {}),
         ...(o.tmpBytes !== undefined ? { tmpBytes: o.tmpBytes } : {}),
       },
@@ -705,6 +723,19 @@ export class OciRuntime implements ContainerRuntime {
       throw new PicoError('PICO_ERR_INVALID_STATE', `app ${container.app}: the container is not one of this oci runtime's`);
     }
     return container;
+  }
+}
+
+/**
+ * `p`, or null after `ms`. The timer is cancelled once `p` settles: a timer left pending would
+ * keep the process alive (`picocenter up` lingered ~10 s after "stopped" before it was).
+ */
+async function raceTimeout<T>(p: Promise<T>, ms: number): Promise<T | null> {
+  const ac = new AbortController();
+  try {
+    return await Promise.race([p, delay(ms, null, { signal: ac.signal })]);
+  } finally {
+    ac.abort();
   }
 }
 

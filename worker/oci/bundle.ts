@@ -1,10 +1,15 @@
-import { lstatSync, mkdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { lstatSync, mkdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { defaultSeccomp, type SeccompProfile } from './seccomp.js';
 
 /**
- * OCI bundles for apps: the host's system read-only plus the app's own directory.
+ * OCI bundles for apps, in one of two layouts (a third, an operator's own OCI bundle, is
+ * user-bundle.ts):
  *
- * Inside a container:
+ *   host layout (default)   the host's system read-only plus the app's own directory
+ *   rootfs layout           a given root filesystem directory (BundleSpec.rootfs)
+ *
+ * Host layout, inside a container:
  *   /            an empty skeleton directory of the bundle, read-only
  *   /usr, /etc   the host's, bind-mounted read-only; /bin, /lib, /lib64, /sbin are the host's
  *                symlinks into /usr (merged-/usr hosts) or read-only binds of their own
@@ -19,13 +24,28 @@ import path from 'node:path';
  *                on a bind mount: it survives checkpoints, and truncating or appending to it
  *                while the app is stored does not break the restore (verified with CRIU 4.2.1).
  *
+ * Rootfs layout, inside a container:
+ *   /            the given directory, read-only (mounted as it is: no copy, no overlay)
+ *   /proc, /dev, /sys   as in the host layout
+ *   /tmp         a tmpfs, as in the host layout
+ *   /run         a small tmpfs (so the log mount below needs nothing in the rootfs)
+ *   /run/picocenter/app.log   the app's log, as in the host layout
+ *   APP DIR      only when the app's cwd lies OUTSIDE the rootfs: that directory, read-write, at
+ *                the same path (as in the host layout: the app's own writable directory). A cwd
+ *                INSIDE the rootfs is simply the container's working directory (its path
+ *                relative to the rootfs), read-only like the rest of it; the app then writes to
+ *                /tmp (part of the image) only.
+ *   The command, env and cwd come from the app's spec; the stdio redirection needs /bin/sh in
+ *   the rootfs (checked by writeBundle). Nothing in the rootfs is written, except that runc
+ *   creates a mount point (an empty directory) that the rootfs lacks: /proc, /dev, /sys, /tmp,
+ *   /run, and the app directory's path when it is outside the rootfs and not under /tmp.
+ *
  * Namespaces: PID, mount, IPC, UTS of its own; network: the app's namespace by path (netns.ts),
  * which runc then declares external to CRIU, so it is neither dumped nor restored — it must exist
  * at `netnsPath` before `runc run` and `runc restore`.
  *
- * Security: runc's default capabilities (AUDIT_WRITE, KILL, NET_BIND_SERVICE) and
- * noNewPrivileges. No seccomp profile: runc has no built-in default (that is Docker's), and
- * `runc spec` emits none.
+ * Security: runc's default capabilities (AUDIT_WRITE, KILL, NET_BIND_SERVICE), noNewPrivileges,
+ * and the default seccomp profile of seccomp.ts (runc has no built-in default).
  */
 
 /** Where the log directory is mounted inside the container, and the log's name in it. */
@@ -34,6 +54,8 @@ export const LOG_FILE = 'app.log';
 
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const DEFAULT_TMP_BYTES = 64 * 1024 * 1024;
+/** size of the rootfs layout's /run tmpfs: it only holds the log mount point */
+const RUN_BYTES = 1024 * 1024;
 /** open files an app may have, capped by the worker's own hard limit (see hostFacts) */
 const NOFILE = 65536;
 /** runc's own defaults (`runc spec`): the capabilities an app keeps. */
@@ -62,6 +84,11 @@ export interface BundleSpec {
   readOnlyPaths?: string[];
   /** size of /tmp in bytes; default 64 MiB */
   tmpBytes?: number;
+  /**
+   * A root filesystem directory (absolute) to use as the container's root instead of the host's
+   * system; readOnlyPaths are then ignored (they are host paths).
+   */
+  rootfs?: string;
 }
 
 /** The part of the OCI runtime spec (1.0.2) that the bundles use. */
@@ -86,6 +113,7 @@ export interface OciConfig {
     namespaces: { type: string; path?: string }[];
     maskedPaths: string[];
     readonlyPaths: string[];
+    seccomp: SeccompProfile;
   };
 }
 
@@ -135,23 +163,30 @@ export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): O
   const nofile = Math.min(NOFILE, host.nofileHard);
   const ro = (p: string): OciMount => ({ destination: p, type: 'bind', source: p, options: ['bind', 'ro', 'nosuid', 'nodev'] });
   const rw = (source: string, destination: string): OciMount => ({ destination, type: 'bind', source, options: ['bind', 'rw', 'nosuid', 'nodev'] });
+  const tmp: OciMount = { destination: '/tmp', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=1777', `size=${spec.tmpBytes ?? DEFAULT_TMP_BYTES}`] };
+  // In the rootfs layout, a cwd inside the rootfs is a path of the container; outside, it is the
+  // app's own directory, mounted at the same path.
+  const inside = spec.rootfs !== undefined ? pathInside(spec.rootfs, spec.cwd ?? spec.appDir) : null;
   const mounts: OciMount[] = [
     // runc's defaults, less /sys/fs/cgroup (apps need no cgroup tree; one less mount to dump)
-    { destination: '/proc', type: 'proc', source: 'proc' },
-    { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
-    { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },
-    { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
-    { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
-    { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
-    ro('/usr'),
-    ro('/etc'),
-    ...Object.entries(host.layout)
-      .filter(([, v]) => v === 'dir')
-      .map(([p]) => ro(p)),
-    // Before the paths below: an app or log directory under /tmp is mounted on top of this tmpfs.
-    { destination: '/tmp', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=1777', `size=${spec.tmpBytes ?? DEFAULT_TMP_BYTES}`] },
-    ...(spec.readOnlyPaths ?? []).map(ro),
-    rw(spec.appDir, spec.appDir),
+    ...STANDARD_MOUNTS,
+    ...(spec.rootfs === undefined
+      ? [
+          ro('/usr'),
+          ro('/etc'),
+          ...Object.entries(host.layout)
+            .filter(([, v]) => v === 'dir')
+            .map(([p]) => ro(p)),
+          // Before the paths below: an app or log directory under /tmp is mounted on top of this tmpfs.
+          tmp,
+          ...(spec.readOnlyPaths ?? []).map(ro),
+          rw(spec.appDir, spec.appDir),
+        ]
+      : [
+          tmp,
+          RUN_TMPFS,
+          ...(inside === null ? [rw(spec.appDir, spec.appDir)] : []),
+        ]),
     rw(spec.logDir, LOG_MOUNT),
   ];
   const env = { PATH: DEFAULT_PATH, ...spec.env };
@@ -160,18 +195,18 @@ export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): O
     process: {
       terminal: false,
       user: { uid: 0, gid: 0 },
-      args: ['/bin/sh', '-c', `exec "$@" </dev/null >>${LOG_MOUNT}/${LOG_FILE} 2>&1`, 'sh', ...spec.args],
+      args: stdioWrapper(spec.args),
       env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
-      cwd: spec.cwd ?? spec.appDir,
+      cwd: inside ?? spec.cwd ?? spec.appDir,
       capabilities: { bounding: CAPABILITIES, effective: CAPABILITIES, permitted: CAPABILITIES, ambient: CAPABILITIES },
       rlimits: [{ type: 'RLIMIT_NOFILE', hard: nofile, soft: nofile }],
       noNewPrivileges: true,
     },
-    root: { path: 'rootfs', readonly: true },
+    root: { path: spec.rootfs ?? 'rootfs', readonly: true },
     hostname: spec.id,
     mounts,
     linux: {
-      cgroupsPath: `/picocenter/${spec.id}`,
+      cgroupsPath: cgroupsPathFor(spec.id),
       resources: {
         devices: [{ allow: false, access: 'rwm' }],
         ...(spec.memoryLimit !== undefined ? { memory: { limit: spec.memoryLimit } } : {}),
@@ -182,8 +217,95 @@ export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): O
         '/proc/timer_stats', '/proc/sched_debug', '/sys/firmware', '/proc/scsi',
       ],
       readonlyPaths: ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
+      seccomp: defaultSeccomp(),
     },
   };
+}
+
+/** /proc, /dev and /sys as runc's own `runc spec` has them, less /sys/fs/cgroup. */
+const STANDARD_MOUNTS: readonly OciMount[] = [
+  { destination: '/proc', type: 'proc', source: 'proc' },
+  { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
+  { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },
+  { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
+  { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
+  { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+];
+
+/** The /run tmpfs of layouts whose root is not ours: LOG_MOUNT's mount point lives in it. */
+export const RUN_TMPFS: OciMount = { destination: '/run', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=755', `size=${RUN_BYTES}`] };
+
+/**
+ * The app's command, run by /bin/sh, which points stdin at /dev/null and stdout and stderr at the
+ * log INSIDE the container (see the top of this file), then execs the command as PID 1.
+ */
+export function stdioWrapper(args: readonly string[]): string[] {
+  return ['/bin/sh', '-c', `exec "$@" </dev/null >>${LOG_MOUNT}/${LOG_FILE} 2>&1`, 'sh', ...args];
+}
+
+/** The cgroup (relative to each hierarchy's root) of container `id`. */
+export function cgroupsPathFor(id: string): string {
+  return `/picocenter/${id}`;
+}
+
+/** `p` as a path of the container whose root is `rootfs`, or null when `p` is outside it. */
+export function pathInside(rootfs: string, p: string): string | null {
+  const rel = path.relative(rootfs, p);
+  if (rel === '') return '/';
+  if (rel.startsWith('..') || path.isAbsolute(rel)) return null;
+  return `/${rel.split(path.sep).join('/')}`;
+}
+
+/**
+ * Where absolute path `p` of a root filesystem leads on the host: symlinks are followed the way
+ * the container will see them (an absolute target is taken relative to `rootfs`, `..` stops at
+ * its root). null when something on the way does not exist or the links loop.
+ */
+export function resolveInRootfs(rootfs: string, p: string): string | null {
+  let parts = p.split('/').filter(Boolean);
+  const done: string[] = [];
+  for (let hops = 0; parts.length > 0; ) {
+    const name = parts.shift()!;
+    if (name === '.') continue;
+    if (name === '..') {
+      done.pop();
+      continue;
+    }
+    const host = path.join(rootfs, ...done, name);
+    let st;
+    try {
+      st = lstatSync(host);
+    } catch {
+      return null;
+    }
+    if (st.isSymbolicLink()) {
+      if (++hops > 40) return null;
+      const target = readlinkSync(host);
+      if (target.startsWith('/')) done.length = 0;
+      parts = [...target.split('/').filter(Boolean), ...parts];
+      continue;
+    }
+    done.push(name);
+  }
+  return path.join(rootfs, ...done);
+}
+
+/** Throws unless the root filesystem `rootfs` has an executable /bin/sh (stdioWrapper needs it). */
+export function assertShell(rootfs: string, what: string): void {
+  const sh = resolveInRootfs(rootfs, '/bin/sh');
+  let ok = false;
+  try {
+    const st = sh ? statSync(sh) : null;
+    ok = st !== null && st.isFile() && (st.mode & 0o111) !== 0;
+  } catch {
+    ok = false;
+  }
+  if (!ok) {
+    throw new Error(
+      `${what} has no executable /bin/sh: Picocenter runs the app through it to point stdout and stderr at the app's log ` +
+        'inside the container (CRIU cannot dump stdio that is a file or pipe of the host)',
+    );
+  }
 }
 
 export interface Bundle {
@@ -200,6 +322,12 @@ export interface Bundle {
  */
 export function writeBundle(dir: string, spec: BundleSpec, host: HostFacts = hostFacts()): Bundle {
   const config = bundleConfig(spec, host);
+  if (spec.rootfs !== undefined) {
+    // Not ours to write into: runc makes what mount points it lacks.
+    if (!isDirectory(spec.rootfs)) throw new Error(`rootfs ${spec.rootfs} is not a directory`);
+    assertShell(spec.rootfs, `rootfs ${spec.rootfs}`);
+    return writeConfig(dir, config, spec.logDir);
+  }
   const rootfs = path.join(dir, config.root.path);
   mkdirSync(rootfs, { recursive: true });
   for (const [p, v] of Object.entries(host.layout)) {
@@ -210,15 +338,32 @@ export function writeBundle(dir: string, spec: BundleSpec, host: HostFacts = hos
   }
   // Mount points, made now: runc would create them too, but only while / is still writable.
   for (const m of config.mounts) mkdirSync(path.join(rootfs, m.destination), { recursive: true });
-  mkdirSync(spec.logDir, { recursive: true });
+  return writeConfig(dir, config, spec.logDir);
+}
+
+/** Writes `dir/config.json` (and makes the log directory): the part every layout shares. */
+export function writeConfig<C extends object>(dir: string, config: C, logDir: string): { dir: string; config: C; logFile: string } {
+  mkdirSync(dir, { recursive: true });
+  mkdirSync(logDir, { recursive: true });
   writeFileSync(path.join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
-  return { dir, config, logFile: path.join(spec.logDir, LOG_FILE) };
+  return { dir, config, logFile: path.join(logDir, LOG_FILE) };
+}
+
+function isDirectory(p: string): boolean {
+  try {
+    return statSync(p).isDirectory();
+  } catch {
+    return false;
+  }
 }
 
 function validate(spec: BundleSpec): void {
   if (!CONTAINER_ID.test(spec.id)) throw new Error(`container id ${JSON.stringify(spec.id)} is not [A-Za-z0-9][A-Za-z0-9_.-]{0,63}`);
   if (spec.args.length === 0) throw new Error(`container ${spec.id}: empty command`);
-  for (const [what, p] of [['app directory', spec.appDir], ['log directory', spec.logDir], ['netns path', spec.netnsPath], ...(spec.readOnlyPaths ?? []).map((r) => ['read-only path', r])] as const) {
+  const paths = [['app directory', spec.appDir], ['log directory', spec.logDir], ['netns path', spec.netnsPath], ...(spec.readOnlyPaths ?? []).map((r) => ['read-only path', r])];
+  if (spec.rootfs !== undefined) paths.push(['rootfs', spec.rootfs]);
+  if (spec.cwd !== undefined) paths.push(['working directory', spec.cwd]);
+  for (const [what, p] of paths as [string, string][]) {
     if (!path.isAbsolute(p)) throw new Error(`container ${spec.id}: ${what} ${p} is not absolute`);
   }
   if (spec.memoryLimit !== undefined && !(Number.isSafeInteger(spec.memoryLimit) && spec.memoryLimit > 0)) {
