@@ -32,7 +32,13 @@ export interface RunningPicocenter {
 
 export const CLI = repoFile('dist/bin/picocenter.js');
 
-export async function startPicocenter(configYaml: string): Promise<RunningPicocenter> {
+export interface StartOptions {
+  /** how long `picocenter up` may take to log "picocenter up", in ms; default 15 s */
+  upTimeoutMs?: number;
+}
+
+/** Starts `picocenter up`; a process that does not come up is killed, and the start rejects. */
+export async function startPicocenter(configYaml: string, options: StartOptions = {}): Promise<RunningPicocenter> {
   const dir = mkdtempSync(path.join(tmpdir(), 'pico-e2e-'));
   const configFile = path.join(dir, 'picocenter.yaml');
   writeFileSync(configFile, configYaml);
@@ -53,14 +59,26 @@ export async function startPicocenter(configYaml: string): Promise<RunningPicoce
   });
   let exited = false;
   const exit = new Promise<number | null>((resolve) => proc.once('exit', (code) => ((exited = true), resolve(code))));
-  const upLine = await until(
-    () => {
-      if (exited) throw new Error(`picocenter exited before it was up:\n${raw.join('\n')}`);
-      return logs.find((l) => l.msg === 'picocenter up');
-    },
-    'picocenter up',
-    15_000,
-  );
+  let upLine: LogLine;
+  try {
+    upLine = await until(
+      () => {
+        if (exited) throw new Error(`picocenter exited before it was up:\n${raw.join('\n')}`);
+        return logs.find((l) => l.msg === 'picocenter up');
+      },
+      'picocenter up',
+      options.upTimeoutMs ?? 15_000,
+    );
+  } catch (err) {
+    // Not up: no test holds it, so nothing else would ever stop it (its stderr pipe would keep
+    // the test process alive).
+    if (!exited) {
+      proc.kill('SIGKILL');
+      await exit;
+      throw new Error(`${(err as Error).message}; its output:\n${raw.join('\n')}`);
+    }
+    throw err;
+  }
   const addr = upLine as unknown as { dns: { port: number }; http: { port: number }; admin: { port: number } };
   const token = /token:\s*(\S+)/.exec(configYaml)?.[1] ?? '';
   const adminPort = addr.admin.port;
