@@ -266,6 +266,7 @@ export class Placement implements AppLifecycle {
     log.info({ trigger, kind }, 'wake');
     rec.op = (async () => {
       let error: PicoError | undefined;
+      let cause: string | undefined;
       try {
         const res = await worker.call({ v: 1, type: kind, app: rec.spec });
         if (res.type === 'running') {
@@ -274,6 +275,7 @@ export class Placement implements AppLifecycle {
           rec.lastActivity = Date.now();
         } else {
           error = new PicoError('PICO_ERR_WAKE_FAILED', `${kind} of ${app} failed: ${res.type === 'error' ? res.message : res.type}`);
+          if (res.type === 'error') cause = res.code;
         }
       } catch (err) {
         error = new PicoError('PICO_ERR_WAKE_FAILED', `${kind} of ${app} failed: worker ${worker.id} unreachable: ${describeError(err)}`, { cause: err });
@@ -283,7 +285,8 @@ export class Placement implements AppLifecycle {
       const seconds = (performance.now() - started) / 1000;
       if (error) {
         rec.worker = undefined;
-        rec.lastError = { code: error.code, message: error.message, at: new Date() };
+        // status shows the worker's own code (PICO_ERR_IMAGE_CORRUPT…) where it gave one
+        rec.lastError = { code: cause ?? error.code, message: error.message, at: new Date() };
         this.metrics.wakes.inc({ app, trigger, result: 'failed' });
         log.error({ err: error.message }, 'wake failed');
         this.setState(rec, from);

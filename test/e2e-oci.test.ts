@@ -487,7 +487,7 @@ apps:
     assert.equal(st.state, 'stored');
     assert.equal(st.generation, g);
     assert.ok(st.lastError, 'the failure is recorded');
-    assert.match(st.lastError.message, /PICO_ERR_IMAGE_CORRUPT/);
+    assert.equal(st.lastError.code, 'PICO_ERR_IMAGE_CORRUPT');
     assert.match(st.lastError.message, new RegExp(`generation ${g} cannot be restored: .*${chunk}.*failed its checksum`));
     await assertNoContainer(APP.fragile);
 
