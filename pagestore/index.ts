@@ -3,6 +3,7 @@
  * `openImageStore(config.store)`; the worker sees only the ImageStore interface.
  */
 import type { Config } from '../shared/config.js';
+import { PicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { ChunkedImageStore, type ChunkedImageStoreOptions } from './chunked-image-store.js';
 import { FsObjectStore } from './fs-store.js';
@@ -21,5 +22,7 @@ export function openImageStore(
   switch (store.kind) {
     case 'fs':
       return new ChunkedImageStore({ ...options, store: new FsObjectStore({ root: store.path }) });
+    case 's3':
+      throw new PicoError('PICO_ERR_CONFIG', 'store.kind s3 is not supported by this build yet');
   }
 }

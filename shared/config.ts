@@ -114,6 +114,14 @@ const storeSchema = z.discriminatedUnion('kind', [
     kind: z.literal('fs'),
     path: z.string().min(1).default('./data/store').describe('directory for images, relative to the config file'),
   }),
+  z.strictObject({
+    kind: z.literal('s3'),
+    endpoint: z.url().optional().describe('S3 API endpoint, e.g. http://127.0.0.1:9000; default: AWS for the region'),
+    region: z.string().min(1).default('us-east-1'),
+    bucket: z.string().min(3).max(63).describe('the bucket images live in; it must exist'),
+    prefix: z.string().default('').describe('key prefix inside the bucket, e.g. images/'),
+    pathStyle: z.boolean().default(false).describe('path-style addressing (most S3-compatible servers need it)'),
+  }).describe('credentials come from the AWS SDK\'s standard chain (environment, profile, instance role)'),
 ]);
 
 export const configSchema = z
@@ -298,7 +306,7 @@ export function loadConfig(file: string): Readonly<Config> {
 function resolvePaths(cfg: Config, baseDir: string): Config {
   return {
     ...cfg,
-    store: { ...cfg.store, path: path.resolve(baseDir, cfg.store.path) },
+    store: cfg.store.kind === 'fs' ? { ...cfg.store, path: path.resolve(baseDir, cfg.store.path) } : cfg.store,
     worker: { ...cfg.worker, dataDir: path.resolve(baseDir, cfg.worker.dataDir) },
     apps: cfg.apps.map((a) => ({
       ...a,
