@@ -3,12 +3,14 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { after, describe, it } from 'node:test';
+import { after, before, describe, it } from 'node:test';
 import { isPicoError } from '../shared/errors.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
 import { MemoryObjectStore } from '../pagestore/memory-store.js';
 import { openImageStore } from '../pagestore/index.js';
 import { collect, isNotFound, ObjectExistsError, StoreError, TEMP_PREFIX, type ObjectStore } from '../pagestore/object-store.js';
+import { S3ObjectStore } from '../pagestore/s3-store.js';
+import { startS3Server, type S3TestServer } from './helpers/s3-server.js';
 
 // The ObjectStore contract, run against every backend; then what only the fs backend or the
 // in-memory fake does.
@@ -18,14 +20,35 @@ after(() => rmSync(work, { recursive: true, force: true }));
 let seq = 0;
 const fresh = (what: string) => path.join(work, `${what}-${++seq}`);
 
-const backends: Array<{ name: string; make: () => ObjectStore }> = [
+// The s3 backend runs against a real S3 API server (s3rver in a child process, see
+// helpers/s3-server.ts); each store gets its own key prefix in the one bucket.
+let s3: S3TestServer | undefined;
+const s3Stores: S3ObjectStore[] = [];
+const makeS3 = () => {
+  const store = new S3ObjectStore({ endpoint: s3!.endpoint, region: s3!.region, bucket: s3!.bucket, prefix: `contract-${++seq}/`, pathStyle: true, credentials: s3!.credentials });
+  s3Stores.push(store);
+  return store;
+};
+
+const backends: Array<{ name: string; make: () => ObjectStore; setup?: () => Promise<void>; teardown?: () => Promise<void> }> = [
   { name: 'fs', make: () => new FsObjectStore({ root: fresh('store') }) },
   { name: 'fs (not durable)', make: () => new FsObjectStore({ root: fresh('store'), durable: false }) },
   { name: 'memory', make: () => new MemoryObjectStore() },
+  {
+    name: 's3',
+    make: makeS3,
+    setup: async () => void (s3 = await startS3Server()),
+    teardown: async () => {
+      for (const st of s3Stores) st.close();
+      await s3?.stop();
+    },
+  },
 ];
 
-for (const { name, make } of backends) {
+for (const { name, make, setup, teardown } of backends) {
   describe(`ObjectStore contract: ${name}`, () => {
+    if (setup) before(setup);
+    if (teardown) after(teardown);
     it('puts, gets, heads, lists and deletes', async () => {
       const s = make();
       const body = randomBytes(3000);
