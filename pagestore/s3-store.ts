@@ -93,6 +93,8 @@ export interface S3ObjectStoreOptions {
   connectTimeoutMs?: number;
   /** A request whose socket is silent this long (no bytes either way) fails and is retried. Default 30000 ms; 0 = none. */
   idleTimeoutMs?: number;
+  /** Keys per ListObjectsV2 page (MaxKeys). Default 1000, S3's maximum. */
+  listPageSize?: number;
   /** Send `If-None-Match: *` on exclusive puts. Default true; false for servers that reject the header. */
   conditionalWrites?: boolean;
   /** Retries are logged at debug level, giving up at warn. Default: silent. */
@@ -213,6 +215,7 @@ export class S3ObjectStore implements ObjectStore {
   private readonly maxDelayMs: number;
   private readonly random: () => number;
   private readonly conditionalWrites: boolean;
+  private readonly listPageSize: number;
   private readonly log: Logger;
   /** set once any response proved the bucket exists */
   private bucketSeen = false;
@@ -226,6 +229,7 @@ export class S3ObjectStore implements ObjectStore {
     this.maxDelayMs = options.retryMaxDelayMs ?? 5000;
     this.random = options.random ?? Math.random;
     this.conditionalWrites = options.conditionalWrites ?? true;
+    this.listPageSize = options.listPageSize ?? 1000;
     this.log = options.log ?? silentLogger();
     if (!Number.isInteger(this.maxAttempts) || this.maxAttempts < 1) throw new RangeError(`maxAttempts must be a positive integer, got ${this.maxAttempts}`);
     if (options.client) {
@@ -325,7 +329,7 @@ export class S3ObjectStore implements ObjectStore {
     let token: string | undefined;
     do {
       const page = await this.retrying('list', prefix, () =>
-        this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.s3Key(prefix), ...(token ? { ContinuationToken: token } : {}) })),
+        this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.s3Key(prefix), MaxKeys: this.listPageSize, ...(token ? { ContinuationToken: token } : {}) })),
       );
       this.bucketSeen = true;
       for (const o of page.Contents ?? []) {

@@ -15,6 +15,8 @@
  *   drop        destroy the connection as soon as the request head arrived
  *   drop-body   forward, send the response head and `afterBytes` of its body (default half),
  *               then destroy the connection
+ *   drop-response  forward (the server does the work), then destroy the connection instead
+ *               of answering: the client cannot know whether its request took effect
  *   stall       never answer (until the client gives up or the proxy closes)
  * Requests keep their headers as sent (Host included), so SigV4 signatures still verify
  * upstream. The delay is added once per request, before it is forwarded. The bandwidth cap is
@@ -31,6 +33,7 @@ export type Fault =
   | { kind: 'status'; status: number; code?: string; message?: string }
   | { kind: 'drop' }
   | { kind: 'drop-body'; afterBytes?: number }
+  | { kind: 'drop-response' }
   | { kind: 'stall' };
 
 export interface ProxiedRequest {
@@ -59,6 +62,8 @@ export interface FaultProxy {
   bytesPerSecond: number | undefined;
   /** every request seen, in order, with the fault it got */
   readonly seen: Array<ProxiedRequest & { fault?: Fault['kind'] }>;
+  /** TCP connections accepted so far */
+  readonly connections: number;
   close(): Promise<void>;
 }
 
@@ -95,8 +100,12 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
   const seen: Array<ProxiedRequest & { fault?: Fault['kind'] }> = [];
   let seq = 0;
 
+  let connections = 0;
   const proxy: FaultProxy = {
     endpoint: '',
+    get connections() {
+      return connections;
+    },
     delayMs: options.delayMs ?? 0,
     bytesPerSecond: options.bytesPerSecond,
     seen,
@@ -151,6 +160,12 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
     const responded = new Promise<void>((resolve, reject) => {
       upstream.once('error', reject);
       upstream.once('response', (upRes) => {
+        if (fault?.kind === 'drop-response') {
+          upRes.resume();
+          upRes.once('end', () => req.socket.destroy());
+          resolve();
+          return;
+        }
         const h = { ...upRes.headers };
         delete h.connection;
         delete h['keep-alive'];
@@ -193,6 +208,7 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
       }
     });
   });
+  server.on('connection', () => connections++);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   proxy.endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   proxy.close = () =>

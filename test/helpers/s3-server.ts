@@ -23,7 +23,12 @@
  * - Conditional creates: `PUT` with `If-None-Match: *` answers 412 PreconditionFailed when the
  *   key exists (atomically, under the same lock), as AWS S3 does since 2024-08. s3rver ignores
  *   the header.
- * Credentials: s3rver accepts access key S3RVER / secret S3RVER and checks SigV4 signatures.
+ * One fix is always applied: s3rver makes ListObjectsV2 continuation tokens with single DES,
+ * which OpenSSL 3 (Node >= 17) no longer has, so every listing that needs a second page fails
+ * with 500. Here its 'des' cipher calls are mapped to AES-128-CBC (the tokens are opaque and
+ * only this process reads them back).
+ * Credentials: s3rver knows one access key id, S3RVER (secret S3RVER); any other key id gets
+ * 403 InvalidAccessKeyId. It does not verify SigV4 signatures, so a wrong secret goes unnoticed.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { AsyncLocalStorage } from 'node:async_hooks';
@@ -137,6 +142,16 @@ interface S3rverStore {
 
 async function serve(config: { buckets: string[]; faithful: boolean; directory: string }): Promise<void> {
   const require = createRequire(import.meta.url);
+  const crypto = require('node:crypto') as typeof import('node:crypto');
+  const { createCipheriv, createDecipheriv } = crypto;
+  const widen = (b: Buffer) => Buffer.concat([b, b]);
+  // s3rver's bucket controller looks these up at call time: its tokens use 'des' (see above).
+  Object.assign(crypto, {
+    createCipheriv: (alg: string, key: Buffer, iv: Buffer, ...rest: []) =>
+      alg === 'des' ? createCipheriv('aes-128-cbc', widen(key), widen(iv)) : createCipheriv(alg, key, iv, ...rest),
+    createDecipheriv: (alg: string, key: Buffer, iv: Buffer, ...rest: []) =>
+      alg === 'des' ? createDecipheriv('aes-128-cbc', widen(key), widen(iv)) : createDecipheriv(alg, key, iv, ...rest),
+  });
   const S3rver = require('s3rver') as new (options: Record<string, unknown>) => {
     run(): Promise<{ port: number }>;
     middleware: Array<(ctx: unknown, next: () => Promise<void>) => Promise<void>>;
