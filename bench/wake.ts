@@ -6,16 +6,20 @@
  * store), in one run.
  *
  *   npx tsc -p . && node dist/bench/wake.js [--mb 300] [--boot-ms 2000] [--runs 3] [--tmp DIR] [--no-durable]
+ *                                           [--local-check sha256|size] [--no-local] [--network-lock iptables|nftables]
  *
  * Needs root and a host where the oci runtime works (scripts/install-oci.sh). Each run measures
  * from the moment the wake begins (runtime.start / runtime.restore is called) to the first byte
  * of the answer to `GET /`, sent as soon as the runtime reports the app ready; cold starts and
  * restores alternate, and the table shows median, min and max. Besides it: the oci runtime's
  * own cold start, each checkpoint (dump + store + verify), the image size, and the restore's
- * parts as the runtime logs them (fetch from the page store, runc restore, ready).
+ * parts as the runtime logs them (the image: fetched from the page store, or the worker's local copy
+ * of it checked against the manifest; runc restore; ready). By default the runtime is set up as a
+ * worker's (OciRuntime.create): local images checked by sha256, the network lock CRIU supports best,
+ * CRIU's kernel probe cache; the flags turn each off to measure what it is worth.
  * Everything it starts is stopped and its temp dir removed.
  */
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readlinkSync, rmSync } from 'node:fs';
 import net, { type AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -39,6 +43,9 @@ const BOOT_MS = Number(arg('boot-ms', '2000'));
 const RUNS = Number(arg('runs', '3'));
 const TMP = arg('tmp', os.tmpdir());
 const DURABLE = !process.argv.includes('--no-durable');
+const LOCAL = !process.argv.includes('--no-local');
+const LOCAL_CHECK = arg('local-check', 'sha256') as 'sha256' | 'size';
+const NETWORK_LOCK = arg('network-lock', '') as 'iptables' | 'nftables' | '';
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const PORT = 8080;
 
@@ -95,10 +102,17 @@ async function main(): Promise<void> {
       prefix: 'pbench-',
       slots: { first: 15_900, count: 50 },
       defaults: { readOnlyPaths: process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)] },
+      localImages: LOCAL,
+      localImageCheck: LOCAL_CHECK,
+      ...(NETWORK_LOCK ? { networkLock: NETWORK_LOCK } : {}),
     });
     runtimes.oci = oci;
 
     console.log(`wake benchmark: heavy app, ${MB} MB of state, ${RUNS} runs; ${host.message}`);
+    console.log(
+      `oci runtime: image ${LOCAL ? `kept on the worker, checked by ${LOCAL_CHECK}` : 'fetched from the page store'} at each restore; ` +
+        `network lock ${oci.networkLock}; /run/criu.kdat ${kdatNote()}`,
+    );
     // The oci runtime's own cold start, then the first swap-out.
     let t0 = performance.now();
     let c = await oci.start(spec(PORT));
@@ -146,7 +160,8 @@ async function main(): Promise<void> {
     console.log(`${'wake latency to the first response byte'.padEnd(44)}${'median'.padStart(11)}${'min'.padStart(11)}${'max'.padStart(11)}`);
     console.log(row('cold start (process runtime)', cold));
     console.log(row('CRIU full restore (oci runtime)', restore));
-    console.log(row('  fetch image from the page store', restored.map((l) => Number(l.fetchMs))));
+    const sources = [...new Set(restored.map((l) => String(l.image)))].join(' / ');
+    console.log(row(`  image (${sources}: ${sources === 'local' ? 'check' : 'fetch'})`, restored.map((l) => Number(l.fetchMs))));
     console.log(row('  runc restore (CRIU)', restored.map((l) => Number(l.restoreMs))));
     console.log(row('    of which CRIU itself', restored.map((l) => Number(l.criuMs))));
     console.log(row('swap-out: checkpoint (dump + store + verify)', checkpoints.map((x) => x.dumpMs + x.storeMs)));
@@ -162,6 +177,14 @@ async function main(): Promise<void> {
       await runtimes.oci.cleanLeftovers().catch(() => undefined);
     }
     rmSync(work, { recursive: true, force: true });
+  }
+}
+
+function kdatNote(): string {
+  try {
+    return `-> ${readlinkSync('/run/criu.kdat')}`;
+  } catch {
+    return existsSync('/run/criu.kdat') ? 'a file' : 'absent';
   }
 }
 

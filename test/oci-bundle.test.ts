@@ -133,6 +133,11 @@ describe('oci bundle config: rootfs layout', () => {
     assert.equal(resolveInRootfs(r, '/loop'), null);
   });
 
+  it('carries the annotations it is given (the CRIU config file), and none otherwise', () => {
+    assert.equal(bundleConfig(spec(), merged).annotations, undefined);
+    assert.deepEqual(bundleConfig(spec({ annotations: { 'org.criu.config': '/s/criu.conf' } }), merged).annotations, { 'org.criu.config': '/s/criu.conf' });
+  });
+
   it('every layout carries the default seccomp profile', () => {
     for (const c of [bundleConfig(spec(), merged), bundleConfig(spec({ rootfs: '/srv/rootfs' }), merged)]) {
       assert.deepEqual(c.linux.seccomp, defaultSeccomp());
@@ -185,6 +190,11 @@ describe('oci bundle config: an operator\'s own bundle', () => {
     assert.deepEqual(c.linux.maskedPaths, ['/proc/kcore']);
     assert.deepEqual(c.linux.seccomp, defaultSeccomp());
     assert.equal(c.hooks, undefined, 'hooks would run on the host');
+    assert.equal(c.annotations, undefined);
+    const b = base() as any;
+    b.annotations = { mine: 'x', 'org.criu.config': '/theirs.conf' };
+    const a = adaptUserBundle(user(b), { ...overrides, annotations: { 'org.criu.config': '/s/criu.conf' } }, merged) as any;
+    assert.deepEqual(a.annotations, { mine: 'x', 'org.criu.config': '/s/criu.conf' }, 'CRIU is configured by Picocenter');
   });
 
   it('keeps the bundle\'s own seccomp profile, memory limit and /run tmpfs', () => {

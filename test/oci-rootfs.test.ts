@@ -68,6 +68,7 @@ describe('oci runtime: root filesystems, bundles, seccomp', { skip, timeout: 300
       slots: { first: slotBase, count: 50 },
       defaults: { readOnlyPaths },
       stopGraceMs: 2000,
+      networkLock: host!.nftablesLock ? 'nftables' : 'iptables',
     });
     inspect = new Runc({ criu: host!.criu!.path, root: path.join(stateDir, 'runc'), logDir: path.join(work, 'inspect-logs') });
   });
@@ -142,10 +143,12 @@ describe('oci runtime: root filesystems, bundles, seccomp', { skip, timeout: 300
     const ep = c.endpoints[8080]!;
     const adapted = JSON.parse(readFileSync(path.join(runtime.stateDir, 'apps', 'bundled', 'bundle', 'config.json'), 'utf8')) as {
       process: { terminal: boolean; env: string[] };
+      annotations?: Record<string, string>;
       root: { path: string };
       linux: { namespaces: Array<{ type: string; path?: string }>; resources: { memory: { limit: number } } };
     };
     assert.equal(adapted.process.terminal, false);
+    if (runtime.networkLock === 'nftables') assert.equal(adapted.annotations?.['org.criu.config'], path.join(runtime.stateDir, 'criu.conf'));
     assert.equal(adapted.root.path, rootfs);
     assert.deepEqual(adapted.linux.namespaces.find((n) => n.type === 'network'), { type: 'network', path: path.join(NETNS_DIR, containerIdFor(prefix, 'bundled')) });
     for (const e of ['GREETING=hello', 'EXTRA=1', 'PORT=8080', 'APP_NAME=bundled', 'TERM=xterm']) assert.ok(adapted.process.env.includes(e), e);

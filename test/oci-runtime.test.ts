@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, closeSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, closeSync } from 'node:fs';
 import http from 'node:http';
 import { connect as netConnect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -106,6 +106,8 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
       slots: { first: slotBase + slotOffset, count: 50 },
       defaults: { readOnlyPaths },
       stopGraceMs: 2000,
+      // As create() chooses on a host whose CRIU has it (these machines).
+      networkLock: host!.nftablesLock ? 'nftables' : 'iptables',
       ...extra,
     };
   }
@@ -170,6 +172,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     assert.equal(boot.pid, 1);
     assert.equal(boot.app, 'counter');
     let count = 3;
+    const gets = store.calls.get;
 
     for (let cycle = 1; cycle <= 3; cycle++) {
       const t0 = performance.now();
@@ -180,6 +183,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
       await c.exited; // settles on a swap-out
       await assertStored('counter');
       assert.equal((await store.latest('counter'))?.generation, cycle);
+      assert.equal(localGeneration(runtime, 'counter'), cycle, 'the dump stays on the worker as the local image');
 
       const t1 = performance.now();
       c = await runtime.restore(s);
@@ -188,6 +192,8 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
       const back = await state(ep);
       t.diagnostic(`cycle ${cycle}: checkpoint ${ckptMs.toFixed(0)} ms (dump ${result.dumpMs}, store ${result.storeMs}), restore until ready ${restoreMs.toFixed(0)} ms, image ${(result.imageBytes / 1e6).toFixed(1)} MB`);
       assert.equal(back.bootId, boot.bootId, 'the app must come back, not start again');
+      assert.equal(store.calls.get, gets, 'restored from the local image: nothing fetched');
+      assert.equal(localGeneration(runtime, 'counter'), null, 'a restore consumes the local image');
       assert.equal(back.pid, 1);
       assert.equal(back.count, count);
       assert.equal(memoryLimit(c.pid!), 256 * 1024 * 1024, 'the restored container keeps its memory limit');
@@ -348,6 +354,9 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     const manifest = (await store.latest('fragile'))!;
     const pages = manifest.files.filter((f) => /^pages-\d+\.img$/.test(f.path)).sort((x, y) => y.size - x.size)[0]!;
     flipByte(store.filePath('fragile', generation, pages.path), Math.floor(pages.size / 2));
+    // The worker's local copy is damaged too: its sha256 check refuses it, and the fetch finds
+    // the store's copy corrupt.
+    flipByte(path.join(runtime.stateDir, 'apps', 'fragile', 'local', pages.path), Math.floor(pages.size / 2));
 
     await assert.rejects(runtime.restore(s), (err: unknown) => {
       assert.ok(isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'), String(err));
@@ -357,6 +366,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     assert.equal(runtime.containers().some((x) => x.app === 'fragile'), false);
     await assertStored('fragile'); // still stored: nothing runs, its netns waits for a good image
     assert.equal(existsSync(path.join(runtime.stateDir, 'apps', 'fragile', 'restore')), false);
+    assert.equal(localGeneration(runtime, 'fragile'), null, 'the damaged local image is deleted');
 
     await assert.rejects(runtime.restore(spec('never-stored', 'counter.mjs', [8080])), (err: unknown) => {
       assert.ok(isPicoError(err, 'PICO_ERR_IMAGE_MISSING'), String(err));
@@ -364,6 +374,69 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
       return true;
     });
     await assertGone('never-stored');
+  });
+
+  it('the local image: a restore skips the fetch; a damaged or stale copy is refused and the image fetched; a stop deletes it', async () => {
+    const s = spec('local', 'counter.mjs', [8080]);
+    let c = await runtime.start(s);
+    const ep = c.endpoints[8080]!;
+    await inc(ep);
+    const boot = await state(ep);
+    const localFile = (rel: string) => path.join(runtime.stateDir, 'apps', 'local', 'local', rel);
+
+    // 1. The store's copy is damaged, the local one is not: the restore uses the local one.
+    //    (The trade-off: a store corruption is found by the next restore that fetches.)
+    let { generation } = await runtime.checkpoint(c);
+    let manifest = (await store.latest('local'))!;
+    const pages = () => manifest.files.filter((f) => /^pages-\d+\.img$/.test(f.path)).sort((x, y) => y.size - x.size)[0]!;
+    flipByte(store.filePath('local', generation, pages().path), 4096);
+    let gets = store.calls.get;
+    c = await runtime.restore(s);
+    assert.equal(store.calls.get, gets, 'not fetched');
+    assert.deepEqual([(await state(ep)).bootId, (await inc(ep)).count], [boot.bootId, 2]);
+
+    // 2. The local copy is damaged (a byte flipped, same size): the sha256 check refuses it and
+    //    the image is fetched from the store.
+    ({ generation } = await runtime.checkpoint(c));
+    manifest = (await store.latest('local'))!;
+    flipByte(localFile(pages().path), 4096);
+    gets = store.calls.get;
+    c = await runtime.restore(s);
+    assert.equal(store.calls.get, gets + 1, 'fetched');
+    assert.deepEqual([(await state(ep)).bootId, (await inc(ep)).count], [boot.bootId, 3]);
+
+    // 3. A truncated file is caught by the size check alone.
+    const sizeOnly = new OciRuntime(options(runtime.stateDir, 0, { localImageCheck: 'size' }));
+    runtimes.push(sizeOnly);
+    ({ generation } = await runtime.checkpoint(c));
+    manifest = (await store.latest('local'))!;
+    truncateSync(localFile(pages().path), pages().size - 4096);
+    gets = store.calls.get;
+    c = await sizeOnly.restore(s);
+    assert.equal(store.calls.get, gets + 1, 'fetched');
+    assert.deepEqual([(await state(ep)).bootId, (await inc(ep)).count], [boot.bootId, 4]);
+
+    // 4. A newer generation stored elsewhere (another worker): the local copy is stale, not used.
+    ({ generation } = await sizeOnly.checkpoint(c));
+    const stale = readFileSync(path.join(runtime.stateDir, 'apps', 'local', 'local.json'), 'utf8');
+    c = await sizeOnly.restore(s);
+    await inc(ep);
+    await sizeOnly.checkpoint(c);
+    writeFileSync(path.join(runtime.stateDir, 'apps', 'local', 'local.json'), stale); // the record of the older one
+    gets = store.calls.get;
+    c = await sizeOnly.restore(s);
+    assert.equal(store.calls.get, gets + 1, 'fetched');
+    assert.deepEqual([(await state(ep)).bootId, (await state(ep)).count], [boot.bootId, 5]);
+    assert.equal(await verify(ep), '200 PASS');
+
+    // 5. A stop deletes it (here: one made by a checkpoint whose container was then started again).
+    await sizeOnly.checkpoint(c);
+    assert.equal(localGeneration(runtime, 'local'), generation + 2);
+    c = await sizeOnly.start(s);
+    await sizeOnly.stop(c);
+    assert.equal(localGeneration(runtime, 'local'), null);
+    assert.equal(existsSync(path.join(runtime.stateDir, 'apps', 'local', 'local')), false);
+    await assertGone('local');
   });
 
   it('`exited` settles with the status when an app dies on its own, and its netns goes', async () => {
@@ -485,7 +558,11 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     await inc(ep);
     const boot = await state(ep);
     const first = await r.checkpoint(c);
+    let gets = 0;
+    const get = chunked.get.bind(chunked);
+    chunked.get = (m, dir) => (gets++, get(m, dir));
     c = await r.restore(s);
+    assert.equal(gets, 0, 'restored from the local image, checked chunk by chunk against the manifest');
     assert.equal((await inc(ep)).count, 2);
     const second = await r.checkpoint(c);
     assert.equal(second.generation, first.generation + 1);
@@ -498,8 +575,11 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     // Flip a byte in one chunk of the biggest pages file of the newest generation.
     const manifest = (await chunked.latest('paged'))!;
     const pages = manifest.files.filter((f) => /^pages-\d+\.img$/.test(f.path)).sort((x, y) => y.size - x.size)[0]!;
-    const chunk = pages.chunks[Math.floor(pages.chunks.length / 2)]!;
+    const index = Math.floor(pages.chunks.length / 2);
+    const chunk = pages.chunks[index]!;
     flipByte(path.join(storeRoot, 'chunks', chunk.slice(0, 2), chunk), 100);
+    // …and the same byte of the worker's local copy, which its per-chunk sha256 check refuses.
+    flipByte(path.join(work, 'state-chunked', 'apps', 'paged', 'local', pages.path), index * manifest.chunkSize + 100);
     await assert.rejects(r.restore(s), (err: unknown) => {
       assert.ok(isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'), String(err));
       assert.match(err.message, /^app paged: generation \d+ cannot be restored: /);
@@ -653,6 +733,15 @@ function memoryLimit(pid: number): number {
   const v1 = lines.map((l) => l.split(':')).find(([, ctrl]) => ctrl!.split(',').includes('memory'));
   const file = v1 ? `/sys/fs/cgroup/memory${v1[2]}/memory.limit_in_bytes` : `/sys/fs/cgroup${lines.find((l) => l.startsWith('0::'))!.slice(3)}/memory.max`;
   return Number(readFileSync(file, 'utf8').trim());
+}
+
+/** The generation of the app's local image, or null when it has none. */
+function localGeneration(r: OciRuntime, app: string): number | null {
+  try {
+    return (JSON.parse(readFileSync(path.join(r.stateDir, 'apps', app, 'local.json'), 'utf8')) as { generation: number }).generation;
+  } catch {
+    return null;
+  }
 }
 
 function childrenOf(pid: number): number[] {

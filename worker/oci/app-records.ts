@@ -9,11 +9,14 @@ import { MAX_SLOT, networkFor, type AppNetwork } from './netns.js';
  *
  *   STATE/runc/                  runc's state root (--root): only Picocenter's containers
  *   STATE/runc-logs/             runc's own logs and PID files, per container and operation
+ *   STATE/criu.conf              the CRIU config file runc hands to CRIU (org.criu.config)
  *   STATE/apps/APP/app.json      { app, id, slot }: written once, before anything else exists
  *   STATE/apps/APP/bundle/       config.json + rootfs skeleton (rewritten on every start/restore)
  *   STATE/apps/APP/log/app.log   the app's stdout and stderr, across checkpoints
  *   STATE/apps/APP/staging/      a checkpoint's image until the page store verified it
  *   STATE/apps/APP/restore/      an image fetched from the page store, while it is restored
+ *   STATE/apps/APP/local/        the app's newest image kept on the worker while it is stored,
+ *   STATE/apps/APP/local.json    and which manifest it is (local-image.ts)
  *   STATE/apps/APP/work/         CRIU's logs of the last dump and restore (dump/, restore/)
  *
  * The container id and the netns name are the same, a pure function of the app's name. The
@@ -116,6 +119,7 @@ export class AppRecords {
       logDir: path.join(dir, 'log'),
       staging: path.join(dir, 'staging'),
       restore: path.join(dir, 'restore'),
+      local: { dir: path.join(dir, 'local'), record: path.join(dir, 'local.json') },
       dumpWork: path.join(dir, 'work', 'dump'),
       restoreWork: path.join(dir, 'work', 'restore'),
     };

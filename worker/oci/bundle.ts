@@ -89,6 +89,8 @@ export interface BundleSpec {
    * system; readOnlyPaths are then ignored (they are host paths).
    */
   rootfs?: string;
+  /** config.json annotations, e.g. org.criu.config (the CRIU config file runc hands to CRIU) */
+  annotations?: Record<string, string>;
 }
 
 /** The part of the OCI runtime spec (1.0.2) that the bundles use. */
@@ -115,6 +117,7 @@ export interface OciConfig {
     readonlyPaths: string[];
     seccomp: SeccompProfile;
   };
+  annotations?: Record<string, string>;
 }
 
 export interface OciMount {
@@ -219,6 +222,7 @@ export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): O
       readonlyPaths: ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
       seccomp: defaultSeccomp(),
     },
+    ...(spec.annotations && Object.keys(spec.annotations).length > 0 ? { annotations: { ...spec.annotations } } : {}),
   };
 }
 

@@ -25,6 +25,7 @@ import { defaultSeccomp } from './seccomp.js';
  *   linux.cgroupsPath  /picocenter/ID, like every Picocenter container
  *   linux.resources.memory.limit   the app's `memory`, when given
  *   linux.seccomp      the default profile (seccomp.ts) when the bundle has none
+ *   annotations        org.criu.config when the runtime configures CRIU (its network lock)
  *   hooks              dropped: they would run on the host, as root, at every start and wake
  * The command and working directory are the bundle's (the config's `command` and `cwd` are not
  * used). A config.json that cannot be read or is not an OCI config fails the wake with
@@ -43,6 +44,8 @@ export interface UserBundleOverrides {
   netnsPath: string;
   /** in bytes; absent: the bundle's own limit, if any */
   memoryLimit?: number;
+  /** set over the bundle's own annotations (org.criu.config: CRIU is Picocenter's to configure) */
+  annotations?: Record<string, string>;
 }
 
 /** A config.json as read: any JSON object, checked for the fields Picocenter relies on. */
@@ -178,6 +181,9 @@ export function adaptUserBundle(user: UserBundle, o: UserBundleOverrides, host: 
   if (linux.seccomp === undefined) linux.seccomp = defaultSeccomp();
   c.linux = linux;
   delete c.hooks;
+  if (o.annotations && Object.keys(o.annotations).length > 0) {
+    c.annotations = { ...((c.annotations as Record<string, string> | undefined) ?? {}), ...o.annotations };
+  }
   return c;
 }
 
