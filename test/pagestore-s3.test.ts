@@ -12,6 +12,7 @@ import { collect, isNotFound, ObjectExistsError } from '../pagestore/object-stor
 import { S3ObjectStore, S3StoreError, type S3ObjectStoreOptions } from '../pagestore/s3-store.js';
 import { startFaultProxy, type FaultProxy } from './helpers/s3-fault-proxy.js';
 import { startS3Server, type S3TestServer } from './helpers/s3-server.js';
+import { repoFile } from './helpers/paths.js';
 
 // The s3 backend against a real S3 API server (s3rver in a child process), directly and through
 // a fault-injecting proxy. The ObjectStore contract itself runs over s3 in
@@ -90,22 +91,30 @@ const isGet = (r: { method: string }) => r.method === 'GET';
 describe('ChunkedImageStore on S3', () => {
   const CHUNK = 64 * KiB;
 
-  it('opens from the issue-4 config through the standard credentials chain (env), and round-trips a 20 MB image', async () => {
+  it('opens the README\'s s3 config through the standard credentials chain (env), and round-trips a 20 MB image', async () => {
+    // The `store:` example of pagestore/README.md, pointed at the test server.
+    const readme = readFileSync(repoFile('pagestore/README.md'), 'utf8');
+    const example = /## S3 backend\s+```yaml\n([\s\S]*?)```/.exec(readme)?.[1];
+    assert.ok(example?.includes('kind: s3'), 'the README has an s3 store example');
     const cfg = parseConfig(
       `gateway:\n  dns: { zones: [apps.test] }\n  admin: { token: secret-token }\n` +
-        `store: { kind: s3, endpoint: "${s3.endpoint}", region: us-east-1, bucket: pico, prefix: images/, pathStyle: true }\n` +
+        example!.replace('http://127.0.0.1:9000', s3.endpoint) +
         `apps:\n  - name: web\n    domains: [web.apps.test]\n    command: [node, server.js]\n    http: { port: 9001 }\n`,
       'pico.yaml',
       work,
     );
+    assert.ok(cfg.store.kind === 's3' && cfg.store.endpoint === s3.endpoint && cfg.store.prefix === 'images/' && cfg.store.pathStyle);
     // No credentials in the config: the SDK's chain finds them in the environment. Instance
     // metadata is switched off so that a miss can never send a request off this machine.
-    const saved = { ...process.env };
-    process.env.AWS_ACCESS_KEY_ID = s3.credentials.accessKeyId;
-    process.env.AWS_SECRET_ACCESS_KEY = s3.credentials.secretAccessKey;
-    process.env.AWS_EC2_METADATA_DISABLED = 'true';
-    delete process.env.AWS_PROFILE;
-    delete process.env.AWS_SESSION_TOKEN;
+    const env = { AWS_ACCESS_KEY_ID: s3.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: s3.credentials.secretAccessKey, AWS_EC2_METADATA_DISABLED: 'true', AWS_PROFILE: undefined, AWS_SESSION_TOKEN: undefined };
+    const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+    const setEnv = (vars: Record<string, string | undefined>) => {
+      for (const [k, v] of Object.entries(vars)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    };
+    setEnv(env);
     try {
       const images = openImageStore(cfg.store);
       assert.match(images.store.location, /^s3:\/\/pico\/images\/ at http:\/\/127\.0\.0\.1:\d+$/);
@@ -123,7 +132,7 @@ describe('ChunkedImageStore on S3', () => {
       assert.equal(keys.filter((k) => k.startsWith('images/chunks/')).length, 23);
       (images.store as S3ObjectStore).close();
     } finally {
-      process.env = saved;
+      setEnv(saved);
     }
   });
 
