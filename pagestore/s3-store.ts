@@ -326,17 +326,22 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   async *list(prefix: string): AsyncIterable<string> {
-    let token: string | undefined;
+    // The next page starts at the continuation token, or (servers that send none) after the last key.
+    let next: { ContinuationToken: string } | { StartAfter: string } | undefined;
     do {
+      const from = next;
       const page = await this.retrying('list', prefix, () =>
-        this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.s3Key(prefix), MaxKeys: this.listPageSize, ...(token ? { ContinuationToken: token } : {}) })),
+        this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.s3Key(prefix), MaxKeys: this.listPageSize, ...from })),
       );
       this.bucketSeen = true;
+      let last: string | undefined;
       for (const o of page.Contents ?? []) {
-        if (o.Key !== undefined && o.Key.startsWith(this.prefix)) yield o.Key.slice(this.prefix.length);
+        if (o.Key === undefined) continue;
+        last = o.Key;
+        if (o.Key.startsWith(this.prefix)) yield o.Key.slice(this.prefix.length);
       }
-      token = page.IsTruncated ? page.NextContinuationToken : undefined;
-    } while (token);
+      next = !page.IsTruncated ? undefined : page.NextContinuationToken ? { ContinuationToken: page.NextContinuationToken } : last ? { StartAfter: last } : undefined;
+    } while (next);
   }
 
   async delete(key: string): Promise<void> {
