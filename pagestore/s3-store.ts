@@ -184,10 +184,6 @@ function hint(code: string | undefined): string {
   }
 }
 
-function isNoSuchKey(f: Failure): boolean {
-  return f.code === 'NoSuchKey' || (f.status === 404 && f.code !== 'NoSuchBucket');
-}
-
 /** Normalises a configured prefix: '' or 'a/b/' (a valid key followed by '/'). */
 function normalisePrefix(prefix: string | undefined): string {
   if (!prefix) return '';
@@ -297,8 +293,13 @@ export class S3ObjectStore implements ObjectStore {
         res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.s3Key(key) }));
       } catch (err) {
         const f = classify(err);
-        if (isNoSuchKey(f)) {
+        if (f.code === 'NoSuchKey') {
           this.bucketSeen = true;
+          throw new ObjectNotFoundError(key, this.location, { cause: err });
+        }
+        if (f.status === 404 && f.code !== 'NoSuchBucket') {
+          // A 404 without S3's code (some servers, some proxies): absent only if the bucket is there.
+          if (!this.bucketSeen) await this.checkBucket('get', key);
           throw new ObjectNotFoundError(key, this.location, { cause: err });
         }
         throw err;
