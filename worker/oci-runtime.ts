@@ -10,7 +10,7 @@ import { hostFacts, LOG_FILE, writeBundle, type HostFacts } from './oci/bundle.j
 import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
 import { ensureKdatCache, type KdatState } from './oci/kdat.js';
-import { dropLocalImage, keepLocalImage, localImageGeneration, matchLocalImage, type LocalImageCheck } from './oci/local-image.js';
+import { dropLocalImage, keepLocalImage, localImageGeneration, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
 import { Runc, type AttachedContainer, type RuncExit, type Timing } from './oci/runc.js';
 import { waitForPort } from './readiness.js';
@@ -583,6 +583,7 @@ export class OciRuntime implements ContainerRuntime {
     if (this.opts.localImages ?? true) {
       try {
         keepLocalImage(p.staging, p.local, manifest);
+        if ((this.opts.localImageCheck ?? 'sha256') === 'sha256') warmHashThreads();
         return;
       } catch (err) {
         log.warn({ err: describeError(err) }, 'cannot keep the image on the worker; the next restore fetches it');

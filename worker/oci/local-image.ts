@@ -1,5 +1,5 @@
-import { createHash } from 'node:crypto';
-import { closeSync, existsSync, openSync, readFileSync, readSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import type { createHash } from 'node:crypto';
+import { existsSync, readFileSync, renameSync, rmSync, writeFileSync, type closeSync, type openSync, type readSync } from 'node:fs';
 import { readdir, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
@@ -117,14 +117,15 @@ interface ChunkJob {
   sha256: string;
 }
 
-/** Below this many bytes the hashing stays on the calling thread (a worker costs ~20-40 ms). */
-const PARALLEL_FROM_BYTES = 64 * 1024 * 1024;
+/** Each hashing thread gets at least this many bytes (a small image: one thread). */
+const PARALLEL_FROM_BYTES = 48 * 1024 * 1024;
 const MAX_HASH_THREADS = 4;
 
 /**
- * Hashes every chunk of every file against the manifest: the first mismatch, or null. Big images
- * are cut into contiguous runs of chunks hashed by worker threads in parallel (reading and
- * hashing ~1 ms/MiB on one core here); the restore that follows waits for it either way.
+ * Hashes every chunk of every file against the manifest: the first mismatch, or null. Always in
+ * hashing threads, never on the calling thread: reading and hashing costs ~1 ms/MiB on one core
+ * here, and the worker's event loop (in `picocenter up`, the gateway's too) must not stall for
+ * it. Big images are cut into contiguous runs of chunks hashed in parallel.
  */
 async function firstBadChunk(dir: string, m: ImageManifest): Promise<string | null> {
   const jobs: ChunkJob[] = [];
@@ -138,8 +139,7 @@ async function firstBadChunk(dir: string, m: ImageManifest): Promise<string | nu
       total += end - start;
     });
   }
-  const threads = Math.min(MAX_HASH_THREADS, availableParallelism(), Math.ceil(total / PARALLEL_FROM_BYTES));
-  if (threads <= 1) return hashChunks(jobs);
+  const threads = Math.max(1, Math.min(MAX_HASH_THREADS, availableParallelism(), Math.ceil(total / PARALLEL_FROM_BYTES)));
   // Contiguous runs of about equal bytes, so each thread reads its files sequentially.
   const runs: ChunkJob[][] = [];
   let run: ChunkJob[] = [];
@@ -157,14 +157,10 @@ async function firstBadChunk(dir: string, m: ImageManifest): Promise<string | nu
   return results.find((r) => r !== null) ?? null;
 }
 
-/** The body of hashChunks, as a worker thread runs it (it cannot import this module). */
+/** The source of hashChunksSource, as a hashing thread runs it (it cannot import this module). */
 const HASH_CHUNKS = `(${hashChunksSource.toString()})`;
 
-function hashChunks(jobs: ChunkJob[]): string | null {
-  return hashChunksSource(jobs, { createHash, openSync, readSync, closeSync });
-}
-
-/** Pure of module scope on purpose: it is also run from its source text in a worker. */
+/** Uses nothing of module scope: a hashing thread runs it from its source text, with `lib`. */
 function hashChunksSource(
   jobs: ChunkJob[],
   lib: { createHash: typeof createHash; openSync: typeof openSync; readSync: typeof readSync; closeSync: typeof closeSync },
@@ -194,19 +190,62 @@ function hashChunksSource(
   }
 }
 
+/*
+ * Hashing threads, started once and kept (unref'd: they never hold the process open). Starting
+ * one costs ~60 ms here, as much as hashing 80 MiB; kept, only the first check pays it, or none
+ * when warmHashThreads() ran at the checkpoint that kept the image.
+ */
+interface HashThread {
+  worker: Worker;
+  pending: { resolve: (r: string | null) => void; reject: (e: Error) => void } | null;
+}
+const idle: HashThread[] = [];
+
+/** Starts the hashing threads a big image's check will use, ahead of the restore. */
+export function warmHashThreads(): void {
+  const want = Math.min(MAX_HASH_THREADS, availableParallelism());
+  while (idle.length < want) idle.push(startHashThread());
+}
+
+function startHashThread(): HashThread {
+  const worker = new Worker(
+    `const { parentPort } = require('node:worker_threads');
+     const lib = { ...require('node:crypto'), ...require('node:fs') };
+     const hash = ${HASH_CHUNKS};
+     parentPort.on('message', (jobs) => {
+       let r;
+       try { r = { ok: hash(jobs, lib) }; } catch (err) { r = { error: String(err && err.message || err) }; }
+       parentPort.postMessage(r);
+     });`,
+    { eval: true },
+  );
+  const t: HashThread = { worker, pending: null };
+  worker.on('message', (r: { ok?: string | null; error?: string }) => {
+    const p = t.pending;
+    t.pending = null;
+    worker.unref();
+    if ('error' in r) p?.reject(new Error(r.error));
+    else p?.resolve(r.ok ?? null);
+    if (p) idle.push(t);
+  });
+  const die = (err: Error): void => {
+    const i = idle.indexOf(t);
+    if (i >= 0) idle.splice(i, 1);
+    t.pending?.reject(err);
+    t.pending = null;
+  };
+  worker.on('error', die);
+  worker.on('exit', (code) => die(new Error(`a hashing thread exited with code ${code}`)));
+  worker.unref(); // after the listeners: adding a 'message' listener refs the worker again
+  return t;
+}
+
 function hashInWorker(jobs: ChunkJob[]): Promise<string | null> {
+  const t = idle.pop() ?? startHashThread();
   return new Promise((resolve, reject) => {
-    const w = new Worker(
-      `const { parentPort, workerData } = require('node:worker_threads');
-       const lib = { ...require('node:crypto'), ...require('node:fs') };
-       parentPort.postMessage(${HASH_CHUNKS}(workerData, lib));`,
-      { eval: true, workerData: jobs },
-    );
-    w.once('message', (r: string | null) => resolve(r));
-    w.once('error', reject);
-    w.once('exit', (code) => {
-      if (code !== 0) reject(new Error(`the hashing thread exited with code ${code}`));
-    });
+    t.pending = { resolve, reject };
+    t.worker.ref(); // while it works for us, the process waits for it
+    t.worker.postMessage(jobs);
   });
 }
 
