@@ -479,6 +479,12 @@ apps:
     assert.ok(chunk, 'a chunk only this image has');
     const chunkFile = path.join(storeDir, 'chunks', chunk.slice(0, 2), chunk);
     flipByte(chunkFile, 100);
+    // The worker keeps the image it just stored and would restore from that copy: drop it, so
+    // this wake has to read the image back from the store.
+    const appState = path.join(dataDir, 'oci', 'apps', APP.fragile);
+    assert.ok(existsSync(path.join(appState, 'local.json')), 'the worker kept a local copy of the image');
+    rmSync(path.join(appState, 'local.json'), { force: true });
+    rmSync(path.join(appState, 'local'), { recursive: true, force: true });
 
     const res = await viaGateway(HOST.fragile, 'GET', '/state');
     assert.equal(res.status, 503, res.body);
