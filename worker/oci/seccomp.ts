@@ -18,7 +18,9 @@
  *   userfaultfd for lazy pages BEFORE it installs each task's filters, as the restorer's very last
  *   step; mounts, namespaces and the network lock are done by criu itself outside the container.
  *   So nothing in this list is needed by a checkpoint or a restore — and a restored app is
- *   filtered exactly as before (checked: `Seccomp: 2` and EPERM again after the restore).
+ *   filtered exactly as before (checked: `Seccomp: 2` and EPERM again after the restore). Lazy
+ *   restore too, by hand (criu lazy-pages + runc restore --lazy-pages, CRIU 4.2.1): the restorer
+ *   opened its userfaultfd, then installed the filter; the app answered from lazily served pages.
  *
  * ENOSYS instead of EPERM, where "not there" makes programs fall back:
  * - clone3: its flags sit in a struct the filter cannot look into, so a clone3 that makes a user
