@@ -13,7 +13,6 @@ import { after, before, describe, it } from 'node:test';
 import { silentLogger } from '../shared/log.js';
 import { openImageStore } from '../pagestore/index.js';
 import { containerIdFor, DEFAULT_PREFIX } from '../worker/oci/app-records.js';
-import { checkHost, type HostReport } from '../worker/oci/host-check.js';
 import { NETNS_DIR } from '../worker/oci/netns.js';
 import { Runc } from '../worker/oci/runc.js';
 import { OciRuntime } from '../worker/oci-runtime.js';
@@ -21,6 +20,7 @@ import { CLI, startPicocenter, type RunningPicocenter } from './helpers/picocent
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
 import { freePort } from './helpers/ports.js';
+import { ociTestHost } from './helpers/oci-host.js';
 
 /*
  * The whole system with `worker.runtime: oci`, in CRIU's zdtm shape: `picocenter up` runs the
@@ -37,16 +37,7 @@ import { freePort } from './helpers/ports.js';
 
 const exec = promisify(execFile);
 
-const root = process.getuid?.() === 0;
-let host: HostReport | undefined;
-let skip: string | false = false;
-if (!root) {
-  skip = 'needs root: runc, CRIU and network namespaces only work as root (CI runs as root)';
-} else {
-  host = await checkHost();
-  // CI must run these: there a host that cannot checkpoint fails the suite with the reason.
-  if (!host.ok && !process.env.CI) skip = `this host cannot run the oci runtime: ${host.message}`;
-}
+const { host, skip } = await ociTestHost();
 
 const TOKEN = 'e2e-oci-secret-token';
 const run = randomBytes(3).toString('hex');

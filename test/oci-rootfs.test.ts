@@ -12,12 +12,12 @@ import type { AppSpec, Endpoint } from '../shared/protocol.js';
 import { hostFacts } from '../worker/oci/bundle.js';
 import { containerIdFor } from '../worker/oci/app-records.js';
 import { run } from '../worker/oci/exec.js';
-import { checkHost, type HostReport } from '../worker/oci/host-check.js';
 import { NETNS_DIR } from '../worker/oci/netns.js';
 import { Runc } from '../worker/oci/runc.js';
 import { OciRuntime } from '../worker/oci-runtime.js';
 import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
+import { ociTestHost } from './helpers/oci-host.js';
 
 /*
  * Root filesystems and confinement of the `oci` runtime, in CRIU's zdtm shape (the app builds
@@ -32,15 +32,7 @@ import { repoFile } from './helpers/paths.js';
  *   checkpoint/restore cycle (CRIU dumps and restores the filter).
  */
 
-const root = process.getuid?.() === 0;
-let host: HostReport | undefined;
-let skip: string | false = false;
-if (!root) {
-  skip = 'needs root: runc, CRIU and network namespaces only work as root (CI runs as root)';
-} else {
-  host = await checkHost();
-  if (!host.ok && !process.env.CI) skip = `this host cannot run the oci runtime: ${host.message}`;
-}
+const { host, skip } = await ociTestHost();
 
 const log = process.env.PICO_TEST_LOG ? createLogger({ level: 'debug' }) : silentLogger();
 const prefix = `pr${process.pid}-`;

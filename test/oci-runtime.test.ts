@@ -13,7 +13,6 @@ import { createLogger, silentLogger } from '../shared/log.js';
 import type { AppSpec, Endpoint } from '../shared/protocol.js';
 import { AppRecords, containerIdFor } from '../worker/oci/app-records.js';
 import { run } from '../worker/oci/exec.js';
-import { checkHost, type HostReport } from '../worker/oci/host-check.js';
 import { NETNS_DIR } from '../worker/oci/netns.js';
 import { Runc } from '../worker/oci/runc.js';
 import { OciRuntime, type OciRuntimeOptions } from '../worker/oci-runtime.js';
@@ -23,6 +22,7 @@ import { FsObjectStore } from '../pagestore/fs-store.js';
 import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
+import { ociTestHost } from './helpers/oci-host.js';
 
 /*
  * The `oci` runtime through the ContainerRuntime interface, in CRIU's zdtm shape: each app
@@ -35,16 +35,7 @@ import { until } from './helpers/poll.js';
  * The image store is a directory-copy fake with real sha256 verification (helpers/dir-image-store.ts).
  */
 
-const root = process.getuid?.() === 0;
-let host: HostReport | undefined;
-let skip: string | false = false;
-if (!root) {
-  skip = 'needs root: runc, CRIU and network namespaces only work as root (CI runs as root)';
-} else {
-  host = await checkHost();
-  // CI must run these: there a host that cannot checkpoint fails the suite with the reason.
-  if (!host.ok && !process.env.CI) skip = `this host cannot run the oci runtime: ${host.message}`;
-}
+const { host, skip } = await ociTestHost();
 
 const log = process.env.PICO_TEST_LOG ? createLogger({ level: 'debug' }) : silentLogger();
 const prefix = `pt${process.pid}-`;
