@@ -791,7 +791,8 @@ export class OciRuntime implements ContainerRuntime {
     const o = this.appOptions(spec.name);
     const env: Record<string, string> = {};
     if (spec.bundle === undefined) for (const k of PASSED_ENV) if (process.env[k] !== undefined) env[k] = process.env[k]!;
-    Object.assign(env, spec.env, { APP_NAME: spec.name, PORTS: spec.ports.join(',') });
+    // HOST: the gateway reaches the container at its veth address, so the app listens on all of them.
+    Object.assign(env, spec.env, { APP_NAME: spec.name, PORTS: spec.ports.join(','), HOST: '0.0.0.0' });
     if (spec.ports.length > 0) env.PORT = String(spec.ports[0]);
     const p = this.records.paths(spec.name);
     const memoryLimit = spec.memoryLimit ?? o.memoryLimit;

@@ -48,7 +48,8 @@ export class ProcessRuntime implements ContainerRuntime {
     const log = this.log.child({ app: spec.name });
     const env: Record<string, string> = {};
     for (const k of PASSED_ENV) if (process.env[k] !== undefined) env[k] = process.env[k]!;
-    Object.assign(env, spec.env, { APP_NAME: spec.name, PORTS: spec.ports.join(',') });
+    // HOST: apps share the host's network here; loopback keeps them off the gateway's addresses.
+    Object.assign(env, spec.env, { APP_NAME: spec.name, PORTS: spec.ports.join(','), HOST: '127.0.0.1' });
     if (spec.ports.length > 0) env.PORT = String(spec.ports[0]);
 
     const [cmd, ...args] = spec.command as [string, ...string[]];

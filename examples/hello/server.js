@@ -11,5 +11,6 @@ const server = http.createServer((req, res) => {
   res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
   res.end(body);
 });
-server.listen(port, '127.0.0.1', () => console.log(`hello listening on 127.0.0.1:${port}`));
+const host = process.env.HOST ?? '127.0.0.1'; // the worker says where: loopback, or all of a container's addresses
+server.listen(port, host, () => console.log(`hello listening on ${host}:${port}`));
 for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => server.close(() => process.exit(0)));
