@@ -65,15 +65,29 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+/** in ms: long enough to checkpoint every running app (`worker.shutdown: checkpoint`) */
+const SHUTDOWN_DEADLINE_MS = 5 * 60_000;
+
 async function up(cfg: ReturnType<typeof loadConfig>): Promise<number> {
   const log = createLogger();
   const system = await startSystem(cfg, log);
   let stopping = false;
   await new Promise<void>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {
-      if (stopping) return;
+      if (stopping) {
+        // A second signal: the operator does not want to wait for a clean stop.
+        log.error({ signal }, 'second signal: exiting without a clean stop');
+        log.flush();
+        process.exit(1);
+      }
       stopping = true;
       log.info({ signal }, 'shutting down');
+      // A clean stop that cannot finish (a worker that never answers) must not keep the process forever.
+      setTimeout(() => {
+        log.error({ deadlineMs: SHUTDOWN_DEADLINE_MS }, 'clean stop did not finish in time: exiting');
+        log.flush();
+        process.exit(1);
+      }, SHUTDOWN_DEADLINE_MS).unref();
       void system.stop().then(resolve, (err: unknown) => {
         log.error({ err: describeError(err) }, 'shutdown failed');
         resolve();

@@ -225,6 +225,36 @@ apps:
   });
 });
 
+describe('picocenter stopping', () => {
+  it('a second SIGTERM exits at once, without waiting for a clean stop', async () => {
+    const port = await freePort();
+    const px = await startPicocenter(`
+gateway:
+  dns:   { listen: 127.0.0.1:0, zones: [apps.test] }
+  http:  { listen: 127.0.0.1:0 }
+  admin: { listen: 127.0.0.1:0, token: e2e-secret-token }
+apps:
+  - name: stubborn
+    domains: [stubborn.apps.test]
+    command: [node, -e, "process.on('SIGTERM', () => console.log('ignoring SIGTERM')); require('http').createServer((q, s) => s.end(String(process.pid))).listen(Number(process.env.PORT), '127.0.0.1')"]
+    http: { port: ${port} }
+`);
+    const res = await get(px, 'stubborn.apps.test');
+    const pid = Number(await res.body.text());
+    try {
+      px.proc.kill('SIGTERM'); // the clean stop now waits out the app's grace period
+      await until(() => px.logs.some((l) => l.msg === 'shutting down'), 'the first signal to be handled');
+      assert.equal(await px.stop(), 1); // a clean stop exits 0, after the app's grace period
+    } finally {
+      try {
+        process.kill(-pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+  });
+});
+
 describe('picocenter with a broken config', () => {
   it('exits 1 naming the file, line and key', async () => {
     const dir = path.dirname(repoFile('dist/x'));
