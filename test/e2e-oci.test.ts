@@ -21,6 +21,7 @@ import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
 import { freePort } from './helpers/ports.js';
 import { ociTestHost } from './helpers/oci-host.js';
+import { memoryLimit } from './helpers/oci-client.js';
 
 /*
  * The whole system with `worker.runtime: oci`, in CRIU's zdtm shape: `picocenter up` runs the
@@ -685,12 +686,6 @@ async function kv(address: string, port: number, ...commands: string[]): Promise
 // ---- the host's view ----
 
 /** The memory limit of the cgroup `pid` is in (cgroup v1 or v2), in bytes. */
-function memoryLimit(pid: number): number {
-  const lines = readFileSync(`/proc/${pid}/cgroup`, 'utf8').trim().split('\n');
-  const v1 = lines.map((l) => l.split(':')).find(([, ctrl]) => ctrl!.split(',').includes('memory'));
-  const file = v1 ? `/sys/fs/cgroup/memory${v1[2]}/memory.limit_in_bytes` : `/sys/fs/cgroup${lines.find((l) => l.startsWith('0::'))!.slice(3)}/memory.max`;
-  return Number(readFileSync(file, 'utf8').trim());
-}
 
 function flipByte(file: string, offset: number): void {
   assert.ok(offset < statSync(file).size);

@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
-import http from 'node:http';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -18,6 +17,7 @@ import { OciRuntime } from '../worker/oci-runtime.js';
 import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
 import { ociTestHost } from './helpers/oci-host.js';
+import { assertRouted, request, state, inc, verify, memoryLimit } from './helpers/oci-client.js';
 
 /*
  * Root filesystems and confinement of the `oci` runtime, in CRIU's zdtm shape (the app builds
@@ -286,47 +286,4 @@ function sha256File(file: string): string {
 
 // ---- talking to containers (only over a veth of ours) ----
 
-async function assertRouted(ep: Endpoint): Promise<void> {
-  const r = await run('ip', ['-json', 'route', 'get', ep.host], { timeoutMs: 5000 });
-  const routes = JSON.parse(r.stdout || '[]') as { dev?: string }[];
-  assert.ok(routes.length > 0 && routes.every((x) => x.dev?.startsWith('pico')), `${ep.host} is not routed over a container veth: refusing to send`);
-}
-
-async function request(ep: Endpoint, method: string, pathname: string): Promise<{ status: number; body: string }> {
-  await assertRouted(ep);
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host: ep.host, port: ep.port, method, path: pathname, agent: false, headers: { connection: 'close' }, timeout: 10_000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8').on('data', (d: string) => (body += d));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
-    });
-    req.on('timeout', () => req.destroy(new Error(`${method} ${pathname}: no answer in 10 s`)));
-    req.on('error', reject);
-    req.end();
-  });
-}
-
-async function state(ep: Endpoint): Promise<{ count: number; bootId: string; app: string }> {
-  const r = await request(ep, 'GET', '/state');
-  assert.equal(r.status, 200, r.body);
-  return JSON.parse(r.body);
-}
-
-async function inc(ep: Endpoint): Promise<{ count: number }> {
-  const r = await request(ep, 'POST', '/inc');
-  assert.equal(r.status, 200, r.body);
-  return JSON.parse(r.body);
-}
-
-async function verify(ep: Endpoint): Promise<string> {
-  const r = await request(ep, 'GET', '/verify');
-  return `${r.status} ${r.body}`;
-}
-
 /** The memory limit of the cgroup `pid` is in (cgroup v1 or v2), in bytes. */
-function memoryLimit(pid: number): number {
-  const lines = readFileSync(`/proc/${pid}/cgroup`, 'utf8').trim().split('\n');
-  const v1 = lines.map((l) => l.split(':')).find(([, ctrl]) => ctrl!.split(',').includes('memory'));
-  const file = v1 ? `/sys/fs/cgroup/memory${v1[2]}/memory.limit_in_bytes` : `/sys/fs/cgroup${lines.find((l) => l.startsWith('0::'))!.slice(3)}/memory.max`;
-  return Number(readFileSync(file, 'utf8').trim());
-}

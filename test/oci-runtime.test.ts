@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, closeSync } from 'node:fs';
-import http from 'node:http';
 import { connect as netConnect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -12,7 +11,6 @@ import { isPicoError, PicoError } from '../shared/errors.js';
 import { createLogger, silentLogger } from '../shared/log.js';
 import type { AppSpec, Endpoint } from '../shared/protocol.js';
 import { AppRecords, containerIdFor } from '../worker/oci/app-records.js';
-import { run } from '../worker/oci/exec.js';
 import { NETNS_DIR } from '../worker/oci/netns.js';
 import { Runc } from '../worker/oci/runc.js';
 import { OciRuntime, type OciRuntimeOptions } from '../worker/oci-runtime.js';
@@ -23,6 +21,7 @@ import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
 import { ociTestHost } from './helpers/oci-host.js';
+import { assertRouted, request, state, inc, verify, memoryLimit } from './helpers/oci-client.js';
 
 /*
  * The `oci` runtime through the ContainerRuntime interface, in CRIU's zdtm shape: each app
@@ -645,45 +644,6 @@ interface Family {
 // ---- talking to containers ----
 
 /** Refuses to send anywhere but over a veth of ours: without its netns the address would leave the host. */
-async function assertRouted(ep: Endpoint): Promise<void> {
-  const r = await run('ip', ['-json', 'route', 'get', ep.host], { timeoutMs: 5000 });
-  const routes = JSON.parse(r.stdout || '[]') as { dev?: string }[];
-  assert.ok(routes.length > 0 && routes.every((x) => x.dev?.startsWith('pico')), `${ep.host} is not routed over a container veth: refusing to send`);
-}
-
-async function request(ep: Endpoint, method: string, pathname: string): Promise<{ status: number; body: string }> {
-  await assertRouted(ep);
-  return new Promise((resolve, reject) => {
-    const req = http.request(
-      { host: ep.host, port: ep.port, method, path: pathname, agent: false, headers: { connection: 'close' }, timeout: 5000 },
-      (res) => {
-        let body = '';
-        res.setEncoding('utf8').on('data', (d: string) => (body += d));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
-      },
-    );
-    req.on('timeout', () => req.destroy(new Error(`${method} ${pathname}: no answer in 5 s`)));
-    req.on('error', reject);
-    req.end();
-  });
-}
-
-async function state(ep: Endpoint): Promise<{ count: number; bootId: string; pid: number; ticks: number; app: string }> {
-  const r = await request(ep, 'GET', '/state');
-  assert.equal(r.status, 200, r.body);
-  return JSON.parse(r.body);
-}
-
-async function inc(ep: Endpoint): Promise<{ count: number }> {
-  const r = await request(ep, 'POST', '/inc');
-  assert.equal(r.status, 200, r.body);
-  return JSON.parse(r.body);
-}
-
-async function verify(ep: Endpoint): Promise<string> {
-  const r = await request(ep, 'GET', '/verify');
-  return `${r.status} ${r.body}`;
-}
 
 async function connect(ep: Endpoint): Promise<Socket> {
   await assertRouted(ep);
@@ -719,12 +679,6 @@ async function kv(ep: Endpoint, ...commands: string[]): Promise<string[]> {
 // ---- the host's view ----
 
 /** The memory limit of the cgroup `pid` is in (cgroup v1 or v2), in bytes. */
-function memoryLimit(pid: number): number {
-  const lines = readFileSync(`/proc/${pid}/cgroup`, 'utf8').trim().split('\n');
-  const v1 = lines.map((l) => l.split(':')).find(([, ctrl]) => ctrl!.split(',').includes('memory'));
-  const file = v1 ? `/sys/fs/cgroup/memory${v1[2]}/memory.limit_in_bytes` : `/sys/fs/cgroup${lines.find((l) => l.startsWith('0::'))!.slice(3)}/memory.max`;
-  return Number(readFileSync(file, 'utf8').trim());
-}
 
 /** The generation of the app's local image, or null when it has none. */
 function localGeneration(r: OciRuntime, app: string): number | null {
