@@ -26,6 +26,7 @@ import type { ObjectStore } from '../pagestore/object-store.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import { startFaultProxy, type FaultProxy } from '../test/helpers/s3-fault-proxy.js';
 import { startS3Server } from '../test/helpers/s3-server.js';
+import { makeImage } from './fake-image.js';
 
 function arg(name: string, dflt: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -43,19 +44,6 @@ const MiB = 1 << 20;
 const work = mkdtempSync(path.join(TMP, 'pico-bench-s3-'));
 process.on('exit', () => rmSync(work, { recursive: true, force: true }));
 
-function makeImage(dir: string): number {
-  mkdirSync(dir, { recursive: true });
-  const fd = openSync(path.join(dir, 'pages-1.img'), 'w');
-  for (let i = 0; i < MB; i++) writeSync(fd, randomBytes(MiB));
-  closeSync(fd);
-  let total = MB * MiB;
-  for (const [name, size] of [['core-1.img', 5000], ['mm-1.img', 12000], ['pagemap-1.img', 40000], ['inventory.img', 40], ['fdinfo-2.img', 300], ['files.img', 2000]] as const) {
-    writeFileSync(path.join(dir, name), randomBytes(size));
-    total += size;
-  }
-  return total;
-}
-
 async function timed(fn: () => Promise<unknown>): Promise<number> {
   const t = performance.now();
   await fn();
@@ -72,7 +60,7 @@ async function bounded(n: number, limit: number, fn: (i: number) => Promise<void
 
 async function main(): Promise<void> {
   const src = path.join(work, 'src');
-  const total = makeImage(src);
+  const total = makeImage(src, MB);
   const s3 = await startS3Server({ directory: path.join(work, 's3rver') });
   let proxy: FaultProxy | undefined;
   if (DELAY_MS > 0 || MBPS > 0) proxy = await startFaultProxy({ target: s3.endpoint, delayMs: DELAY_MS, ...(MBPS > 0 ? { bytesPerSecond: MBPS * 1e6 } : {}) });

@@ -22,6 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
+import { makeImage } from './fake-image.js';
 
 function arg(name: string, dflt: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -39,19 +40,6 @@ const work = mkdtempSync(path.join(TMP, 'pico-bench-pagestore-'));
 const cleanup = () => rmSync(work, { recursive: true, force: true });
 process.on('exit', cleanup);
 
-function makeImage(dir: string): number {
-  mkdirSync(dir, { recursive: true });
-  const fd = openSync(path.join(dir, 'pages-1.img'), 'w');
-  for (let i = 0; i < MB; i++) writeSync(fd, randomBytes(MiB));
-  closeSync(fd);
-  let total = MB * MiB;
-  for (const [name, size] of [['core-1.img', 5000], ['mm-1.img', 12000], ['pagemap-1.img', 40000], ['inventory.img', 40], ['fdinfo-2.img', 300], ['files.img', 2000]] as const) {
-    writeFileSync(path.join(dir, name), randomBytes(size));
-    total += size;
-  }
-  return total;
-}
-
 async function timed(fn: () => Promise<unknown> | unknown): Promise<number> {
   const t = performance.now();
   await fn();
@@ -62,7 +50,7 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
 async function main(): Promise<void> {
   const src = path.join(work, 'src');
-  const total = makeImage(src);
+  const total = makeImage(src, MB);
   execFileSync('sync');
   const rows: Array<{ what: string; ms: number[]; uploaded?: number }> = [];
   const row = (what: string) => {
