@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the `oci` runtime needs on Debian (run as root): runc, iptables and fuse3 from the
+# Installs what the `oci` runtime needs on Debian (run as root): runc, iptables, fuse3 and libfuse2 from the
 # system's own release, and a CRIU that works on the running kernel. Idempotent; a second run
 # only re-checks (well under a second) and touches no network.
 #
@@ -43,12 +43,14 @@ have() { command -v "$1" >/dev/null 2>&1; }
 [[ $(id -u) -eq 0 ]] || die "run as root (apt-get, and runc/CRIU need root anyway)"
 [[ $(uname -m) == x86_64 ]] || die "only x86_64 is supported (the private CRIU is amd64)"
 
-# --- 1. runc, iptables, fuse3 from the system's own release -------------------------------------
+# --- 1. runc, iptables, fuse3, libfuse2 from the system's own release -------------------------------------
 need=()
 have runc || need+=(runc)
 # CRIU locks a container's network namespace with iptables-restore while it dumps.
 have iptables-restore || need+=(iptables)
 have fusermount3 || need+=(fuse3)
+# fuse-native's prebuilt binary (the FUSE image directory of a lazy restore) links libfuse.so.2.
+ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || need+=(libfuse2)
 if ((${#need[@]})); then
   have apt-get || die "missing ${need[*]} and no apt-get: install them with the system's package manager"
   say "installing ${need[*]} from the system's release"
