@@ -1,0 +1,545 @@
+/*
+ * A stored image as a read-only directory (FUSE), for lazy restore: `criu lazy-pages` and
+ * `criu restore` read the image files here, and every read is served chunk by chunk from a
+ * chunk source (the worker's cache, else the page store). The reads of `pages-*.img` are the
+ * restored process's page faults, so `onRead` is where the ActiveSet is observed.
+ *
+ *   kernel ──FUSE request──► libfuse thread (fuse-native) ──uv_async──► this event loop
+ *     read(path, buf, len, pos)   blocks on a semaphore             serveRead: onRead each chunk →
+ *     ▲                                                              chunk() (memo: in flight + LRU) →
+ *     └──────────── answer (bytes or -errno) ◄──── signal ◄────────── copy slices into buf
+ *
+ * Invariants:
+ * - The handlers run on THIS process's event loop: this process must never read the mount (a
+ *   synchronous read deadlocks it; async ones tie up libuv's thread pool). Readers are other
+ *   processes (criu, tests' children).
+ * - The image is immutable, so the kernel page cache is kept across opens (`kernel_cache`) and
+ *   attributes are cached long: a page read once is not asked for again while the mount lives.
+ *   `onRead` therefore sees the first touch of each chunk, plus the kernel's readahead (reads
+ *   arrive in pieces of up to 128 KiB, not pages).
+ * - A read is answered with data only when every chunk it touches was had and had the size the
+ *   manifest says. Otherwise `onFailure` is awaited first (bounded by failureTimeoutMs) and only
+ *   then the read gets EIO: the restore kills the half-restored container before the process
+ *   could run on without the page. Failed chunks are not remembered: a later read tries again.
+ * - close() never hangs: a busy mount (a reader still has a file open) is detached lazily
+ *   (`fusermount -uz`); its open files keep being served until they are closed.
+ */
+import { execFile } from 'node:child_process';
+import { mkdir, readdir, realpath, rmdir, stat } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import Fuse from 'fuse-native';
+import { describeError, PicoError } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import type { ImageFile, ImageManifest } from './image-store.js';
+
+const execFileP = promisify(execFile);
+
+// TODO(merge): from image-store.ts (ImageFile gains `sizes`, and ChunkRef / fileChunks move there).
+/** One chunk of one image file. */
+export interface ChunkRef {
+  /** sha256 (hex) of the chunk */
+  hash: string;
+  /** in bytes, in the file */
+  offset: number;
+  /** in bytes */
+  size: number;
+}
+
+// TODO(merge): from image-store.ts
+/**
+ * The chunks of `file`, with their offsets. `file.sizes` gives each chunk's length; without it
+ * (format 1) every chunk but the last is `manifest.chunkSize` bytes.
+ */
+export function fileChunks(manifest: ImageManifest, file: ImageFile): ChunkRef[] {
+  const sizes = (file as ImageFile & { sizes?: number[] }).sizes;
+  const refs: ChunkRef[] = [];
+  let offset = 0;
+  file.chunks.forEach((hash, i) => {
+    const size = sizes ? sizes[i]! : Math.min(manifest.chunkSize, file.size - offset);
+    refs.push({ hash, offset, size });
+    offset += size;
+  });
+  return refs;
+}
+
+export interface ImageMountOptions {
+  /** created if missing; must be empty */
+  mountpoint: string;
+  manifest: ImageManifest;
+  /**
+   * The verified bytes of one chunk (cache, else store); may reject. The buffer is kept (see
+   * cacheBytes), so the source must not reuse it.
+   */
+  chunk(ref: ChunkRef, file: ImageFile): Promise<Buffer>;
+  /** each chunk a read touches, once per read, before it is fetched (the ActiveSet is recorded from this) */
+  onRead?(file: ImageFile, ref: ChunkRef): void;
+  /**
+   * A chunk could not be had. Awaited (bounded by failureTimeoutMs, default 10 s) BEFORE the
+   * failed read is answered with EIO: the restore uses it to kill the half-restored container
+   * first, so the process never runs on with a page it could not get. Called once per failed
+   * fetch (reads waiting for the same chunk share it).
+   */
+  onFailure?(err: unknown, file: ImageFile, ref: ChunkRef): Promise<void>;
+  /** in ms; default 10 000 */
+  failureTimeoutMs?: number;
+  /** in ms; a chunk() not settled by then is a failure (PICO_ERR_STORE). Default 30 000; 0: no bound */
+  chunkTimeoutMs?: number;
+  /**
+   * in bytes; recently fetched chunks kept in memory, so the kernel's 128 KiB reads of one chunk
+   * (and its parallel readahead) fetch it once. At least one chunk is always kept. Default 32 MiB.
+   */
+  cacheBytes?: number;
+  log?: Logger;
+}
+
+export interface ImageMount {
+  readonly path: string;
+  /**
+   * reads: read requests answered (with data, with 0 at EOF, or with EIO); bytes: bytes served;
+   * chunks: chunk fetches started (calls of chunk()); failures: fetches that failed (each passed
+   * to onFailure once)
+   */
+  stats(): { reads: number; bytes: number; chunks: number; failures: number };
+  /** unmounts (lazily if busy: `fusermount -uz` fallback); idempotent; never throws on an already-gone mount */
+  close(): Promise<void>;
+}
+
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const O_ACCMODE = 0o3;
+const O_RDONLY = 0;
+const O_TRUNC = 0o1000;
+const W_OK = 2;
+/** in seconds: the image never changes while mounted */
+const ATTR_CACHE_S = 3600;
+const MOUNT_TIMEOUT_MS = 10_000;
+
+interface Entry {
+  file: ImageFile;
+  refs: ChunkRef[];
+}
+
+/** Mounts `manifest` read-only at `mountpoint`; resolves once the kernel has initialised the mount. */
+export async function mountImage(opts: ImageMountOptions): Promise<ImageMount> {
+  const log = opts.log?.child({ app: opts.manifest.app, generation: opts.manifest.generation });
+  const { files, dirs } = layout(opts.manifest);
+
+  await cleanStaleMount(opts.mountpoint, log);
+  const created = await prepareMountpoint(opts.mountpoint);
+  const mnt = await realpath(opts.mountpoint);
+
+  const server = new ImageServer(opts, log);
+  const mtime = validDate(opts.manifest.createdAt);
+  const dirStat = (): Fuse.Stat => ({ mode: S_IFDIR | 0o755, size: 4096, nlink: 2, uid: 0, gid: 0, mtime, atime: mtime, ctime: mtime });
+  const fileStat = (f: ImageFile): Fuse.Stat => ({
+    mode: S_IFREG | (f.mode & 0o7777),
+    size: f.size,
+    nlink: 1,
+    uid: 0,
+    gid: 0,
+    blksize: 128 * 1024,
+    blocks: Math.ceil(f.size / 512),
+    mtime,
+    atime: mtime,
+    ctime: mtime,
+  });
+  const totalBytes = opts.manifest.files.reduce((n, f) => n + f.size, 0);
+  const handles = new Map<number, Entry>();
+  let nextHandle = 1;
+  const rofs = (...args: unknown[]) => (args[args.length - 1] as Fuse.Done)(Fuse.EROFS);
+
+  const ops: Fuse.Operations = {
+    getattr(p, cb) {
+      const e = files.get(p);
+      if (e) return cb(0, fileStat(e.file));
+      if (dirs.has(p)) return cb(0, dirStat());
+      cb(Fuse.ENOENT);
+    },
+    readdir(p, cb) {
+      const names = dirs.get(p);
+      if (names) return cb(0, ['.', '..', ...names]);
+      cb(files.has(p) ? Fuse.ENOTDIR : Fuse.ENOENT);
+    },
+    access(p, mode, cb) {
+      if (!files.has(p) && !dirs.has(p)) return cb(Fuse.ENOENT);
+      cb(mode & W_OK ? Fuse.EROFS : 0);
+    },
+    statfs(_p, cb) {
+      cb(0, {
+        bsize: 4096,
+        frsize: 4096,
+        blocks: Math.ceil(totalBytes / 4096),
+        bfree: 0,
+        bavail: 0,
+        files: files.size + dirs.size,
+        ffree: 0,
+        favail: 0,
+        fsid: 0,
+        flag: 1, // ST_RDONLY
+        namemax: 255,
+      });
+    },
+    open(p, flags, cb) {
+      const e = files.get(p);
+      if (!e) return cb(dirs.has(p) ? Fuse.EISDIR : Fuse.ENOENT);
+      if ((flags & O_ACCMODE) !== O_RDONLY || flags & O_TRUNC) return cb(Fuse.EROFS);
+      const fh = nextHandle++;
+      if (nextHandle > 0x7fff_ffff) nextHandle = 1;
+      handles.set(fh, e);
+      cb(0, fh);
+    },
+    release(_p, fd, cb) {
+      handles.delete(fd);
+      cb(0);
+    },
+    read(p, fd, buf, len, pos, cb) {
+      const e = handles.get(fd) ?? files.get(p);
+      if (!e) return cb(Fuse.EBADF);
+      server.read(e, buf, len, pos).then(cb, () => cb(Fuse.EIO));
+    },
+    write: rofs,
+    create: rofs,
+    truncate: rofs,
+    ftruncate: rofs,
+    unlink: rofs,
+    rename: rofs,
+    link: rofs,
+    symlink: rofs,
+    mkdir: rofs,
+    rmdir: rofs,
+    mknod: rofs,
+    chmod: rofs,
+    chown: rofs,
+    utimens: rofs,
+    setxattr: rofs,
+    removexattr: rofs,
+  };
+
+  const fuse = new Fuse(mnt, ops, {
+    // Reads wait for chunk() and then for onFailure; fuse-native's own deadline would answer
+    // ETIMEDOUT without either. chunkTimeoutMs + failureTimeoutMs bound a read instead.
+    timeout: false,
+    kernelCache: true,
+    entryTimeout: ATTR_CACHE_S,
+    attrTimeout: ATTR_CACHE_S,
+    fsname: 'picocenter',
+    subtype: 'image',
+  });
+
+  try {
+    await withTimeout(
+      new Promise<void>((resolve, reject) => fuse.mount((err) => (err ? reject(err) : resolve()))),
+      MOUNT_TIMEOUT_MS,
+      () => new Error(`the kernel did not initialise the mount within ${MOUNT_TIMEOUT_MS} ms`),
+    );
+  } catch (err) {
+    await unmount(mnt, log, 0).catch(() => {});
+    releaseNative(fuse, log);
+    if (created) await rmdir(mnt).catch(() => {});
+    throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', `cannot mount the image of ${opts.manifest.app} at ${mnt}: ${describeError(err)}`, { cause: err });
+  }
+  log?.debug({ mountpoint: mnt, files: files.size, bytes: totalBytes }, 'image mounted');
+
+  let closing: Promise<void> | undefined;
+  return {
+    path: mnt,
+    stats: () => server.stats(),
+    close() {
+      closing ??= (async () => {
+        try {
+          await unmount(mnt, log, handles.size);
+        } catch (err) {
+          log?.error({ mountpoint: mnt, err: describeError(err) }, 'image mount could not be unmounted');
+        }
+        releaseNative(fuse, log);
+        if (created) await rmdir(mnt).catch(() => {});
+        server.dropCache();
+        log?.debug({ mountpoint: mnt, ...server.stats() }, 'image unmounted');
+      })();
+      return closing;
+    },
+  };
+}
+
+/**
+ * Lazily unmounts `mountpoint` if it is a dead FUSE mount (its server process is gone: stat
+ * fails with ENOTCONN), e.g. one left behind by a crashed worker. Anything else — no such path,
+ * a plain directory, a live mount — is left alone.
+ */
+export async function cleanStaleMount(mountpoint: string, log?: Logger): Promise<void> {
+  try {
+    await stat(mountpoint);
+    return;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'ENOTCONN' && code !== 'ECONNABORTED') return;
+  }
+  const mnt = path.resolve(mountpoint);
+  log?.warn({ mountpoint: mnt }, 'removing a dead image mount');
+  try {
+    await execFileP('fusermount', ['-uz', mnt]);
+  } catch (err) {
+    // fusermount refuses mounts it does not find in its table; root can still detach them.
+    await execFileP('umount', ['-l', mnt]).catch((err2: unknown) => {
+      throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', `cannot remove the dead mount at ${mnt}: ${describeError(err)}; ${describeError(err2)}`);
+    });
+  }
+}
+
+/** Serves reads of image files from chunks, with the fetch memo and the counters. */
+class ImageServer {
+  private readonly counters = { reads: 0, bytes: 0, chunks: 0, failures: 0 };
+  /** by chunk hash: fetches in flight and recently had chunks (Map order = LRU order) */
+  private readonly inFlight = new Map<string, Promise<Buffer>>();
+  private readonly cache = new Map<string, Buffer>();
+  private cachedBytes = 0;
+  private readonly cacheBytes: number;
+  private readonly failureTimeoutMs: number;
+  private readonly chunkTimeoutMs: number;
+
+  constructor(
+    private readonly opts: ImageMountOptions,
+    private readonly log: Logger | undefined,
+  ) {
+    this.cacheBytes = opts.cacheBytes ?? 32 * 1024 * 1024;
+    this.failureTimeoutMs = opts.failureTimeoutMs ?? 10_000;
+    this.chunkTimeoutMs = opts.chunkTimeoutMs ?? 30_000;
+  }
+
+  stats() {
+    return { ...this.counters };
+  }
+
+  dropCache() {
+    this.cache.clear();
+    this.cachedBytes = 0;
+  }
+
+  /** Fills buf[0, n) with the file's bytes at [pos, pos + n); n < len only at EOF. Rejects: EIO. */
+  async read(e: Entry, buf: Buffer, len: number, pos: number): Promise<number> {
+    try {
+      const end = Math.min(e.file.size, pos + len);
+      if (pos >= end) return 0;
+      const touched = e.refs.slice(firstChunk(e.refs, pos), lastChunk(e.refs, end) + 1);
+      for (const ref of touched) {
+        try {
+          this.opts.onRead?.(e.file, ref);
+        } catch (err) {
+          this.log?.warn({ file: e.file.path, chunk: ref.hash, err: describeError(err) }, 'onRead threw');
+        }
+      }
+      const bodies = await Promise.all(touched.map((ref) => this.fetch(e.file, ref)));
+      touched.forEach((ref, i) => {
+        const from = Math.max(pos, ref.offset);
+        const to = Math.min(end, ref.offset + ref.size);
+        bodies[i]!.copy(buf, from - pos, from - ref.offset, to - ref.offset);
+      });
+      this.counters.bytes += end - pos;
+      return end - pos;
+    } finally {
+      this.counters.reads++;
+    }
+  }
+
+  private fetch(file: ImageFile, ref: ChunkRef): Promise<Buffer> {
+    const had = this.cache.get(ref.hash);
+    if (had && had.length === ref.size) {
+      this.cache.delete(ref.hash);
+      this.cache.set(ref.hash, had);
+      return Promise.resolve(had);
+    }
+    let p = this.inFlight.get(ref.hash);
+    if (!p) {
+      p = this.fetchOnce(file, ref).finally(() => this.inFlight.delete(ref.hash));
+      this.inFlight.set(ref.hash, p);
+    }
+    return p;
+  }
+
+  private async fetchOnce(file: ImageFile, ref: ChunkRef): Promise<Buffer> {
+    this.counters.chunks++;
+    let body: Buffer;
+    try {
+      body = await withTimeout(
+        Promise.resolve().then(() => this.opts.chunk(ref, file)),
+        this.chunkTimeoutMs,
+        () => new PicoError('PICO_ERR_STORE', `chunk ${ref.hash} was not had within ${this.chunkTimeoutMs} ms`),
+      );
+      if (!Buffer.isBuffer(body) || body.length !== ref.size) {
+        throw new PicoError(
+          'PICO_ERR_IMAGE_CORRUPT',
+          `chunk ${ref.hash} is ${Buffer.isBuffer(body) ? body.length : typeof body} bytes, the manifest says ${ref.size}`,
+        );
+      }
+    } catch (err) {
+      this.counters.failures++;
+      this.log?.error({ file: file.path, offset: ref.offset, chunk: ref.hash, err: describeError(err) }, 'chunk could not be had; the read fails with EIO');
+      if (this.opts.onFailure) {
+        await withTimeout(
+          Promise.resolve().then(() => this.opts.onFailure!(err, file, ref)),
+          this.failureTimeoutMs,
+          () => new Error(`onFailure did not settle within ${this.failureTimeoutMs} ms`),
+        ).catch((err2: unknown) => this.log?.error({ file: file.path, chunk: ref.hash, err: describeError(err2) }, 'onFailure failed'));
+      }
+      throw err;
+    }
+    this.remember(ref.hash, body);
+    return body;
+  }
+
+  private remember(hash: string, body: Buffer) {
+    const old = this.cache.get(hash);
+    if (old) {
+      this.cache.delete(hash);
+      this.cachedBytes -= old.length;
+    }
+    this.cache.set(hash, body);
+    this.cachedBytes += body.length;
+    for (const [h, b] of this.cache) {
+      if (this.cachedBytes <= this.cacheBytes || this.cache.size <= 1) break;
+      this.cache.delete(h);
+      this.cachedBytes -= b.length;
+    }
+  }
+}
+
+/** Index of the chunk holding byte `pos` (binary search over offsets; empty chunks skipped). */
+function firstChunk(refs: ChunkRef[], pos: number): number {
+  let lo = 0;
+  let hi = refs.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (refs[mid]!.offset <= pos) lo = mid;
+    else hi = mid - 1;
+  }
+  while (lo < refs.length - 1 && refs[lo]!.offset + refs[lo]!.size <= pos) lo++;
+  return lo;
+}
+
+/** Index of the chunk holding byte `end - 1`. */
+function lastChunk(refs: ChunkRef[], end: number): number {
+  return firstChunk(refs, end - 1);
+}
+
+/** The files and directories of the image, by FUSE path ('/a/b'); rejects unsafe or overlapping paths. */
+function layout(manifest: ImageManifest): { files: Map<string, Entry>; dirs: Map<string, string[]> } {
+  const corrupt = (why: string) =>
+    new PicoError('PICO_ERR_IMAGE_CORRUPT', `image ${manifest.app}/${manifest.generation} cannot be mounted: ${why}`);
+  const files = new Map<string, Entry>();
+  const dirs = new Map<string, Set<string>>([['/', new Set()]]);
+  for (const file of manifest.files) {
+    const parts = file.path.split('/');
+    if (parts.some((s) => s === '' || s === '.' || s === '..' || s.includes('\0'))) throw corrupt(`unsafe path ${JSON.stringify(file.path)}`);
+    const refs = fileChunks(manifest, file);
+    const covered = refs.reduce((n, r) => (Number.isSafeInteger(r.size) && r.size >= 0 ? n + r.size : NaN), 0);
+    if (covered !== file.size) throw corrupt(`the chunks of ${file.path} cover ${covered} bytes, its size is ${file.size}`);
+    let dir = '/';
+    for (const name of parts.slice(0, -1)) {
+      dirs.get(dir)!.add(name);
+      dir = dir === '/' ? `/${name}` : `${dir}/${name}`;
+      if (!dirs.has(dir)) dirs.set(dir, new Set());
+    }
+    dirs.get(dir)!.add(parts[parts.length - 1]!);
+    const fusePath = `/${file.path}`;
+    if (files.has(fusePath)) throw corrupt(`${file.path} is listed twice`);
+    files.set(fusePath, { file, refs });
+  }
+  for (const p of files.keys()) if (dirs.has(p)) throw corrupt(`${p.slice(1)} is both a file and a directory`);
+  return { files, dirs: new Map([...dirs].map(([k, v]) => [k, [...v]])) };
+}
+
+/** Creates the mountpoint if missing (→ true: close removes it again); it must be an empty directory. */
+async function prepareMountpoint(mountpoint: string): Promise<boolean> {
+  let created = false;
+  try {
+    created = (await mkdir(mountpoint, { recursive: true })) !== undefined;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+  }
+  const entries = await readdir(mountpoint);
+  if (entries.length) throw new PicoError('PICO_ERR_INVALID_STATE', `mountpoint ${mountpoint} is not empty (${entries.slice(0, 3).join(', ')}…)`);
+  return created;
+}
+
+/**
+ * Detaches the mount. A plain unmount first; when the mount is busy (a reader still has a file
+ * open) or the plain one fails for another reason while it is still mounted, a lazy one. An
+ * already-gone mount is fine.
+ */
+async function unmount(mnt: string, log: Logger | undefined, openFiles: number): Promise<void> {
+  try {
+    await execFileP('fusermount', ['-u', mnt]);
+    return;
+  } catch (err) {
+    if (!isMounted(mnt)) return;
+    log?.warn({ mountpoint: mnt, openFiles, err: describeError(err).trim() }, 'image mount busy; unmounting lazily');
+  }
+  try {
+    await execFileP('fusermount', ['-uz', mnt]);
+  } catch (err) {
+    if (!isMounted(mnt)) return;
+    await execFileP('umount', ['-l', mnt]).catch(() => {
+      throw err;
+    });
+  }
+}
+
+/** Whether `mnt` (a real path) is a mount point in this mount namespace. */
+function isMounted(mnt: string): boolean {
+  let text: string;
+  try {
+    text = readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch {
+    return true; // cannot tell: assume it is, so the caller tries harder
+  }
+  return text.split('\n').some((line) => unescapeMountPath(line.split(' ')[4] ?? '') === mnt);
+}
+
+function unescapeMountPath(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+}
+
+/**
+ * fuse-native keeps a libuv handle referenced from mount until its native unmount runs, which
+ * its own close() skips whenever `fusermount -uz` fails (e.g. the mount is already gone); we
+ * unmount ourselves and then release the handle, so an unmounted image never keeps the process
+ * alive.
+ */
+function releaseNative(fuse: Fuse, log: Logger | undefined): void {
+  try {
+    const thread = (fuse as unknown as { _thread: Buffer | null })._thread;
+    if (thread) nativeBinding().fuse_native_unmount(fuse.mnt, thread);
+  } catch (err) {
+    log?.warn({ err: describeError(err) }, 'fuse-native could not release its mount handle');
+  }
+}
+
+let binding: { fuse_native_unmount(mnt: string, thread: Buffer): void } | undefined;
+function nativeBinding() {
+  if (!binding) {
+    const require = createRequire(import.meta.url);
+    const fuseMain = require.resolve('fuse-native');
+    // node-gyp-build loads the same prebuilt .node file fuse-native loaded: one module instance.
+    binding = createRequire(fuseMain)('node-gyp-build')(path.dirname(fuseMain)) as typeof binding;
+  }
+  return binding!;
+}
+
+function validDate(s: string): Date {
+  const d = new Date(s);
+  return Number.isNaN(d.getTime()) ? new Date(0) : d;
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, error: () => Error): Promise<T> {
+  if (!ms) return p;
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(error()), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
