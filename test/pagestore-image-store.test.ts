@@ -16,8 +16,9 @@ import {
   sha256,
   type ChunkedImageStoreOptions,
 } from '../pagestore/chunked-image-store.js';
+import { DEFAULT_PAGE_CHUNKING, PAGE_SIZE, type PageChunking } from '../pagestore/chunker.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
-import type { ImageManifest } from '../pagestore/image-store.js';
+import { fileChunks, type ImageManifest } from '../pagestore/image-store.js';
 import { MemoryObjectStore, type StoreOp } from '../pagestore/memory-store.js';
 import { until } from './helpers/poll.js';
 import { collect, type ObjectInfo, type ObjectStore, type PutOptions } from '../pagestore/object-store.js';
@@ -175,18 +176,22 @@ function chunkKeysOf(...manifests: ImageManifest[]): Set<string> {
   return new Set(manifests.flatMap((m) => m.files.flatMap((f) => f.chunks.map(chunkKey))));
 }
 
-const CHUNK = 64 * KiB; // small chunks keep most tests fast; the round trip uses the 1 MiB default
+// Most tests check the store's mechanics (dedup, repair, collection) by counting chunks: they
+// cut fixed chunks of CHUNK bytes (min = max pages). The round trip and the format-2 tests use
+// the default content-defined chunking.
+const CHUNK = 64 * KiB;
+const FIXED: Partial<PageChunking> = { minPages: CHUNK / PAGE_SIZE, maxPages: CHUNK / PAGE_SIZE };
 
 for (const backend of backends) {
   describe(`ChunkedImageStore on the ${backend.name} store`, () => {
     const open = (opts: Partial<ChunkedImageStoreOptions> = {}) => {
       const b = backend.make();
-      const images = new ChunkedImageStore({ store: b.store, chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0, ...opts });
+      const images = new ChunkedImageStore({ store: b.store, chunking: FIXED, gcGraceMs: 0, collectEveryMs: 0, ...opts });
       return { ...b, images };
     };
 
     it('round-trips a directory: empty file, odd sizes, a 20 MB file, subdirectories, modes', async () => {
-      const { images, store } = open({ chunkSize: undefined });
+      const { images, store } = open({ chunking: undefined });
       const src = imageDir({
         'core-1.img': { data: randomBytes(3000), mode: 0o600 },
         'empty.img': Buffer.alloc(0),
@@ -198,23 +203,41 @@ for (const backend of backends) {
       });
       const { manifest, stats } = await images.put('kv', src);
       assert.equal(manifest.generation, 1);
-      assert.equal(manifest.format, 1);
+      assert.equal(manifest.format, 2);
       assert.equal(manifest.app, 'kv');
-      assert.equal(manifest.chunkSize, MiB);
+      assert.deepEqual(manifest.chunking, { kind: 'pages', ...DEFAULT_PAGE_CHUNKING });
+      assert.equal(manifest.chunkSize, 256 * KiB);
       assert.deepEqual(
-        manifest.files.map((f) => [f.path, f.size, f.chunks.length]),
+        manifest.files.map((f) => [f.path, f.size]),
         [
-          ['core-1.img', 3000, 1],
-          ['empty.img', 0, 0],
-          ['odd.img', MiB + MiB / 2 + 7, 2],
-          ['one-chunk.img', MiB, 1],
-          ['pages-1.img', 20 * MiB, 20],
-          ['sub/dir/inventory.img', 100, 1],
-          ['x.img', 4, 1],
+          ['core-1.img', 3000],
+          ['empty.img', 0],
+          ['odd.img', MiB + MiB / 2 + 7],
+          ['one-chunk.img', MiB],
+          ['pages-1.img', 20 * MiB],
+          ['sub/dir/inventory.img', 100],
+          ['x.img', 4],
         ],
       );
+      // Files shorter than minPages pages are one chunk; an empty one has none.
+      for (const [p, n] of [['core-1.img', 1], ['empty.img', 0], ['sub/dir/inventory.img', 1], ['x.img', 1]] as const) {
+        assert.equal(manifest.files.find((f) => f.path === p)!.chunks.length, n, p);
+      }
+      // Content-defined chunks: page-aligned cuts, none over 64 pages, ~19 pages on average.
+      for (const f of manifest.files) {
+        const refs = fileChunks(manifest, f);
+        assert.deepEqual(refs.map((r) => r.size), f.sizes);
+        refs.forEach((r, i) => {
+          assert.ok(r.size >= 1 && r.size <= 256 * KiB, `${f.path} chunk ${i}: ${r.size} bytes`);
+          if (i < refs.length - 1) assert.equal(r.size % PAGE_SIZE, 0, `${f.path} chunk ${i} is whole pages`);
+        });
+      }
+      const pages = manifest.files.find((f) => f.path === 'pages-1.img')!;
+      const mean = pages.size / pages.chunks.length;
+      assert.ok(mean > 60 * KiB && mean < 92 * KiB, `mean chunk ${mean} bytes`);
+      const chunks = manifest.files.reduce((n, f) => n + f.chunks.length, 0);
       const total = 3000 + MiB + MiB + MiB / 2 + 7 + 20 * MiB + 100 + 4;
-      assert.deepEqual(stats, { totalBytes: total, uploadedBytes: total, chunks: 26, uploadedChunks: 26 });
+      assert.deepEqual(stats, { totalBytes: total, uploadedBytes: total, chunks, uploadedChunks: chunks });
       assert.equal(manifest.checksum, manifestChecksum(manifest));
       // What is stored is the canonical JSON, and parses back to the same manifest.
       const stored = await store.get(manifestKey('kv', 1));
@@ -484,7 +507,7 @@ for (const backend of backends) {
       assert.equal(stats.deletedChunks, 0);
       assert.equal((await b.keys()).length, before.length - 1);
       // Later, past the grace period, they go.
-      const later = new ChunkedImageStore({ store: b.store, chunkSize: CHUNK, gcGraceMs: 60_000, collectEveryMs: 0, now: () => Date.now() + 120_000 });
+      const later = new ChunkedImageStore({ store: b.store, chunking: FIXED, gcGraceMs: 60_000, collectEveryMs: 0, now: () => Date.now() + 120_000 });
       assert.equal((await later.prune('app')).deletedChunks, 2);
     });
 
@@ -662,7 +685,7 @@ describe('ChunkedImageStore on a real unwritable or full directory', () => {
   it('a store path under a regular file (ENOTDIR): put rejects PICO_ERR_STORE naming path and errno', async () => {
     const file = fresh('file');
     writeFileSync(file, 'not a directory');
-    const images = new ChunkedImageStore({ store: new FsObjectStore({ root: path.join(file, 'store') }), chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0 });
+    const images = new ChunkedImageStore({ store: new FsObjectStore({ root: path.join(file, 'store') }), chunking: FIXED, gcGraceMs: 0, collectEveryMs: 0 });
     const err = await rejectsWith(images.put('app', imageDir({ 'a.img': randomBytes(100) })), 'PICO_ERR_STORE', /ENOTDIR/, new RegExp(file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
     assert.ok(err.message.length > 0);
     assert.equal(await images.latest('app'), undefined);
@@ -681,7 +704,7 @@ describe('ChunkedImageStore on a real unwritable or full directory', () => {
       t.skip('root without mount permission: no way to make a directory unwritable');
       return;
     }
-    const images = new ChunkedImageStore({ store: new FsObjectStore({ root }), chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0 });
+    const images = new ChunkedImageStore({ store: new FsObjectStore({ root }), chunking: FIXED, gcGraceMs: 0, collectEveryMs: 0 });
     const v1 = imageDir({ 'a.img': randomBytes(2 * CHUNK) });
     await images.put('app', v1);
     makeReadOnly();
@@ -704,7 +727,7 @@ describe('ChunkedImageStore on a real unwritable or full directory', () => {
     }
     const root = path.join(mnt, 'full');
     const fs = new FsObjectStore({ root });
-    const images = new ChunkedImageStore({ store: fs, chunkSize: CHUNK, gcGraceMs: 0, collectEveryMs: 0 });
+    const images = new ChunkedImageStore({ store: fs, chunking: FIXED, gcGraceMs: 0, collectEveryMs: 0 });
     await rejectsWith(images.put('app', imageDir({ 'a.img': randomBytes(6 * MiB) })), 'PICO_ERR_STORE', /ENOSPC/);
     assert.equal(await images.latest('app'), undefined);
     const leftovers = execFileSync('find', [root, '-name', '.pico-tmp-*']).toString();
