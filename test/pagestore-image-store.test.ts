@@ -8,6 +8,7 @@ import { after, before, describe, it } from 'node:test';
 import { isPicoError, PicoError } from '../shared/errors.js';
 import {
   canonicalJson,
+  checkManifest,
   chunkKey,
   ChunkedImageStore,
   manifestChecksum,
@@ -18,7 +19,7 @@ import {
 } from '../pagestore/chunked-image-store.js';
 import { DEFAULT_PAGE_CHUNKING, PAGE_SIZE, type PageChunking } from '../pagestore/chunker.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
-import { fileChunks, type ImageManifest } from '../pagestore/image-store.js';
+import { fileChunks, type ChunkRef, type ImageManifest, type ImageStore } from '../pagestore/image-store.js';
 import { MemoryObjectStore, type StoreOp } from '../pagestore/memory-store.js';
 import { until } from './helpers/poll.js';
 import { collect, type ObjectInfo, type ObjectStore, type PutOptions } from '../pagestore/object-store.js';
@@ -736,5 +737,183 @@ describe('ChunkedImageStore on a real unwritable or full directory', () => {
     const stats = await images.prune('app');
     assert.ok(stats.deletedChunks > 0);
     assert.deepEqual(await collect(fs.list('')), []);
+  });
+});
+
+/** Deterministic bytes: mulberry32 seeded with `seed`. */
+function seededBytes(bytes: number, seed: number): Buffer {
+  const out = Buffer.alloc(bytes);
+  let s = seed >>> 0;
+  for (let i = 0; i + 4 <= bytes; i += 4) {
+    s = (s + 0x6d2b79f5) | 0;
+    let t = Math.imul(s ^ (s >>> 15), 1 | s);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    out.writeUInt32LE((t ^ (t >>> 14)) >>> 0, i);
+  }
+  return out;
+}
+
+describe('image format 2 and the formats before it', () => {
+  const open = (opts: Partial<ChunkedImageStoreOptions> = {}) => {
+    const store = new MemoryObjectStore();
+    return { store, images: new ChunkedImageStore({ store, gcGraceMs: 0, collectEveryMs: 0, ...opts }) };
+  };
+
+  /** Stores `files` the way the format-1 code did: fixed `chunkSize` chunks, manifest by hand. */
+  async function putFormat1(store: ObjectStore, app: string, generation: number, chunkSize: number, files: Record<string, Buffer>): Promise<ImageManifest> {
+    const list: ImageManifest['files'] = [];
+    for (const [p, data] of Object.entries(files).sort(([a], [b]) => (a < b ? -1 : 1))) {
+      const chunks: string[] = [];
+      for (let o = 0; o < data.length; o += chunkSize) {
+        const chunk = data.subarray(o, o + chunkSize);
+        chunks.push(sha256(chunk));
+        await store.put(chunkKey(sha256(chunk)), Buffer.from(chunk));
+      }
+      list.push({ path: p, size: data.length, mode: 0o644, chunks });
+    }
+    const draft = { format: 1, app, generation, createdAt: '2025-01-01T00:00:00.000Z', chunkSize, files: list };
+    const m: ImageManifest = { ...draft, checksum: manifestChecksum(draft) };
+    await store.put(manifestKey(app, generation), Buffer.from(canonicalJson(m)), { exclusive: true });
+    return m;
+  }
+
+  it('a format-1 image written by the old code is still read, restored, kept by prune until a newer one verifies', async () => {
+    const { store, images } = open();
+    const files = { 'pages-1.img': seededBytes(3 * MiB + 5000, 1), 'core-1.img': seededBytes(3000, 2), 'empty.img': Buffer.alloc(0) };
+    const src = imageDir(files);
+    const old = await putFormat1(store, 'legacy', 1, MiB, files);
+    assert.deepEqual(await images.latest('legacy'), old);
+    assert.deepEqual(
+      fileChunks(old, old.files.find((f) => f.path === 'pages-1.img')!).map((c) => [c.offset, c.size]),
+      [[0, MiB], [MiB, MiB], [2 * MiB, MiB], [3 * MiB, 5000]],
+    );
+    const out = fresh('restore');
+    await images.get(old, out);
+    assertSameTree(out, src);
+    // Prune verifies a format-1 generation's chunks by their fixed sizes: nothing to delete.
+    assert.deepEqual((await images.prune('legacy', { collect: true })).deletedGenerations, []);
+    assert.equal((await images.prune('legacy', { collect: true })).deletedChunks, 0);
+    // The next checkpoint is format 2; then the format-1 generation and its chunks go.
+    const { manifest } = await images.put('legacy', src);
+    assert.deepEqual([manifest.format, manifest.generation], [2, 2]);
+    const pruned = await images.prune('legacy', { collect: true });
+    assert.deepEqual(pruned.deletedGenerations, [1]);
+    assert.deepEqual(new Set(await store.keys()), new Set([manifestKey('legacy', 2), ...chunkKeysOf(manifest)]));
+    const again = fresh('restore');
+    await images.get(manifest, again);
+    assertSameTree(again, src);
+  });
+
+  it('checkManifest: reads formats 1 and 2, refuses anything else or chunk sizes that do not fit', async () => {
+    const { images } = open();
+    const src = imageDir({ 'a.img': seededBytes(600 * KiB + 7, 3), 'b.img': seededBytes(10, 4) });
+    const { manifest } = await images.put('app', src);
+    assert.equal(checkManifest(manifest), manifest);
+    const resealed = (m: Record<string, unknown>) => ({ ...m, checksum: manifestChecksum(m as unknown as ImageManifest) });
+    const tamper = (change: (m: ImageManifest) => unknown): unknown => {
+      const m = structuredClone(manifest) as ImageManifest;
+      change(m);
+      return resealed(m as unknown as Record<string, unknown>);
+    };
+    const cases: Array<[unknown, RegExp]> = [
+      [tamper((m) => (m.format = 3)), /unsupported format 3 \(this version reads 1, 2\)/],
+      [tamper((m) => (m.format = 0)), /unsupported format 0/],
+      [tamper((m) => delete m.files[0]!.sizes), /chunk sizes do not match/],
+      [tamper((m) => m.files[0]!.sizes!.pop()), /chunk sizes do not match/],
+      [tamper((m) => (m.files[0]!.sizes![0]! += 1)), /do not cover/],
+      [tamper((m) => { m.files[1]!.sizes = [0]; m.files[1]!.size = 0; }), /bad chunk size 0/],
+      [tamper((m) => { m.files[1]!.sizes = [300 * KiB]; m.files[1]!.size = 300 * KiB; }), /bad chunk size 307200/],
+      [tamper((m) => (m.chunkSize = MiB)), /not the chunking's largest chunk/],
+      [tamper((m) => delete m.chunking), /bad chunking/],
+      [tamper((m) => (m.chunking = { kind: 'pages', minPages: 8, avgPages: 16, maxPages: 4 })), /bad chunking: maxPages must be >= minPages/],
+      [tamper((m) => ((m.chunking as { kind: string }).kind = 'bytes')), /bad chunking/],
+      [tamper((m) => (m.format = 1)), /format 1 has no chunking/],
+    ];
+    for (const [value, re] of cases) {
+      assert.throws(() => checkManifest(value), (err: unknown) => isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT') && re.test(err.message), re.source);
+    }
+    // A format-1 manifest carrying format-2 sizes is refused too.
+    const f1 = resealed({ ...manifest, format: 1, chunking: undefined, chunkSize: MiB });
+    assert.throws(() => checkManifest(f1), /format 1 has no chunk sizes/);
+  });
+
+  it('fileChunks: offsets and sizes cover each file exactly, for format 1, format 2 and whole-file chunks', async () => {
+    const { images } = open();
+    const sizes = [0, 1, PAGE_SIZE, PAGE_SIZE + 1, 5 * MiB + 123];
+    const src = imageDir(Object.fromEntries(sizes.map((n, i) => [`f${i}.img`, seededBytes(n, 10 + i)])));
+    const { manifest } = await images.put('app', src);
+    const f1 = { format: 1, app: 'app', generation: 1, createdAt: 'x', chunkSize: MiB, checksum: 'x' };
+    const whole = { ...f1, chunkSize: 0 };
+    for (const f of manifest.files) {
+      const data = readFileSync(path.join(src, f.path));
+      const check = (refs: ChunkRef[], what: string) => {
+        let at = 0;
+        for (const r of refs) {
+          assert.equal(r.offset, at, `${what} ${f.path}: no gap`);
+          assert.ok(r.size >= 1, `${what} ${f.path}: no empty chunk`);
+          assert.equal(sha256(data.subarray(r.offset, r.offset + r.size)), r.hash, `${what} ${f.path}: the chunk's bytes`);
+          at += r.size;
+        }
+        assert.equal(at, f.size, `${what} ${f.path}: covers the file`);
+      };
+      check(fileChunks(manifest, f), 'format 2');
+      const fixed = [];
+      for (let o = 0; o < data.length; o += MiB) fixed.push(sha256(data.subarray(o, o + MiB)));
+      check(fileChunks({ ...f1, files: [] } as ImageManifest, { ...f, sizes: undefined, chunks: fixed }), 'format 1');
+      if (f.size > 0) check(fileChunks({ ...whole, files: [] } as ImageManifest, { ...f, sizes: undefined, chunks: [sha256(data)] }), 'whole files');
+      // The verified bytes of each chunk, through the ImageStore interface.
+      const refs = fileChunks(manifest, f);
+      if (refs.length > 0) {
+        const last = refs.at(-1)!;
+        const store: ImageStore = images;
+        assert.ok((await store.getChunk(last.hash, last.size)).equals(data.subarray(last.offset)));
+        await rejectsWith(store.getChunk(last.hash, last.size + 1), 'PICO_ERR_IMAGE_CORRUPT');
+      }
+    }
+    await rejectsWith(images.getChunk('0'.repeat(64)), 'PICO_ERR_IMAGE_MISSING');
+    // Sizes that do not fit the file: refused, not silently mis-positioned.
+    const f = manifest.files.at(-1)!;
+    assert.throws(() => fileChunks(manifest, { ...f, sizes: f.sizes!.slice(1) }), (err: unknown) => isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'));
+    assert.throws(() => fileChunks(manifest, { ...f, size: f.size + 1 }), /cover/);
+  });
+
+  it('re-checkpointing a slightly changed dump (scattered pages changed, one page inserted early) uploads a small share', async () => {
+    // A synthetic 'dump': 24 MiB of pages, a quarter of them zero (as in real heaps), the rest
+    // distinct. The next dump changes 8 scattered pages and has one more page near the start.
+    const pages = 6 * 1024;
+    const first = Buffer.alloc(pages * PAGE_SIZE);
+    for (let p = 0; p < pages; p++) if (p % 4 !== 3) seededBytes(PAGE_SIZE, 1000 + p).copy(first, p * PAGE_SIZE);
+    const second = Buffer.concat([first.subarray(0, 7 * PAGE_SIZE), seededBytes(PAGE_SIZE, 7), first.subarray(7 * PAGE_SIZE)]);
+    for (let i = 0; i < 8; i++) {
+      const at = (300 + i * 743) * PAGE_SIZE + 64 * i;
+      for (let j = 0; j < 32; j++) second[at + j] ^= 0xa5;
+    }
+    const small = { 'core-1.img': seededBytes(3000, 5), 'mm-1.img': seededBytes(12000, 6) };
+    const v1 = imageDir({ 'pages-1.img': first, ...small });
+    const v2 = imageDir({ 'pages-1.img': second, ...small });
+
+    const cdc = open();
+    await cdc.images.put('app', v1);
+    const { manifest, stats } = await cdc.images.put('app', v2);
+    const share = stats.uploadedBytes / stats.totalBytes;
+    assert.ok(share < 0.15, `content-defined chunks: ${(share * 100).toFixed(1)}% uploaded`); // 5.4% with these seeds
+    const out = fresh('restore');
+    await cdc.images.get(manifest, out);
+    assertSameTree(out, v2);
+
+    // The same two dumps in fixed 1 MiB chunks (format 1's default): the inserted page moves
+    // every later chunk, so nearly everything is uploaded again.
+    const fixed = open({ chunking: { minPages: 256, maxPages: 256 } });
+    await fixed.images.put('app', v1);
+    const again = await fixed.images.put('app', v2);
+    assert.ok(again.stats.uploadedBytes / again.stats.totalBytes > 0.5, `fixed chunks: ${again.stats.uploadedBytes} bytes uploaded`);
+  });
+
+  it('the chunking option is validated', () => {
+    const store = new MemoryObjectStore();
+    for (const chunking of [{ minPages: 0 }, { maxPages: 2 }, { avgPages: -1 }, { maxPages: 1e9 }]) {
+      assert.throws(() => new ChunkedImageStore({ store, chunking }), RangeError, JSON.stringify(chunking));
+    }
+    assert.deepEqual(new ChunkedImageStore({ store, chunking: { avgPages: 8 } }).chunking, { minPages: 4, avgPages: 8, maxPages: 64 });
   });
 });
