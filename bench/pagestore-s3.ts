@@ -5,7 +5,7 @@
  * per-request delay and bandwidth cap.
  *
  *   npx tsc -p . && node dist/bench/pagestore-s3.js [--mb 200] [--runs 3] [--concurrency 8,32]
- *        [--chunk-kib 1024] [--delay-ms 20 --mbps 100] [--tmp DIR]
+ *        [--chunking 4,16,64] [--delay-ms 20 --mbps 100] [--tmp DIR]
  *
  * Rows, each the median of --runs, per store and concurrency:
  *   put (cold)       into an empty store/bucket: hash + upload every chunk + read back + manifest
@@ -26,6 +26,7 @@ import type { ObjectStore } from '../pagestore/object-store.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import { startFaultProxy, type FaultProxy } from '../test/helpers/s3-fault-proxy.js';
 import { startS3Server } from '../test/helpers/s3-server.js';
+import { chunkingArg, describeChunking } from './chunking-arg.js';
 import { makeImage } from './fake-image.js';
 
 function arg(name: string, dflt: string): string {
@@ -35,7 +36,7 @@ function arg(name: string, dflt: string): string {
 const MB = Number(arg('mb', '200'));
 const RUNS = Number(arg('runs', '3'));
 const CONCURRENCIES = arg('concurrency', '8,32').split(',').map(Number);
-const CHUNK = Number(arg('chunk-kib', '1024')) * 1024;
+const CHUNKING = chunkingArg(process.argv);
 const DELAY_MS = Number(arg('delay-ms', '0'));
 const MBPS = Number(arg('mbps', '0'));
 const TMP = arg('tmp', os.tmpdir());
@@ -119,7 +120,7 @@ async function main(): Promise<void> {
       };
       for (let run = 0; run < RUNS; run++) {
         const objects = st.make();
-        const images = new ChunkedImageStore({ store: objects, chunkSize: CHUNK, concurrency: conc });
+        const images = new ChunkedImageStore({ store: objects, chunking: CHUNKING, concurrency: conc });
         add('put (cold)', await timed(() => images.put('bench', src)), total);
         add('put (unchanged)', await timed(() => images.put('bench', src)), total);
         const out = path.join(work, `restore-${run}`);
@@ -141,7 +142,7 @@ async function main(): Promise<void> {
   await proxy?.close();
   await s3.stop();
 
-  console.log(`image: ${(total / MiB).toFixed(1)} MiB in 7 files (random bytes); chunk ${CHUNK / 1024} KiB; ${RUNS} run(s), median; ${os.cpus().length} CPUs; tmp ${TMP}`);
+  console.log(`image: ${(total / MiB).toFixed(1)} MiB in 7 files (random bytes); ${describeChunking(CHUNKING)}; ${RUNS} run(s), median; ${os.cpus().length} CPUs; tmp ${TMP}`);
   console.log(`${'store'.padEnd(34)} ${'conc'.padStart(4)}  ${'operation'.padEnd(26)} ${'ms'.padStart(8)} ${'MiB/s'.padStart(7)}`);
   for (const r of results) {
     console.log(`${r.store.padEnd(34)} ${String(r.conc).padStart(4)}  ${r.what.padEnd(26)} ${r.ms.toFixed(0).padStart(8)} ${((r.bytes / MiB / r.ms) * 1000).toFixed(0).padStart(7)}`);

@@ -2,7 +2,7 @@
  * Page store benchmark: put and get of a CRIU-shaped image directory on the `fs` backend, beside
  * the references for the same bytes in the same run (sha256sum of the directory; cp -r + sync).
  *
- *   npx tsc -p . && node dist/bench/pagestore.js [--mb 200] [--chunk-kib 1024] [--concurrency 8]
+ *   npx tsc -p . && node dist/bench/pagestore.js [--mb 200] [--chunking 4,16,64] [--concurrency 8]
  *                                                [--no-durable] [--runs 3] [--tmp DIR]
  *
  * The image directory holds one big pages-1.img of random bytes (--mb MiB, incompressible and
@@ -22,6 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
+import { chunkingArg, describeChunking } from './chunking-arg.js';
 import { makeImage } from './fake-image.js';
 
 function arg(name: string, dflt: string): string {
@@ -29,7 +30,7 @@ function arg(name: string, dflt: string): string {
   return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : dflt;
 }
 const MB = Number(arg('mb', '200'));
-const CHUNK = Number(arg('chunk-kib', '1024')) * 1024;
+const CHUNKING = chunkingArg(process.argv);
 const CONCURRENCY = Number(arg('concurrency', '8'));
 const DURABLE = !process.argv.includes('--no-durable');
 const RUNS = Number(arg('runs', '3'));
@@ -67,7 +68,7 @@ async function main(): Promise<void> {
     rmSync(copy, { recursive: true });
 
     const root = path.join(work, `store-${run}`);
-    const images = new ChunkedImageStore({ store: new FsObjectStore({ root, durable: DURABLE }), chunkSize: CHUNK, concurrency: CONCURRENCY });
+    const images = new ChunkedImageStore({ store: new FsObjectStore({ root, durable: DURABLE }), chunking: CHUNKING, concurrency: CONCURRENCY });
     let uploaded = 0;
     row('put (cold)').ms.push(await timed(async () => (uploaded = (await images.put('bench', src)).stats.uploadedBytes)));
     row('put (cold)').uploaded = uploaded;
@@ -86,7 +87,7 @@ async function main(): Promise<void> {
   }
 
   const mb = total / MiB;
-  console.log(`image: ${mb.toFixed(1)} MiB in 7 files; chunk ${CHUNK / 1024} KiB; concurrency ${CONCURRENCY}; durable ${DURABLE}; ${RUNS} run(s), median; store on ${TMP}; ${os.cpus().length} CPUs`);
+  console.log(`image: ${mb.toFixed(1)} MiB in 7 files; ${describeChunking(CHUNKING)}; concurrency ${CONCURRENCY}; durable ${DURABLE}; ${RUNS} run(s), median; store on ${TMP}; ${os.cpus().length} CPUs`);
   console.log(`${'operation'.padEnd(36)} ${'ms'.padStart(8)} ${'MiB/s'.padStart(8)} ${'uploaded MiB'.padStart(13)}`);
   for (const r of rows) {
     const ms = median(r.ms);

@@ -1,19 +1,27 @@
 /*
  * The chunked image format: ImageStore on any ObjectStore.
  *
- * Layout in the object store (format 1):
+ * Layout in the object store (format 2; format 1 is still read):
  *
- *   chunks/<sha256[0:2]>/<sha256>        content-addressed chunk: `chunkSize` bytes of one image
- *                                        file (the last chunk of a file may be shorter); shared by
- *                                        every generation and app whose files contain those bytes
+ *   chunks/<sha256[0:2]>/<sha256>        content-addressed chunk: a run of bytes of one image
+ *                                        file, cut by page-aligned CDC (chunker.ts): whole 4 KiB
+ *                                        pages except at a file's end, 1 .. chunkSize bytes;
+ *                                        shared by every generation and app whose files contain
+ *                                        those bytes
  *   apps/<app>/<generation:10 digits>.json
- *                                        the manifest: format, app, generation, createdAt,
- *                                        chunkSize, files [{ path, size, mode, chunks: [sha256] }],
- *                                        checksum = sha256 of the canonical JSON (keys sorted, no
- *                                        whitespace) of the manifest without `checksum`
+ *                                        the manifest: format 2, app, generation, createdAt,
+ *                                        chunking { kind: 'pages', minPages, avgPages, maxPages },
+ *                                        chunkSize (= maxPages · 4096, the largest chunk),
+ *                                        files [{ path, size, mode, chunks: [sha256],
+ *                                        sizes: [bytes] }] (sizes parallel to chunks, summing to
+ *                                        size), checksum = sha256 of the canonical JSON (keys
+ *                                        sorted, no whitespace) of the manifest without `checksum`
+ *   Format 1 (older images): no `chunking`, no `sizes`; every chunk is `chunkSize` bytes but a
+ *   file's last. fileChunks() (image-store.ts) gives the chunk offsets and sizes of either.
  *
  * put(app, dir), in this order:
- *   1. walk `dir` (subdirectories too; regular files only), read each file in chunks, sha256 each
+ *   1. walk `dir` (subdirectories too; regular files only), stream each file through a window
+ *      and cut it into chunks (chunker.ts), sha256 each
  *   2. upload each chunk the store lacks (head first), at most `concurrency` chunks in flight —
  *      also the bound on chunk buffers held in memory
  *   3. read every chunk back and check its sha256 — the deduplicated ones too, so a damaged
@@ -44,12 +52,13 @@ import path from 'node:path';
 import { isPicoError, PicoError, type ErrorCode } from '../shared/errors.js';
 import { silentLogger, type Logger } from '../shared/log.js';
 import { Bounded, BufferPool, mapBounded } from './bounded.js';
-import { IMAGE_FORMAT_VERSION, type ImageFile, type ImageManifest, type ImageStore, type PruneStats, type PutStats } from './image-store.js';
+import { chunkingProblem, maxChunkBytes, nextChunkLength, pageChunking, type PageChunking } from './chunker.js';
+import { fileChunks, IMAGE_FORMAT_VERSION, READABLE_IMAGE_FORMATS, type ImageFile, type ImageManifest, type ImageStore, type PruneStats, type PutStats } from './image-store.js';
 import { isNotFound, ObjectExistsError, type ObjectStore } from './object-store.js';
 
-/** in bytes */
-export const DEFAULT_CHUNK_SIZE = 1 << 20;
 export const DEFAULT_CONCURRENCY = 8;
+/** in bytes: put reads each file through a window this big (or 4 chunks, if larger) */
+export const PUT_WINDOW_BYTES = 4 << 20;
 /** in ms */
 export const DEFAULT_GC_GRACE_MS = 60 * 60 * 1000;
 /** in ms */
@@ -57,8 +66,12 @@ export const DEFAULT_COLLECT_EVERY_MS = 10 * 60 * 1000;
 
 export interface ChunkedImageStoreOptions {
   store: ObjectStore;
-  /** Bytes per chunk of new images (a manifest records its own). Default 1 MiB. Multiple of 4096. */
-  chunkSize?: number;
+  /**
+   * How new images are cut into chunks (a manifest records its own): page-aligned CDC, each
+   * field defaulting to DEFAULT_PAGE_CHUNKING (min 4, avg 16, max 64 pages). min = max gives
+   * fixed chunks of that many pages.
+   */
+  chunking?: Partial<PageChunking>;
   /** Chunks in flight per put, get and collection; also bounds put/get memory to about this many chunks. Default 8. */
   concurrency?: number;
   /** Chunks written less than this long ago (ms) are never collected; 0 relies on in-process tracking alone. Default 1 h. */
@@ -147,7 +160,10 @@ export function checkManifest(value: unknown, expect?: { app: string; generation
   };
   if (value === null || typeof value !== 'object' || Array.isArray(value)) bad('not a JSON object');
   const m = value as Record<string, unknown>;
-  if (m.format !== IMAGE_FORMAT_VERSION) bad(`unsupported format ${JSON.stringify(m.format)} (this version reads ${IMAGE_FORMAT_VERSION})`);
+  if (typeof m.format !== 'number' || !READABLE_IMAGE_FORMATS.includes(m.format)) {
+    bad(`unsupported format ${JSON.stringify(m.format)} (this version reads ${READABLE_IMAGE_FORMATS.join(', ')})`);
+  }
+  const format = m.format as number;
   if (typeof m.app !== 'string' || !APP.test(m.app)) bad('bad app');
   if (!Number.isSafeInteger(m.generation) || (m.generation as number) < 1) bad('bad generation');
   if (expect && (m.app !== expect.app || m.generation !== expect.generation)) {
@@ -156,6 +172,15 @@ export function checkManifest(value: unknown, expect?: { app: string; generation
   if (typeof m.createdAt !== 'string') bad('bad createdAt');
   const chunkSize = m.chunkSize;
   if (!Number.isSafeInteger(chunkSize) || (chunkSize as number) < 1) bad('bad chunkSize');
+  if (format >= 2) {
+    const c = m.chunking as Record<string, unknown> | null | undefined;
+    if (c === null || typeof c !== 'object' || c.kind !== 'pages') bad('bad chunking');
+    const why = chunkingProblem(c as unknown as PageChunking);
+    if (why) bad(`bad chunking: ${why}`);
+    if (chunkSize !== maxChunkBytes(c as unknown as PageChunking)) bad(`chunkSize ${String(chunkSize)} is not the chunking's largest chunk`);
+  } else if (m.chunking !== undefined) {
+    bad('format 1 has no chunking');
+  }
   if (!Array.isArray(m.files)) bad('files is not an array');
   const seen = new Set<string>();
   for (const [i, f] of (m.files as unknown[]).entries()) {
@@ -169,8 +194,20 @@ export function checkManifest(value: unknown, expect?: { app: string; generation
     if (!Array.isArray(file!.chunks) || !file!.chunks.every((h) => typeof h === 'string' && HASH.test(h))) {
       bad(`file ${file!.path} has bad chunk hashes`);
     }
-    if (file!.chunks!.length !== Math.ceil(file!.size! / (chunkSize as number))) {
-      bad(`file ${file!.path}: ${file!.chunks!.length} chunks do not cover ${file!.size} bytes`);
+    if (format === 1) {
+      if (file!.sizes !== undefined) bad(`file ${file!.path}: format 1 has no chunk sizes`);
+      if (file!.chunks!.length !== Math.ceil(file!.size! / (chunkSize as number))) {
+        bad(`file ${file!.path}: ${file!.chunks!.length} chunks do not cover ${file!.size} bytes`);
+      }
+    } else {
+      const sizes = file!.sizes;
+      if (!Array.isArray(sizes) || sizes.length !== file!.chunks!.length) bad(`file ${file!.path}: chunk sizes do not match its chunks`);
+      let sum = 0;
+      for (const n of sizes!) {
+        if (!Number.isSafeInteger(n) || n < 1 || n > (chunkSize as number)) bad(`file ${file!.path} has a bad chunk size ${JSON.stringify(n)}`);
+        sum += n;
+      }
+      if (sum !== file!.size) bad(`file ${file!.path}: chunks of ${sum} bytes do not cover ${file!.size} bytes`);
     }
   }
   if (typeof m.checksum !== 'string' || !HASH.test(m.checksum)) bad('no checksum');
@@ -189,11 +226,6 @@ export function parseManifest(body: Buffer, expect?: { app: string; generation: 
     throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `${where}: not valid JSON`, { cause: err });
   }
   return checkManifest(value, expect);
-}
-
-/** Bytes of chunk `index` of `file` under `chunkSize`. */
-function chunkLength(file: ImageFile, index: number, chunkSize: number): number {
-  return Math.min(chunkSize, file.size - index * chunkSize);
 }
 
 function checkApp(app: string): void {
@@ -339,13 +371,18 @@ async function writeFully(fh: FileHandle, buf: Buffer, position: number): Promis
 
 export class ChunkedImageStore implements ImageStore {
   readonly store: ObjectStore;
-  readonly chunkSize: number;
+  /** how new images are cut */
+  readonly chunking: PageChunking;
+  /** in bytes: the largest chunk of new images (their manifests' chunkSize) */
+  readonly maxChunkBytes: number;
   readonly concurrency: number;
   readonly gcGraceMs: number;
   readonly collectEveryMs: number;
   /** when the last collection started (ms, this.now()); -Infinity before the first */
   private lastCollection = -Infinity;
   private readonly pools = new Map<number, BufferPool>();
+  /** put's read windows: PUT_WINDOW_BYTES, or 4 chunks when larger (one per put in progress) */
+  private readonly windows: BufferPool;
   private collecting: Promise<{ deletedChunks: number; freedBytes: number }> | undefined;
   private readonly log: Logger;
   private readonly now: () => number;
@@ -355,16 +392,15 @@ export class ChunkedImageStore implements ImageStore {
 
   constructor(options: ChunkedImageStoreOptions) {
     this.store = options.store;
-    this.chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
+    this.chunking = pageChunking(options.chunking);
+    this.maxChunkBytes = maxChunkBytes(this.chunking);
+    this.windows = new BufferPool(Math.max(PUT_WINDOW_BYTES, 4 * this.maxChunkBytes), 2);
     this.concurrency = options.concurrency ?? DEFAULT_CONCURRENCY;
     this.gcGraceMs = options.gcGraceMs ?? DEFAULT_GC_GRACE_MS;
     this.collectEveryMs = options.collectEveryMs ?? DEFAULT_COLLECT_EVERY_MS;
     this.log = options.log ?? silentLogger();
     this.now = options.now ?? Date.now;
     this.registry = registryFor(this.store);
-    if (!Number.isSafeInteger(this.chunkSize) || this.chunkSize < 4096 || this.chunkSize % 4096 !== 0) {
-      throw new RangeError(`chunkSize must be a positive multiple of 4096 bytes, got ${this.chunkSize}`);
-    }
     if (!Number.isInteger(this.concurrency) || this.concurrency < 1) throw new RangeError(`concurrency must be a positive integer, got ${this.concurrency}`);
     if (!(this.gcGraceMs >= 0)) throw new RangeError(`gcGraceMs must be >= 0, got ${this.gcGraceMs}`);
   }
@@ -406,16 +442,18 @@ export class ChunkedImageStore implements ImageStore {
       // Steps 1 and 2.
       const files: ImageFile[] = [];
       const pool = new Bounded(this.concurrency);
+      const window = this.windows.take();
       try {
-        const buffers = this.buffers(this.chunkSize);
-        for (const src of sources) files.push(await this.putFile(src, pool, buffers, held, stats));
+        const buffers = this.buffers(this.maxChunkBytes);
+        for (const src of sources) files.push(await this.putFile(src, window, pool, buffers, held, stats));
         await pool.drain();
       } finally {
         await pool.settle();
+        this.windows.give(window);
       }
 
       // Step 3: read every chunk back before anything references it; repair what does not verify.
-      const buffers = this.buffers(this.chunkSize);
+      const buffers = this.buffers(this.maxChunkBytes);
       await mapBounded(held, this.concurrency, async ([hash, at]) => {
         const into = buffers.take();
         try {
@@ -431,7 +469,15 @@ export class ChunkedImageStore implements ImageStore {
       // Step 4: the manifest, last. Exclusive: if another process took this generation meanwhile,
       // take the next one (the chunks are stored already).
       for (let attempt = 0; !manifest; attempt++) {
-        const draft = { format: IMAGE_FORMAT_VERSION, app, generation, createdAt: new Date().toISOString(), chunkSize: this.chunkSize, files };
+        const draft = {
+          format: IMAGE_FORMAT_VERSION,
+          app,
+          generation,
+          createdAt: new Date().toISOString(),
+          chunking: { kind: 'pages' as const, ...this.chunking },
+          chunkSize: this.maxChunkBytes,
+          files,
+        };
         const m: ImageManifest = { ...draft, checksum: manifestChecksum(draft) };
         try {
           await this.store.put(manifestKey(app, generation), Buffer.from(canonicalJson(m)), { exclusive: true });
@@ -470,69 +516,94 @@ export class ChunkedImageStore implements ImageStore {
     }
   }
 
-  /** Steps 1 and 2 for one file: read it chunk by chunk, hash each, hand uploads to `pool`. */
-  private async putFile(src: SourceFile, pool: Bounded, buffers: BufferPool, held: Map<string, ChunkSource>, stats: ChunkedPutStats): Promise<ImageFile> {
+  /**
+   * Steps 1 and 2 for one file: stream it through `window`, cut chunks (chunker.ts), hash each,
+   * hand uploads to `pool`. A chunk is cut only from at least maxChunkBytes of window, or at EOF,
+   * so the cuts are the file's own whatever the window size. Memory: the window plus at most
+   * `concurrency` chunk buffers (a chunk is copied out of the window into one of them, as the
+   * window moves on before its upload ends).
+   */
+  private async putFile(
+    src: SourceFile,
+    window: Buffer,
+    pool: Bounded,
+    buffers: BufferPool,
+    held: Map<string, ChunkSource>,
+    stats: ChunkedPutStats,
+  ): Promise<ImageFile> {
     const chunks: string[] = [];
-    let size = 0;
+    const sizes: number[] = [];
     let fh: FileHandle;
     try {
       fh = await open(src.abs, 'r');
     } catch (err) {
       throw withContext(err, `cannot read ${src.abs}`, 'PICO_ERR_CHECKPOINT_FAILED');
     }
+    /** in bytes: file offset of window[0] */
+    let base = 0;
+    /** in bytes: window[0 .. filled) holds file bytes; the next chunk starts at window[start] */
+    let filled = 0;
+    let start = 0;
+    let eof = false;
     try {
-      for (let index = 0; ; index++) {
-        // Wait for a slot before reading: at most `concurrency` chunk buffers are in use at once.
-        await pool.acquire();
-        const full = buffers.take();
-        let n: number;
-        try {
-          n = await readFully(fh, full, size);
-        } catch (err) {
-          pool.spawn(async () => {});
-          throw withContext(err, `cannot read ${src.abs}`, 'PICO_ERR_CHECKPOINT_FAILED');
+      for (;;) {
+        if (!eof && filled - start < this.maxChunkBytes) {
+          window.copyWithin(0, start, filled);
+          base += start;
+          filled -= start;
+          start = 0;
+          let n: number;
+          try {
+            n = await readFully(fh, window.subarray(filled), base + filled);
+          } catch (err) {
+            throw withContext(err, `cannot read ${src.abs}`, 'PICO_ERR_CHECKPOINT_FAILED');
+          }
+          filled += n;
+          eof = filled < window.length;
         }
-        if (n === 0) {
-          buffers.give(full);
-          pool.spawn(async () => {}); // give the slot back
-          break;
-        }
-        const buf = n < full.length ? full.subarray(0, n) : full;
-        const offset = size;
-        size += n;
-        const hash = sha256(buf);
+        const length = nextChunkLength(window.subarray(start, filled), eof, this.chunking);
+        if (length === 0) break; // only at EOF: at least maxChunkBytes remain otherwise
+        const offset = base + start;
+        const bytes = window.subarray(start, start + length);
+        start += length;
+        const hash = sha256(bytes);
+        const index = chunks.length;
         chunks.push(hash);
+        sizes.push(length);
         stats.chunks++;
-        stats.totalBytes += n;
-        if (held.has(hash)) {
-          buffers.give(full);
-          pool.spawn(async () => {}); // this put already stores these bytes
-        } else {
-          held.set(hash, { file: src, index, offset, length: n });
-          pool.spawn(async () => {
-            try {
-              await this.registry.hold(hash);
-              const key = chunkKey(hash);
-              const info = await this.store.head(key);
-              // A stored chunk of the wrong size cannot be this content: write it again.
-              if (info && info.size === buf.length) return;
-              await this.store.put(key, buf);
-              stats.uploadedBytes += buf.length;
-              stats.uploadedChunks++;
-            } finally {
-              buffers.give(full);
-            }
-          });
-        }
-        if (n < this.chunkSize) break;
+        stats.totalBytes += length;
+        if (held.has(hash)) continue; // this put already stores these bytes
+
+        // Wait for a slot before taking a buffer: at most `concurrency` chunk buffers in use.
+        await pool.acquire();
+        // Registered in held and in the registry (the task's first step) in one synchronous step.
+        held.set(hash, { file: src, index, offset, length });
+        const full = buffers.take();
+        const buf = full.subarray(0, length);
+        bytes.copy(buf);
+        pool.spawn(async () => {
+          try {
+            await this.registry.hold(hash);
+            const key = chunkKey(hash);
+            const info = await this.store.head(key);
+            // A stored chunk of the wrong size cannot be this content: write it again.
+            if (info && info.size === buf.length) return;
+            await this.store.put(key, buf);
+            stats.uploadedBytes += buf.length;
+            stats.uploadedChunks++;
+          } finally {
+            buffers.give(full);
+          }
+        });
       }
     } finally {
       await fh.close();
     }
+    const size = base + filled;
     if (size !== src.size) {
       throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', `${src.abs} changed while it was being stored (${src.size} bytes, then ${size})`);
     }
-    return { path: src.rel, size, mode: src.mode, chunks };
+    return { path: src.rel, size, mode: src.mode, chunks, sizes };
   }
 
   /**
@@ -737,19 +808,17 @@ export class ChunkedImageStore implements ImageStore {
             await finish(t);
             continue;
           }
-          for (let i = 0; i < t.file.chunks.length; i++) {
+          for (const [index, ref] of fileChunks(m, t.file).entries()) {
             await pool.acquire();
-            const hash = t.file.chunks[i]!;
-            const index = i;
             pool.spawn(async () => {
               const into = buffers.take();
               try {
-                const buf = await this.fetchChunk(m, t.file.path, index, hash, chunkLength(t.file, index, m.chunkSize), into);
+                const buf = await this.fetchChunk(m, t.file.path, index, ref.hash, ref.size, into);
                 if (!t.handle) {
                   temps.push(t.tmp);
                   t.handle = open(t.tmp, 'wx', 0o600);
                 }
-                await writeFully(await t.handle, buf, index * m.chunkSize);
+                await writeFully(await t.handle, buf, ref.offset);
               } finally {
                 buffers.give(into);
               }
@@ -822,7 +891,7 @@ export class ChunkedImageStore implements ImageStore {
   private async chunksPresent(m: ImageManifest): Promise<boolean> {
     let ok = true;
     const wanted = new Map<string, number>();
-    for (const f of m.files) f.chunks.forEach((h, i) => wanted.set(h, chunkLength(f, i, m.chunkSize)));
+    for (const f of m.files) for (const ref of fileChunks(m, f)) wanted.set(ref.hash, ref.size);
     await mapBounded(wanted, this.concurrency, async ([hash, size]) => {
       if (!ok) return;
       const info = await this.store.head(chunkKey(hash));

@@ -11,7 +11,17 @@
  *   PICO_ERR_IMAGE_CORRUPT / PICO_ERR_IMAGE_MISSING and writes nothing partial at `dir`'s files.
  */
 
-export const IMAGE_FORMAT_VERSION = 1;
+import { PicoError } from '../shared/errors.js';
+import type { PageChunking } from './chunker.js';
+
+/**
+ * The format new images are written in. Readers accept every format in READABLE_IMAGE_FORMATS:
+ *   1  fixed-size chunks: chunk i of a file is bytes [i·chunkSize, min(size, (i+1)·chunkSize))
+ *   2  variable chunks (page-aligned CDC, see chunker.ts): each file lists its chunks' `sizes`;
+ *      the manifest records the `chunking` that cut them, and `chunkSize` is its largest chunk
+ */
+export const IMAGE_FORMAT_VERSION = 2;
+export const READABLE_IMAGE_FORMATS: readonly number[] = [1, 2];
 
 export interface ImageFile {
   /** path relative to the image directory, '/'-separated */
@@ -22,18 +32,76 @@ export interface ImageFile {
   mode: number;
   /** sha256 (hex) of each chunk, in order */
   chunks: string[];
+  /**
+   * in bytes: the length of each chunk, parallel to `chunks` (each >= 1, summing to `size`).
+   * Format 2 always; absent in format 1, whose lengths follow from `chunkSize`. Read chunk
+   * positions through fileChunks(), which knows both.
+   */
+  sizes?: number[];
+}
+
+/** How a format-2 image's files were cut into chunks. */
+export interface ManifestChunking extends PageChunking {
+  kind: 'pages';
 }
 
 export interface ImageManifest {
-  format: number; // IMAGE_FORMAT_VERSION
+  format: number; // one of READABLE_IMAGE_FORMATS; IMAGE_FORMAT_VERSION when written now
   app: string;
   generation: number;
   createdAt: string;
-  /** in bytes */
+  /**
+   * in bytes: no chunk of the image is longer (what a chunk buffer must hold). Format 1: the
+   * fixed chunk length; format 2: the chunking's largest chunk, maxPages · 4096.
+   */
   chunkSize: number;
+  /** format 2: the chunking parameters (absent in format 1) */
+  chunking?: ManifestChunking;
   files: ImageFile[];
   /** sha256 (hex) of the manifest's canonical JSON without this field */
   checksum: string;
+}
+
+/** One chunk of one file of an image: what a reader fetches to get the bytes at `offset`. */
+export interface ChunkRef {
+  /** sha256 (hex) of the chunk, its name in the store */
+  hash: string;
+  /** in bytes: where the chunk starts in the file */
+  offset: number;
+  /** in bytes */
+  size: number;
+}
+
+/**
+ * The chunks of `file` in order, with their offsets and sizes, for a manifest of any readable
+ * format; they cover [0, file.size) exactly, without gaps. Pure. Expects a manifest that
+ * checkManifest accepted; a file whose chunk list does not fit its format throws
+ * PICO_ERR_IMAGE_CORRUPT. (Format 1 with chunkSize 0 is a store that keeps whole files: each
+ * chunk is the whole file.)
+ */
+export function fileChunks(manifest: ImageManifest, file: ImageFile): ChunkRef[] {
+  const bad = (why: string): never => {
+    throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `image of app "${manifest.app}" generation ${manifest.generation}, file ${file.path}: ${why}`);
+  };
+  const out: ChunkRef[] = [];
+  if (manifest.format === 1) {
+    const step = manifest.chunkSize;
+    file.chunks.forEach((hash, i) => {
+      const offset = step > 0 ? i * step : 0;
+      out.push({ hash, offset, size: step > 0 ? Math.min(step, file.size - offset) : file.size });
+    });
+    return out;
+  }
+  const sizes = file.sizes;
+  if (!Array.isArray(sizes) || sizes.length !== file.chunks.length) bad('chunk sizes do not match its chunks');
+  let offset = 0;
+  file.chunks.forEach((hash, i) => {
+    const size = sizes![i]!;
+    out.push({ hash, offset, size });
+    offset += size;
+  });
+  if (offset !== file.size) bad(`chunks cover ${offset} bytes, the file has ${file.size}`);
+  return out;
 }
 
 export interface PutStats {
@@ -60,6 +128,11 @@ export interface ImageStore {
   latest(app: string): Promise<ImageManifest | undefined>;
   /** Writes the image of `manifest` into the empty directory `dir`, verifying every chunk. */
   get(manifest: ImageManifest, dir: string): Promise<void>;
+  /**
+   * The bytes of one stored chunk, verified against its sha256 (and `length` in bytes, when
+   * given). A missing chunk rejects PICO_ERR_IMAGE_MISSING, a damaged one PICO_ERR_IMAGE_CORRUPT.
+   */
+  getChunk(hash: string, length?: number): Promise<Buffer>;
   /** Deletes generations older than the newest verified one, and chunks no manifest references. */
   prune(app: string): Promise<PruneStats | void>;
   /** Every app that has at least one stored generation, with its newest generation number. */

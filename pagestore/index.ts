@@ -11,6 +11,7 @@ import { S3ObjectStore, type S3ObjectStoreOptions } from './s3-store.js';
 export * from './image-store.js';
 export * from './object-store.js';
 export * from './chunked-image-store.js';
+export * from './chunker.js';
 export { FsObjectStore, type FsObjectStoreOptions } from './fs-store.js';
 export { MemoryObjectStore, type MemoryObjectStoreOptions, type StoreOp } from './memory-store.js';
 export { S3ObjectStore, S3StoreError, type S3ObjectStoreOptions } from './s3-store.js';

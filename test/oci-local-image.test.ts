@@ -92,6 +92,36 @@ describe('oci local images', () => {
     assert.deepEqual(await matchLocalImage(p, manifest, 'sha256'), { ok: false, why: 'pages-1.img: chunk 0 fails its sha256' });
   });
 
+  it('a format-2 image (content-defined chunk sizes) is checked chunk by chunk at its own offsets', async () => {
+    const data = Buffer.alloc(3 * CHUNK + 5);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 2654435761) >>> 24;
+    const sizes = [20 * 4096, 64 * 4096, 4 * 4096, data.length - 88 * 4096];
+    const chunks: string[] = [];
+    let at = 0;
+    for (const n of sizes) chunks.push(createHash('sha256').update(data.subarray(at, (at += n))).digest('hex'));
+    const staging = path.join(work, 'cdc');
+    mkdirSync(staging);
+    writeFileSync(path.join(staging, 'pages-1.img'), data);
+    const manifest: ImageManifest = {
+      format: 2,
+      app: 'app',
+      generation: 1,
+      createdAt: 'now',
+      chunking: { kind: 'pages', minPages: 4, avgPages: 16, maxPages: 64 },
+      chunkSize: 64 * 4096,
+      files: [{ path: 'pages-1.img', size: data.length, mode: 0o600, chunks, sizes }],
+      checksum: 'sum-cdc',
+    };
+    const p = paths('cdc');
+    keepLocalImage(staging, p, manifest);
+    assert.deepEqual(await matchLocalImage(p, manifest, 'sha256'), { ok: true, bytes: data.length });
+    flip(path.join(p.dir, 'pages-1.img'), 84 * 4096 + 3); // inside the third chunk (pages 84..87)
+    assert.deepEqual(await matchLocalImage(p, manifest, 'sha256'), { ok: false, why: 'pages-1.img: chunk 2 fails its sha256' });
+    // Sizes that do not add up to the file match nothing (and do not throw).
+    const bad = { ...manifest, files: [{ ...manifest.files[0]!, sizes: [...sizes.slice(0, 3), 1] }] };
+    assert.equal((await matchLocalImage(p, bad, 'sha256')).ok, false);
+  });
+
   it('a directory without its record (a crash between rename and record) is junk, deleted', () => {
     const { staging, manifest } = image('junk', { 'core-1.img': Buffer.from('x') });
     const p = paths('junk');

@@ -17,6 +17,7 @@ import { OciRuntime, type OciRuntimeOptions } from '../worker/oci-runtime.js';
 import type { Container } from '../worker/runtime.js';
 import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
+import { fileChunks } from '../pagestore/image-store.js';
 import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
@@ -569,7 +570,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     const chunk = pages.chunks[index]!;
     flipByte(path.join(storeRoot, 'chunks', chunk.slice(0, 2), chunk), 100);
     // …and the same byte of the worker's local copy, which its per-chunk sha256 check refuses.
-    flipByte(path.join(work, 'state-chunked', 'apps', 'paged', 'local', pages.path), index * manifest.chunkSize + 100);
+    flipByte(path.join(work, 'state-chunked', 'apps', 'paged', 'local', pages.path), fileChunks(manifest, pages)[index]!.offset + 100);
     await assert.rejects(r.restore(s), (err: unknown) => {
       assert.ok(isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'), String(err));
       assert.match(err.message, /^app paged: generation \d+ cannot be restored: /);

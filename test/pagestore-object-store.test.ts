@@ -241,12 +241,14 @@ describe('MemoryObjectStore fault injection', () => {
 describe('openImageStore', () => {
   it('opens the fs store the config names, and round-trips through it', async () => {
     const root = fresh('store');
-    const images = openImageStore({ kind: 'fs', path: root }, { chunkSize: 64 * 1024 });
+    const images = openImageStore({ kind: 'fs', path: root }, { chunking: { minPages: 2, avgPages: 4, maxPages: 8 } });
     const src = fresh('img');
     mkdirSync(src);
     writeFileSync(path.join(src, 'pages-1.img'), randomBytes(200_000));
     const { manifest } = await images.put('kv', src);
     assert.deepEqual(readdirSync(root).sort(), ['apps', 'chunks']);
     assert.deepEqual(await images.latest('kv'), manifest);
+    assert.deepEqual(manifest.chunking, { kind: 'pages', minPages: 2, avgPages: 4, maxPages: 8 });
+    assert.equal(manifest.chunkSize, 8 * 4096);
   });
 });

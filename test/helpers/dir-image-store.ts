@@ -7,7 +7,9 @@ import { IMAGE_FORMAT_VERSION, type ImageManifest, type ImageStore, type PutStat
 
 /**
  * A tiny ImageStore for runtime tests: each generation is a plain copy of the image directory,
- * one "chunk" per file (its sha256), verified on put and on get like the real store. Failures can
+ * one "chunk" per non-empty file (the whole file, named by its sha256; an empty file has none),
+ * in a format-2 manifest without `chunking` whose chunkSize is the largest file. Verified on put
+ * and on get like the real store; getChunk(hash) serves a stored file by its sha256. Failures can
  * be injected: `failPut` / `failGet` reject the next calls, `hangPut` never settles (a worker
  * killed mid-upload).
  *
@@ -42,10 +44,11 @@ export class DirImageStore implements ImageStore {
       const st = await stat(src);
       const [a, b] = await Promise.all([sha256File(src), sha256File(dst)]);
       if (a !== b) throw new PicoError('PICO_ERR_STORE', `${app}: ${rel} read back differently`);
-      files.push({ path: rel, size: st.size, mode: st.mode & 0o7777, chunks: [a] });
+      files.push({ path: rel, size: st.size, mode: st.mode & 0o7777, chunks: st.size > 0 ? [a] : [], sizes: st.size > 0 ? [st.size] : [] });
       totalBytes += st.size;
     }
-    const body = { format: IMAGE_FORMAT_VERSION, app, generation, createdAt: new Date().toISOString(), chunkSize: 0, files };
+    const chunkSize = Math.max(1, ...files.map((f) => f.size));
+    const body = { format: IMAGE_FORMAT_VERSION, app, generation, createdAt: new Date().toISOString(), chunkSize, files };
     const manifest: ImageManifest = { ...body, checksum: sha256(JSON.stringify(body)) };
     await writeFile(path.join(genDir, 'manifest.json.tmp'), JSON.stringify(manifest));
     await rename(path.join(genDir, 'manifest.json.tmp'), path.join(genDir, 'manifest.json'));
@@ -72,8 +75,9 @@ export class DirImageStore implements ImageStore {
       } catch {
         throw new PicoError('PICO_ERR_IMAGE_MISSING', `${manifest.app} generation ${manifest.generation}: ${f.path} is missing`);
       }
-      if (sum !== f.chunks[0]) {
-        throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `${manifest.app} generation ${manifest.generation}: ${f.path} fails its sha256 (${sum.slice(0, 12)}… != ${f.chunks[0]!.slice(0, 12)}…)`);
+      const want = f.chunks[0] ?? EMPTY_SHA256;
+      if (sum !== want) {
+        throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `${manifest.app} generation ${manifest.generation}: ${f.path} fails its sha256 (${sum.slice(0, 12)}… != ${want.slice(0, 12)}…)`);
       }
     }
     for (const f of manifest.files) {
@@ -81,6 +85,23 @@ export class DirImageStore implements ImageStore {
       await mkdir(path.dirname(dst), { recursive: true });
       await copyFile(path.join(genDir, f.path), dst);
     }
+  }
+
+  /** The stored file whose sha256 is `hash` (a chunk here is a whole file), verified. */
+  async getChunk(hash: string, length?: number): Promise<Buffer> {
+    for (const app of await readdir(this.root).catch(() => [] as string[])) {
+      for (const g of await this.generations(app)) {
+        const f = (await this.manifest(app, g))?.files.find((x) => x.chunks[0] === hash);
+        if (!f) continue;
+        const data = await readFile(this.filePath(app, g, f.path)).catch(() => undefined);
+        if (!data) continue; // deleted meanwhile, or damaged by a test: another copy may serve
+        if (createHash('sha256').update(data).digest('hex') !== hash || (length !== undefined && data.length !== length)) {
+          throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `chunk ${hash} failed its checksum (${app} generation ${g}: ${f.path})`);
+        }
+        return data;
+      }
+    }
+    throw new PicoError('PICO_ERR_IMAGE_MISSING', `no chunk ${hash} in ${this.root}`);
   }
 
   async prune(app: string): Promise<void> {
@@ -131,6 +152,8 @@ async function walk(dir: string, prefix = ''): Promise<string[]> {
   }
   return out.sort();
 }
+
+const EMPTY_SHA256 = createHash('sha256').digest('hex');
 
 function sha256(s: string): string {
   return createHash('sha256').update(s).digest('hex');

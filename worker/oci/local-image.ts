@@ -4,7 +4,7 @@ import { readdir, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import type { ImageManifest } from '../../pagestore/image-store.js';
+import { fileChunks, type ChunkRef, type ImageManifest } from '../../pagestore/image-store.js';
 
 /*
  * The worker's local copy of an app's newest image: after the page store verified a checkpoint,
@@ -131,12 +131,16 @@ async function firstBadChunk(dir: string, m: ImageManifest): Promise<string | nu
   const jobs: ChunkJob[] = [];
   let total = 0;
   for (const f of m.files) {
-    // A manifest's chunkSize cuts each file; 0 (a store that keeps whole files) means one chunk.
-    f.chunks.forEach((sha256, index) => {
-      const start = m.chunkSize > 0 ? index * m.chunkSize : 0;
-      const end = m.chunkSize > 0 ? Math.min(f.size, start + m.chunkSize) : f.size;
-      jobs.push({ file: path.join(dir, f.path), rel: f.path, index, start, end, sha256 });
-      total += end - start;
+    // The manifest's own chunks, of any format (fixed or content-defined sizes).
+    let chunks: ChunkRef[];
+    try {
+      chunks = fileChunks(m, f);
+    } catch (err) {
+      return (err as Error).message; // a manifest whose chunks do not fit its file matches nothing
+    }
+    chunks.forEach((c, index) => {
+      jobs.push({ file: path.join(dir, f.path), rel: f.path, index, start: c.offset, end: c.offset + c.size, sha256: c.hash });
+      total += c.size;
     });
   }
   const threads = Math.max(1, Math.min(MAX_HASH_THREADS, availableParallelism(), Math.ceil(total / PARALLEL_FROM_BYTES)));
