@@ -370,8 +370,9 @@ export class Placement implements AppLifecycle {
   private onWorkerEvent(worker: WorkerConnection, ev: WorkerEvent): void {
     const rec = this.apps.get(ev.app);
     if (!rec || rec.worker !== worker || rec.state !== 'running') return;
-    const message = `app ${ev.app} exited on its own (code ${ev.code}, signal ${ev.signal})`;
-    rec.lastError = { code: 'PICO_ERR_APP_EXITED', message, at: new Date() };
+    rec.lastError = ev.error
+      ? { code: ev.error.code, message: ev.error.message, at: new Date() }
+      : { code: 'PICO_ERR_APP_EXITED', message: `app ${ev.app} exited on its own (code ${ev.code}, signal ${ev.signal})`, at: new Date() };
     rec.endpoints = undefined;
     rec.worker = undefined;
     clearTimeout(rec.idleTimer);
@@ -420,6 +421,7 @@ export function toSpec(app: AppConfig, cfg: Readonly<Config>): AppSpec {
     ...(app.memory !== undefined ? { memoryLimit: app.memory } : {}),
     ...(app.rootfs !== undefined ? { rootfs: app.rootfs } : {}),
     ...(app.bundle !== undefined ? { bundle: app.bundle } : {}),
+    restore: app.restore,
   };
 }
 

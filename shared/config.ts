@@ -4,6 +4,7 @@ import path from 'node:path';
 import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
 import { z } from 'zod';
 import { PicoError } from './errors.js';
+import { RESTORE_MODES } from './protocol.js';
 import { parseDuration, parseSize } from './units.js';
 
 /*
@@ -34,7 +35,8 @@ const duration = () => durationText().transform((v, ctx) => toMs(String(v), ctx)
 const durationOr = (dflt: string) => durationText().default(dflt).transform((v, ctx) => toMs(String(v), ctx));
 /** A size in bytes. */
 export const size = () => z.string().describe(SIZE_DOC).transform(toBytes);
-const sizeOr = (dflt: string) => z.string().describe(SIZE_DOC).default(dflt).transform(toBytes);
+const sizeOr = (dflt: string) =>
+  z.union([z.string(), z.literal(0)]).describe(SIZE_DOC).default(dflt).transform((v, ctx) => toBytes(String(v), ctx));
 
 export interface ListenAddress {
   host: string;
@@ -107,6 +109,8 @@ const appSchema = z.strictObject({
     .describe('oci: the container\'s root filesystem directory, relative to the config file; default: the host\'s system read-only plus the app\'s directory'),
   bundle: z.string().min(1).optional()
     .describe('oci: an OCI bundle directory (config.json + rootfs) to run instead of building one; command and cwd come from its config.json'),
+  restore: z.enum(RESTORE_MODES).default('activeset')
+    .describe('oci: how memory comes back at a wake: full (fetch the whole image, then restore), lazy (restore at once, page in on demand), activeset (prefetch what recent restores used, then lazy)'),
 });
 
 const storeSchema = z.discriminatedUnion('kind', [
@@ -166,6 +170,14 @@ export const configSchema = z
         readyTimeout: durationOr('30s').describe('how long an app may take until its ports accept connections'),
         shutdown: z.enum(['stop', 'checkpoint']).default('stop')
           .describe('what SIGTERM does to running apps: stop them, or checkpoint them (oci) so they wake with their memory'),
+        cache: z
+          .strictObject({
+            memory: sizeOr('256Mi').describe('image chunks kept in memory for lazy restores (least recently used go first); 0 = none'),
+            disk: sizeOr('0').describe('more chunks on disk below `path`; 0 = no disk tier'),
+            path: z.string().min(1).default('./data/cache').describe('directory of the disk tier, relative to the config file'),
+          })
+          .prefault({})
+          .describe('oci: the worker\'s cache of image chunks; a wake prefers the worker that caches most of the app'),
       })
       .prefault({}),
     apps: z.array(appSchema).default([]),
@@ -307,7 +319,11 @@ function resolvePaths(cfg: Config, baseDir: string): Config {
   return {
     ...cfg,
     store: cfg.store.kind === 'fs' ? { ...cfg.store, path: path.resolve(baseDir, cfg.store.path) } : cfg.store,
-    worker: { ...cfg.worker, dataDir: path.resolve(baseDir, cfg.worker.dataDir) },
+    worker: {
+      ...cfg.worker,
+      dataDir: path.resolve(baseDir, cfg.worker.dataDir),
+      cache: { ...cfg.worker.cache, path: path.resolve(baseDir, cfg.worker.cache.path) },
+    },
     apps: cfg.apps.map((a) => ({
       ...a,
       cwd: path.resolve(baseDir, a.cwd ?? '.'),

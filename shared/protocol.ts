@@ -28,7 +28,17 @@ export interface AppSpec {
   rootfs?: string;
   /** container runtimes: an OCI bundle directory to run as given (its config.json decides) */
   bundle?: string;
+  /** how a checkpointing runtime swaps the app in (see RestoreMode); absent: 'activeset' */
+  restore?: RestoreMode;
 }
+
+/**
+ * How memory comes back at a restore: `full` fetches the whole image, then restores; `lazy`
+ * restores at once and pages memory in on demand; `activeset` first fetches the chunks recent
+ * restores of the app used (its ActiveSet), then restores lazily.
+ */
+export const RESTORE_MODES = ['full', 'lazy', 'activeset'] as const;
+export type RestoreMode = (typeof RESTORE_MODES)[number];
 
 /** Where the gateway reaches one container port. */
 export interface Endpoint {
@@ -69,7 +79,15 @@ export type WorkerResponse =
   | { v: 1; type: 'error'; code: string; message: string };
 
 /** Unsolicited events from a worker (a container exited on its own). */
-export type WorkerEvent = { v: 1; type: 'exited'; app: string; code: number | null; signal: string | null };
+export type WorkerEvent = {
+  v: 1;
+  type: 'exited';
+  app: string;
+  code: number | null;
+  signal: string | null;
+  /** the worker ended it itself, and why (e.g. its memory could not be paged in) */
+  error?: { code: string; message: string };
+};
 
 /**
  * One worker as placement sees it. `call` never throws for an app-level failure: it answers

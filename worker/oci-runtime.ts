@@ -1,7 +1,10 @@
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
+import type { ActiveSetStore } from '../pagestore/activeset.js';
+import { ChunkCache } from '../pagestore/chunk-cache.js';
+import { cleanStaleMount } from '../pagestore/image-mount.js';
+import { fileChunks, type ImageManifest, type ImageStore } from '../pagestore/image-store.js';
 import { describeError, isPicoError, PicoError, type ErrorCode } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { AppSpec, Endpoints } from '../shared/protocol.js';
@@ -10,7 +13,8 @@ import { hostFacts, LOG_FILE, writeBundle, type HostFacts } from './oci/bundle.j
 import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
 import { ensureKdatCache, type KdatState } from './oci/kdat.js';
-import { dropLocalImage, keepLocalImage, localImageGeneration, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
+import { LazyRestore, type LazyOutcome } from './oci/lazy-restore.js';
+import { dropLocalImage, keepLocalImage, localImageGeneration, localImageIs, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
 import { Runc, type AttachedContainer, type RuncExit, type Timing } from './oci/runc.js';
 import { waitForPort } from './readiness.js';
@@ -93,6 +97,14 @@ export interface OciRuntimeOptions {
    * saves the probe (95–360 ms here) in every dump and restore. Default true.
    */
   kdatCache?: boolean;
+  /** image chunks for lazy restores (shared by every app of the worker); default 256 MiB in memory */
+  chunkCache?: ChunkCache;
+  /** where ActiveSets are read and written; absent: `activeset` restores prefetch nothing */
+  activeSets?: ActiveSetStore;
+  /** in ms: how long the ActiveSet window stays open after the app served its first traffic; default 500 */
+  activeSetGraceMs?: number;
+  /** called once a lazy restore has paged every page in (or failed): for metrics and tests */
+  onLazyRestore?(app: string, mode: 'lazy' | 'activeset', outcome: LazyOutcome): void;
 }
 
 export interface OciCreateOptions extends Omit<OciRuntimeOptions, 'criu'> {
@@ -123,6 +135,20 @@ export interface OciCheckpointResult extends CheckpointResult {
   /** page store put (write, read back, verify), in ms */
   storeMs: number;
 }
+
+/** The image a restore reads: a directory, and what to do with it once the restore is over. */
+interface RestoreImage {
+  path: string;
+  /** where its bytes come from first */
+  source: 'local' | 'store';
+  /** lazy modes: the FUSE mount, the lazy-pages daemon and the ActiveSet */
+  lazy?: LazyRestore;
+  /** the restore is over (`ok`: it succeeded): delete or unmount what it read */
+  release(ok: boolean): Promise<void>;
+}
+
+/** in bytes: the chunk cache when the worker is given none (worker.cache.memory's default) */
+const DEFAULT_CACHE_BYTES = 256 * 1024 * 1024;
 
 export const DEFAULT_STATE_DIR = '/var/lib/picocenter/oci';
 const DEFAULT_STOP_GRACE_MS = 5000;
@@ -163,6 +189,10 @@ class OciContainer implements Container {
   readonly startedAt = new Date();
   readonly exited: Promise<ExitStatus>;
   phase: Phase = 'starting';
+  /** a lazy restore still paging memory in (absent once every page is in, or for a full restore) */
+  lazy: LazyRestore | undefined;
+  /** why the runtime ended the container itself, reported with its exit */
+  exitError: ExitStatus['error'];
   private settle!: (s: ExitStatus) => void;
 
   constructor(
@@ -188,7 +218,7 @@ class OciContainer implements Container {
   finish(status: ExitStatus): void {
     if (this.phase === 'gone') return;
     this.phase = 'gone';
-    this.settle(status);
+    this.settle(this.exitError ? { ...status, error: this.exitError } : status);
   }
 }
 
@@ -220,6 +250,7 @@ export class OciRuntime implements ContainerRuntime {
   /** annotations every container's config.json carries (the CRIU config file, when one is used) */
   private readonly annotations: Record<string, string> = {};
   private kdatState: KdatState | null = null;
+  private cache: Promise<ChunkCache> | undefined;
 
   /**
    * Runs no host check and cleans nothing up: use OciRuntime.create() in a worker. The constructor
@@ -354,6 +385,11 @@ export class OciRuntime implements ContainerRuntime {
       const p = this.records.paths(c.app);
       const tcpEstablished = this.appOptions(c.app).tcpEstablished ?? true;
       const inc = c.incarnation;
+      // CRIU cannot dump memory that is still being paged in: wait until every page is in.
+      if (c.lazy) {
+        const o = await c.lazy.finished;
+        if (!o.ok) throw new PicoError('PICO_ERR_CHECKPOINT_FAILED', `app ${c.app}: its lazy restore failed, nothing to checkpoint: ${describeError(o.error)}`);
+      }
       c.phase = 'checkpointing';
       rmSync(p.staging, { recursive: true, force: true });
       rmSync(p.dumpWork, { recursive: true, force: true });
@@ -440,27 +476,11 @@ export class OciRuntime implements ContainerRuntime {
       const p = this.records.paths(spec.name);
       rmSync(p.restore, { recursive: true, force: true });
       rmSync(p.restoreWork, { recursive: true, force: true });
-      // The image: the local copy when it is this generation and passes its check, else fetched.
-      const local = await this.useLocal(spec.name, manifest, log);
-      const imagePath = local ? p.local.dir : p.restore;
-      const done = (): void => {
-        // A full restore has read the whole image; a local image is consumed by the attempt
-        // either way (a failed one: the next wake fetches from the store).
-        if (local) dropLocalImage(p.local);
-        else rmSync(p.restore, { recursive: true, force: true });
-      };
-      if (!local) {
-        mkdirSync(p.restore, { recursive: true });
-        try {
-          await this.store.get(manifest, p.restore);
-        } catch (err) {
-          rmSync(p.restore, { recursive: true, force: true });
-          throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: generation ${manifest.generation} cannot be restored`);
-        }
-      }
+      const mode = spec.restore ?? 'activeset';
+      const img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log);
       const fetchedMs = performance.now() - t0;
       if (signal?.aborted) {
-        if (!local) rmSync(p.restore, { recursive: true, force: true });
+        await img.release(false);
         throwIfCancelled(spec, 'restore', signal);
       }
       // The netns kept while the app was stored (CRIU-locked; the restore unlocks it), or afresh.
@@ -469,8 +489,8 @@ export class OciRuntime implements ContainerRuntime {
         await this.removeStale(record);
         this.writeBundle(spec, record, net);
         if (!keptNetwork) await createNetwork(net);
-      }).catch((err: unknown) => {
-        if (!local) rmSync(p.restore, { recursive: true, force: true });
+      }).catch(async (err: unknown) => {
+        await img.release(false);
         throw err;
       });
       await this.prepareCriu();
@@ -478,22 +498,53 @@ export class OciRuntime implements ContainerRuntime {
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
       try {
-        att = await this.runc.restoreAttached(record.id, { bundle: p.bundle, imagePath, workPath: p.restoreWork, tcpEstablished: this.appOptions(spec.name).tcpEstablished ?? true });
+        await img.lazy?.startDaemon();
+        att = await this.runc.restoreAttached(record.id, {
+          bundle: p.bundle,
+          imagePath: img.path,
+          workPath: p.restoreWork,
+          tcpEstablished: this.appOptions(spec.name).tcpEstablished ?? true,
+          lazyPages: img.lazy !== undefined,
+        });
       } catch (err) {
         await this.runc.delete(record.id, { force: true }).catch(() => undefined);
+        await img.release(false);
         await this.cleanupNetwork(net, log);
-        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${manifest.generation} failed: ${describeError(err)}`, { cause: err });
-      } finally {
-        done();
+        const cause = img.lazy?.failure ?? err;
+        if (img.lazy?.failure) throw img.lazy.failure;
+        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${manifest.generation} failed: ${describeError(cause)}`, { cause });
       }
       const restoredMs = performance.now() - t0;
       const c = this.adopt(spec, record, net, att);
-      await this.becomeReady(c, logFrom, 'restore', signal);
+      if (img.lazy) {
+        c.lazy = img.lazy;
+        img.lazy.restored();
+        // A daemon that dies before every page is in leaves the process without memory.
+        void img.lazy.finished.then((o) => {
+          if (c.lazy === img.lazy) c.lazy = undefined;
+          this.opts.onLazyRestore?.(spec.name, mode as 'lazy' | 'activeset', o);
+          if (!o.ok && c.phase !== 'gone' && c.phase !== 'stopping') void this.killForPages(c, o.error);
+          void img.release(o.ok);
+        });
+      } else {
+        await img.release(true);
+      }
+      try {
+        await this.becomeReady(c, logFrom, 'restore', signal);
+      } catch (err) {
+        if (img.lazy) {
+          await img.lazy.abort();
+          await img.release(false);
+          if (img.lazy.failure) throw img.lazy.failure;
+        }
+        throw err;
+      }
       log.info(
         {
           generation: manifest.generation,
           pid: c.pid,
-          image: local ? 'local' : 'store',
+          mode,
+          image: img.source,
           fetchMs: Math.round(fetchedMs),
           prepareMs: Math.round(preparedMs - fetchedMs),
           keptNetwork,
@@ -507,6 +558,67 @@ export class OciRuntime implements ContainerRuntime {
     });
   }
 
+  /**
+   * A full restore's image: the local copy when it is this generation and passes its check,
+   * else fetched into STATE/apps/APP/restore (the store verifies every chunk).
+   */
+  private async fullImage(spec: AppSpec, manifest: ImageManifest, log: Logger): Promise<RestoreImage> {
+    const p = this.records.paths(spec.name);
+    const local = await this.useLocal(spec.name, manifest, log);
+    // A local image is consumed by the attempt either way (a failed one: the next wake fetches).
+    const release = async (): Promise<void> => {
+      if (local) dropLocalImage(p.local);
+      else rmSync(p.restore, { recursive: true, force: true });
+    };
+    if (!local) {
+      mkdirSync(p.restore, { recursive: true });
+      try {
+        await this.store.get(manifest, p.restore);
+      } catch (err) {
+        rmSync(p.restore, { recursive: true, force: true });
+        throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: generation ${manifest.generation} cannot be restored`);
+      }
+    }
+    return { path: local ? p.local.dir : p.restore, source: local ? 'local' : 'store', release };
+  }
+
+  /**
+   * A lazy restore's image: the stored image as a FUSE directory (lazy-restore.ts), its chunks
+   * from the cache, the local copy of this generation (each chunk checked as it is read) or the
+   * store. The local copy is dropped once every page is in: the next checkpoint makes a new one.
+   */
+  private async lazyImage(spec: AppSpec, manifest: ImageManifest, mode: 'lazy' | 'activeset', record: AppRecord, log: Logger): Promise<RestoreImage> {
+    const p = this.records.paths(spec.name);
+    const local = (this.opts.localImages ?? true) && localImageIs(p.local, manifest);
+    await cleanStaleMount(p.mount);
+    const lazy = await LazyRestore.prepare({
+      app: spec.name,
+      mode,
+      manifest,
+      mountpoint: p.mount,
+      workDir: p.restoreWork,
+      criu: this.opts.criu,
+      store: this.store,
+      cache: await this.chunkCache(),
+      ...(this.opts.activeSets ? { activeSets: this.opts.activeSets } : {}),
+      ...(local ? { localDir: p.local.dir } : {}),
+      ...(this.opts.activeSetGraceMs !== undefined ? { graceMs: this.opts.activeSetGraceMs } : {}),
+      onPageFailure: async (err) => {
+        log.error({ err: describeError(err) }, 'a page of the image cannot be fetched; killing the container');
+        await this.runc.kill(record.id, 'SIGKILL', { all: true }).catch(() => undefined);
+      },
+      log,
+    });
+    let released = false;
+    const release = async (ok: boolean): Promise<void> => {
+      if (released) return;
+      released = true;
+      if (!ok) await lazy.abort();
+      if (local) dropLocalImage(p.local);
+    };
+    return { path: lazy.imagePath, source: local ? 'local' : 'store', lazy, release };
+  }
+
   /** SIGTERM, SIGKILL after the grace period, delete the container, remove its netns. */
   async stop(container: Container): Promise<void> {
     const c = this.own(container);
@@ -515,6 +627,7 @@ export class OciRuntime implements ContainerRuntime {
       const log = this.log.child({ app: c.app });
       c.phase = 'stopping';
       const status = await this.kill(c.record, c.incarnation, this.opts.stopGraceMs ?? DEFAULT_STOP_GRACE_MS, log);
+      await c.lazy?.abort();
       if (this.active.get(c.app) === c) this.active.delete(c.app);
       await this.cleanupNetwork(c.network, log);
       dropLocalImage(this.records.paths(c.app).local);
@@ -552,6 +665,8 @@ export class OciRuntime implements ContainerRuntime {
       const log = this.log.child({ app: record.app });
       const p = this.records.paths(record.app);
       await this.cleanupNetwork(this.records.network(record), log);
+      // A lazy restore's image directory, served by the worker that died: a dead FUSE mount.
+      await cleanStaleMount(p.mount).catch((err: unknown) => log.error({ err: describeError(err), mount: p.mount }, 'cannot remove a stale image mount'));
       rmSync(p.restore, { recursive: true, force: true });
       localImageGeneration(p.local);
       if (!existsSync(p.staging)) continue;
@@ -575,7 +690,38 @@ export class OciRuntime implements ContainerRuntime {
     return report;
   }
 
+  /**
+   * The app served its first traffic since its restore: its ActiveSet window closes after the
+   * grace period. A no-op unless a lazy restore is still paging the app in.
+   */
+  served(app: string): void {
+    this.active.get(app)?.lazy?.served();
+  }
+
+  /** Bytes of the app's newest image the chunk cache holds (placement prefers a warm worker). */
+  async cachedBytes(app: string): Promise<number> {
+    if (!this.cache) return 0;
+    const manifest = await this.store.latest(app).catch(() => undefined);
+    if (!manifest) return 0;
+    const cache = await this.cache;
+    let bytes = 0;
+    for (const f of manifest.files) for (const ref of fileChunks(manifest, f)) if (cache.has(ref.hash)) bytes += ref.size;
+    return bytes;
+  }
+
   // ---- internals ----
+
+  private chunkCache(): Promise<ChunkCache> {
+    return (this.cache ??= this.opts.chunkCache ? Promise.resolve(this.opts.chunkCache) : ChunkCache.open({ memoryBytes: DEFAULT_CACHE_BYTES, log: this.log }));
+  }
+
+  /** A lazy restore cannot page the app in: the container must not run on with missing memory. */
+  private async killForPages(c: OciContainer, err: unknown): Promise<void> {
+    const log = this.log.child({ app: c.app });
+    log.error({ err: describeError(err) }, 'the app\'s memory cannot be paged in; killing its container');
+    c.exitError = toExitError(err);
+    await this.runc.kill(c.record.id, 'SIGKILL', { all: true }).catch(() => undefined);
+  }
 
   /** After a verified put: the staging dump becomes the app's local image (or is deleted). */
   private keepLocal(app: string, manifest: ImageManifest, log: Logger): void {
@@ -685,6 +831,7 @@ export class OciRuntime implements ContainerRuntime {
   private async lose(c: OciContainer, inc: Incarnation, log: Logger, why: string): Promise<void> {
     if (c.phase === 'gone') return;
     const status = inc.status ?? (await this.kill(c.record, inc, 0, log));
+    await c.lazy?.abort();
     if (this.active.get(c.app) === c) this.active.delete(c.app);
     await this.runc.delete(c.record.id, { force: true }).catch(() => undefined);
     // A new container of the app may already exist only after this (serialised), so the
@@ -863,6 +1010,10 @@ async function raceTimeout<T>(p: Promise<T>, ms: number): Promise<T | null> {
   } finally {
     ac.abort();
   }
+}
+
+function toExitError(err: unknown): NonNullable<ExitStatus['error']> {
+  return { code: isPicoError(err) ? err.code : 'PICO_ERR_WAKE_FAILED', message: describeError(err) };
 }
 
 function throwIfCancelled(spec: AppSpec, what: 'start' | 'restore', signal: AbortSignal | undefined): void {

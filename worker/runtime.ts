@@ -4,6 +4,8 @@ import type { AppSpec, Endpoints } from '../shared/protocol.js';
 export interface ExitStatus {
   code: number | null;
   signal: string | null;
+  /** why the runtime ended the container itself, when it did (e.g. its memory could not be paged in) */
+  error?: { code: string; message: string };
 }
 
 /** One running instance of an app, as a runtime hands it to the worker. */
@@ -45,6 +47,10 @@ export interface ContainerRuntime {
   storedImages(): Promise<Array<{ app: string; generation: number }>>;
   /** The file the app's stdout and stderr go to; it survives swap-outs. */
   logFile(app: string): string;
+  /** The app served its first traffic since it was restored (optional: for ActiveSet recording). */
+  served?(app: string): void;
+  /** Bytes of the app's newest image this worker caches (optional: 0 when absent). */
+  cachedBytes?(app: string): Promise<number>;
   /** Releases what the runtime holds (after its containers were stopped). */
   close(): Promise<void>;
 }

@@ -109,11 +109,11 @@ export class Worker {
 
   private adopt(spec: AppSpec, container: Container): void {
     this.containers.set(spec.name, container);
-    void container.exited.then(({ code, signal }) => {
+    void container.exited.then(({ code, signal, error }) => {
       if (this.containers.get(spec.name) !== container || this.removing.has(spec.name)) return;
       this.containers.delete(spec.name);
-      this.log.warn({ app: spec.name, code, signal }, 'container exited on its own');
-      const ev: WorkerEvent = { v: 1, type: 'exited', app: spec.name, code, signal };
+      this.log.warn({ app: spec.name, code, signal, err: error?.message }, 'container exited on its own');
+      const ev: WorkerEvent = { v: 1, type: 'exited', app: spec.name, code, signal, ...(error ? { error } : {}) };
       for (const l of this.listeners) l(ev);
     });
   }

@@ -119,6 +119,8 @@ export class AppRecords {
       logDir: path.join(dir, 'log'),
       staging: path.join(dir, 'staging'),
       restore: path.join(dir, 'restore'),
+      /** a lazy restore's FUSE image directory */
+      mount: path.join(dir, 'mnt'),
       local: { dir: path.join(dir, 'local'), record: path.join(dir, 'local.json') },
       dumpWork: path.join(dir, 'work', 'dump'),
       restoreWork: path.join(dir, 'work', 'restore'),

@@ -272,3 +272,13 @@ async function walk(dir: string, rel = ''): Promise<string[]> {
   }
   return out;
 }
+
+/** Whether the local image is exactly `manifest`'s (by its record; the files are not read). */
+export function localImageIs(p: LocalImagePaths, manifest: ImageManifest): boolean {
+  try {
+    const r = JSON.parse(readFileSync(p.record, 'utf8')) as Partial<LocalImageRecord>;
+    return r.app === manifest.app && r.generation === manifest.generation && r.checksum === manifest.checksum && existsSync(p.dir);
+  } catch {
+    return false;
+  }
+}

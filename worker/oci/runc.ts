@@ -62,6 +62,8 @@ export interface RestoreOptions extends CriuPaths {
   bundle: string;
   tcpEstablished?: boolean;
   fileLocks?: boolean;
+  /** memory comes from a `criu lazy-pages` daemon already listening in workPath (lazy-pages.ts) */
+  lazyPages?: boolean;
 }
 
 /** How long one operation took: `ms` end to end (runc + CRIU), `criuMs` as CRIU's log counts it. */
@@ -212,7 +214,9 @@ export class Runc {
    */
   restoreAttached(id: string, o: RestoreOptions): Promise<AttachedContainer> {
     mkdirSync(o.workPath, { recursive: true });
-    const args = ['restore', '--bundle', o.bundle, '--image-path', o.imagePath, '--work-path', o.workPath, '--pid-file', this.file(id, 'pid'), ...criuFlags(o), id];
+    const args = ['restore', '--bundle', o.bundle, '--image-path', o.imagePath, '--work-path', o.workPath, '--pid-file', this.file(id, 'pid'), ...criuFlags(o)];
+    if (o.lazyPages) args.push('--lazy-pages');
+    args.push(id);
     return this.attached('restore', id, args, path.join(o.workPath, 'restore.log'));
   }
 

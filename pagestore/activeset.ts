@@ -1,0 +1,166 @@
+/*
+ * ActiveSets: which chunks of an app's image its restored process touched while it served its
+ * first traffic, kept per app across restores, and the set to prefetch at the next restore.
+ *
+ * Layout in the object store (format 1), beside the app's manifests:
+ *
+ *   apps/<app>/activeset.json   { format, app, restores: [{ at, generation, chunks: [{ file,
+ *                               offset, hash }] }], checksum }, newest restore last, at most
+ *                               `keep` restores; checksum as a manifest's (canonical JSON)
+ *
+ * Each used chunk is kept by hash and by position: chunks are content-addressed, so an unchanged
+ * chunk keeps its hash in the next generation; a chunk whose bytes changed is found again by the
+ * position (file, offset) it covered. The ActiveSet to prefetch is every chunk of the manifest
+ * being restored that was used in at least `minUses` of the last `window` restores (the
+ * original system's "k of the last n" policy).
+ *
+ * An ActiveSet is advice: a missing, damaged or stale record costs prefetching, never a restore.
+ * Writes race only between two restores of one app on two workers; the last one wins.
+ */
+import { isNotFound, type ObjectStore } from './object-store.js';
+import { canonicalJson, manifestChecksum, sha256 } from './chunked-image-store.js';
+import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
+
+export const ACTIVESET_FORMAT_VERSION = 1;
+
+/** One chunk a restore used. */
+export interface UsedChunk {
+  /** image file path, as in the manifest */
+  file: string;
+  /** in bytes: where the chunk starts in the file */
+  offset: number;
+  hash: string;
+}
+
+export interface RestoreUse {
+  /** ISO time of the restore */
+  at: string;
+  generation: number;
+  chunks: UsedChunk[];
+}
+
+export interface ActiveSetRecord {
+  format: number;
+  app: string;
+  restores: RestoreUse[];
+  checksum: string;
+}
+
+export interface ActiveSetPolicy {
+  /** restores looked at (n); default 3 */
+  window: number;
+  /** a chunk is prefetched when used in at least this many of them (k); default 1 */
+  minUses: number;
+  /** restores kept in the record; default = window */
+  keep?: number;
+}
+
+export const DEFAULT_ACTIVESET_POLICY: ActiveSetPolicy = { window: 3, minUses: 1 };
+
+/** One chunk of the image being restored, with the file it belongs to. */
+export interface PlannedChunk {
+  file: ImageFile;
+  ref: ChunkRef;
+}
+
+export function activeSetKey(app: string): string {
+  return `apps/${app}/activeset.json`;
+}
+
+export class ActiveSetStore {
+  constructor(
+    private readonly store: ObjectStore,
+    private readonly policy: ActiveSetPolicy = DEFAULT_ACTIVESET_POLICY,
+  ) {}
+
+  /** The app's record, or undefined when it has none or it does not verify. Store failures reject. */
+  async read(app: string): Promise<ActiveSetRecord | undefined> {
+    let body: Buffer;
+    try {
+      body = await this.store.get(activeSetKey(app));
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+    return parseActiveSet(body, app);
+  }
+
+  /** Adds one restore's use to the app's record (dropping the oldest beyond `keep`). */
+  async add(app: string, use: RestoreUse): Promise<ActiveSetRecord> {
+    const prev = await this.read(app).catch(() => undefined);
+    const keep = this.policy.keep ?? this.policy.window;
+    const restores = [...(prev?.restores ?? []), use].slice(-keep);
+    const draft = { format: ACTIVESET_FORMAT_VERSION, app, restores };
+    const record: ActiveSetRecord = { ...draft, checksum: sha256(canonicalJson(draft)) };
+    await this.store.put(activeSetKey(app), Buffer.from(canonicalJson(record)));
+    return record;
+  }
+
+  /** The chunks of `manifest` to prefetch, by the policy; empty without a record. */
+  plan(manifest: ImageManifest, record: ActiveSetRecord | undefined): PlannedChunk[] {
+    return planPrefetch(manifest, record, this.policy);
+  }
+}
+
+/** Parses a stored record; undefined when it is not one (wrong shape, app or checksum). */
+export function parseActiveSet(body: Buffer, app: string): ActiveSetRecord | undefined {
+  let v: unknown;
+  try {
+    v = JSON.parse(body.toString('utf8'));
+  } catch {
+    return undefined;
+  }
+  const r = v as Partial<ActiveSetRecord> | null;
+  if (!r || typeof r !== 'object' || r.format !== ACTIVESET_FORMAT_VERSION || r.app !== app || !Array.isArray(r.restores)) return undefined;
+  if (typeof r.checksum !== 'string' || manifestChecksum(r as unknown as ImageManifest) !== r.checksum) return undefined;
+  for (const u of r.restores) {
+    if (!u || !Array.isArray(u.chunks)) return undefined;
+    for (const c of u.chunks) {
+      if (!c || typeof c.file !== 'string' || !Number.isSafeInteger(c.offset) || typeof c.hash !== 'string') return undefined;
+    }
+  }
+  return r as ActiveSetRecord;
+}
+
+/**
+ * Every chunk of `manifest` used in at least `minUses` of the record's last `window` restores:
+ * a used chunk counts for the manifest chunk with its hash, else for the one covering its
+ * position. In file order, each chunk once.
+ */
+export function planPrefetch(manifest: ImageManifest, record: ActiveSetRecord | undefined, policy: ActiveSetPolicy = DEFAULT_ACTIVESET_POLICY): PlannedChunk[] {
+  if (!record || record.restores.length === 0) return [];
+  const chunks = new Map<string, PlannedChunk[]>(); // file path → its chunks in order
+  const byHash = new Map<string, PlannedChunk>();
+  for (const file of manifest.files) {
+    const list = fileChunks(manifest, file).map((ref) => ({ file, ref }));
+    chunks.set(file.path, list);
+    for (const p of list) if (!byHash.has(p.ref.hash)) byHash.set(p.ref.hash, p);
+  }
+  const uses = new Map<PlannedChunk, number>();
+  for (const use of record.restores.slice(-policy.window)) {
+    const seen = new Set<PlannedChunk>();
+    for (const u of use.chunks) {
+      const p = byHash.get(u.hash) ?? covering(chunks.get(u.file), u.offset);
+      if (p) seen.add(p);
+    }
+    for (const p of seen) uses.set(p, (uses.get(p) ?? 0) + 1);
+  }
+  const out: PlannedChunk[] = [];
+  for (const list of chunks.values()) for (const p of list) if ((uses.get(p) ?? 0) >= policy.minUses) out.push(p);
+  return out;
+}
+
+/** The chunk of a file (chunks in offset order) that holds byte `offset`. */
+export function covering(list: readonly PlannedChunk[] | undefined, offset: number): PlannedChunk | undefined {
+  if (!list) return undefined;
+  let lo = 0;
+  let hi = list.length - 1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    const r = list[mid]!.ref;
+    if (offset < r.offset) hi = mid - 1;
+    else if (offset >= r.offset + r.size) lo = mid + 1;
+    else return list[mid];
+  }
+  return undefined;
+}

@@ -1,0 +1,248 @@
+import assert from 'node:assert/strict';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { isPicoError } from '../shared/errors.js';
+import { createLogger, silentLogger } from '../shared/log.js';
+import type { AppSpec, RestoreMode } from '../shared/protocol.js';
+import { ActiveSetStore } from '../pagestore/activeset.js';
+import { ChunkCache } from '../pagestore/chunk-cache.js';
+import { ChunkedImageStore, chunkKey } from '../pagestore/chunked-image-store.js';
+import { fileChunks } from '../pagestore/image-store.js';
+import { S3ObjectStore } from '../pagestore/s3-store.js';
+import { containerIdFor } from '../worker/oci/app-records.js';
+import { Runc } from '../worker/oci/runc.js';
+import type { LazyOutcome } from '../worker/oci/lazy-restore.js';
+import { OciRuntime, type OciRuntimeOptions } from '../worker/oci-runtime.js';
+import type { Container } from '../worker/runtime.js';
+import { ociTestHost } from './helpers/oci-host.js';
+import { inc, state, verify } from './helpers/oci-client.js';
+import { repoFile } from './helpers/paths.js';
+import { until } from './helpers/poll.js';
+import { startS3Server, type S3TestServer } from './helpers/s3-server.js';
+import { startFaultProxy, type FaultProxy } from './helpers/s3-fault-proxy.js';
+
+/*
+ * Lazy restore from S3, in CRIU's zdtm shape: the counter app (test/fixtures/oci/counter.mjs)
+ * builds state, is checkpointed into a real S3 API server (s3rver, through a fault proxy the
+ * tests control) and restored in each mode — `full`, `lazy` (pages come through the FUSE image
+ * directory as the process faults on them) and `activeset` (what the last restores used is
+ * fetched first) — then verifies its own state. Also: a second worker (its own state directory
+ * and empty cache) restores what the first stored; an unchanged app re-checkpointed uploads
+ * little; the store failing while pages are fetched, and a corrupted chunk, fail the restore
+ * cleanly (nothing left running, the image still stored).
+ *
+ * Local images are off: every restore reads the store (or the chunk cache).
+ */
+
+const { host, skip } = await ociTestHost();
+const log = process.env.PICO_TEST_LOG ? createLogger({ level: 'debug' }) : silentLogger();
+const prefix = `pl${process.pid}-`;
+const slotBase = 14_000 + (process.pid % 20) * 100;
+const readOnlyPaths = process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)];
+
+describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, timeout: 600_000 }, () => {
+  let work = '';
+  let s3: S3TestServer;
+  let proxy: FaultProxy;
+  let objects: S3ObjectStore;
+  let store: ChunkedImageStore;
+  let activeSets: ActiveSetStore;
+  const runtimes: OciRuntime[] = [];
+  const stateDirs: string[] = [];
+  const outcomes: Array<{ app: string; mode: string; outcome: LazyOutcome }> = [];
+
+  async function runtime(name: string, slotOffset: number, extra: Partial<OciRuntimeOptions> = {}): Promise<OciRuntime> {
+    const stateDir = path.join(work, name);
+    stateDirs.push(stateDir);
+    const r = new OciRuntime({
+      log,
+      imageStore: store,
+      criu: host!.criu!.path,
+      stateDir,
+      prefix,
+      slots: { first: slotBase + slotOffset, count: 40 },
+      defaults: { readOnlyPaths },
+      stopGraceMs: 2000,
+      networkLock: host!.nftablesLock ? 'nftables' : 'iptables',
+      localImages: false,
+      chunkCache: await ChunkCache.open({ memoryBytes: 256 * 1024 * 1024 }),
+      activeSets,
+      activeSetGraceMs: 200,
+      onLazyRestore: (app, mode, outcome) => outcomes.push({ app, mode, outcome }),
+      ...extra,
+    });
+    runtimes.push(r);
+    return r;
+  }
+
+  function spec(name: string, restore: RestoreMode): AppSpec {
+    const dir = path.join(work, 'apps', name);
+    mkdirSync(dir, { recursive: true });
+    copyFileSync(repoFile('test/fixtures/oci/counter.mjs'), path.join(dir, 'counter.mjs'));
+    return { name, command: [process.execPath, 'counter.mjs'], cwd: dir, env: { APP_NAME: name }, ports: [8080], readyTimeoutMs: 20_000, restore };
+  }
+
+  /** The lazy restore of `app` (the n-th, from 1) has paged every page in. */
+  async function pagedIn(app: string, n: number): Promise<LazyOutcome> {
+    await until(() => outcomes.filter((o) => o.app === app).length >= n, `lazy restore ${n} of ${app} to finish`, 60_000);
+    return outcomes.filter((o) => o.app === app)[n - 1]!.outcome;
+  }
+
+  async function assertNothingRunning(r: OciRuntime, app: string): Promise<void> {
+    const inspect = new Runc({ criu: host!.criu!.path, root: path.join(r.stateDir, 'runc'), logDir: path.join(work, 'inspect-logs') });
+    assert.equal(await inspect.state(containerIdFor(prefix, app)), null, `runc still has ${app}`);
+    const mnt = path.join(r.stateDir, 'apps', app, 'mnt');
+    assert.ok(!existsSync(mnt) || readdirSync(mnt).length === 0, 'the image mount is gone');
+  }
+
+  before(async () => {
+    assert.ok(host?.ok, host?.message);
+    work = mkdtempSync(path.join(tmpdir(), 'pico-lazy-'));
+    s3 = await startS3Server();
+    proxy = await startFaultProxy({ target: s3.endpoint });
+    objects = new S3ObjectStore({ endpoint: proxy.endpoint, region: s3.region, bucket: s3.bucket, pathStyle: true, credentials: s3.credentials, maxAttempts: 2, retryBaseDelayMs: 5 });
+    store = new ChunkedImageStore({ store: objects, gcGraceMs: 0 });
+    activeSets = new ActiveSetStore(objects);
+  });
+
+  after(async () => {
+    proxy?.clear();
+    for (const r of runtimes) {
+      for (const c of r.containers()) await r.stop(c).catch((e: unknown) => console.error('cleanup: stop:', e));
+    }
+    for (const dir of new Set(stateDirs)) {
+      await new OciRuntime({ log, imageStore: store, criu: host!.criu!.path, stateDir: dir, prefix }).cleanLeftovers().catch((e: unknown) => console.error('cleanup:', e));
+    }
+    await proxy?.close();
+    await s3?.stop();
+    if (work) rmSync(work, { recursive: true, force: true });
+  });
+
+  for (const mode of ['full', 'lazy', 'activeset'] as const) {
+    it(`${mode}: the app comes back with its memory, twice`, async (t) => {
+      const r = await runtime(`w-${mode}`, { full: 0, lazy: 40, activeset: 80 }[mode]!);
+      const app = `c-${mode}`;
+      const s = spec(app, mode);
+      let c: Container = await r.start(s);
+      const ep = c.endpoints[8080]!;
+      assert.equal((await inc(ep)).count, 1);
+      const boot = await state(ep);
+      for (let cycle = 1; cycle <= 2; cycle++) {
+        await r.checkpoint(c);
+        const t0 = performance.now();
+        c = await r.restore(s);
+        const first = await state(ep);
+        t.diagnostic(`${mode} restore ${cycle}: first answer ${(performance.now() - t0).toFixed(0)} ms after the wake began`);
+        r.served(app);
+        assert.equal(first.bootId, boot.bootId, 'restored, not started again');
+        assert.equal(first.count, cycle);
+        assert.equal((await inc(ep)).count, cycle + 1);
+        assert.equal(await verify(ep), '200 PASS');
+        if (mode !== 'full') {
+          const o = await pagedIn(app, cycle);
+          assert.ok(o.ok, o.error?.message);
+          assert.ok(o.image.demand + o.image.swept + o.image.prefetched > 0, 'pages came through the image mount');
+          t.diagnostic(`${mode} restore ${cycle}: ${JSON.stringify(o)}`);
+          if (mode === 'activeset') {
+            if (cycle === 1) assert.equal(o.image.prefetched, 0, 'no ActiveSet before the first restore');
+            else {
+              assert.ok(o.image.prefetched > 0, 'the second restore prefetches the first one\'s ActiveSet');
+              assert.ok(o.hits > 0, 'pages faulted on were prefetched');
+            }
+            assert.ok(o.used > 0, 'this restore recorded an ActiveSet');
+            assert.equal((await activeSets.read(app))?.restores.length, cycle);
+          }
+          assert.equal(await verify(ep), '200 PASS', 'intact once every page is in');
+        }
+      }
+      await r.stop(c);
+    });
+  }
+
+  it('a second worker with an empty cache restores an app the first one stored', async () => {
+    const a = await runtime('w-first', 120);
+    const b = await runtime('w-second', 160);
+    const s = spec('roamer', 'lazy');
+    const c = await a.start(s);
+    await inc(c.endpoints[8080]!);
+    const boot = await state(c.endpoints[8080]!);
+    await a.checkpoint(c);
+    const c2 = await b.restore(s);
+    const back = await state(c2.endpoints[8080]!);
+    assert.equal(back.bootId, boot.bootId);
+    assert.equal(back.count, 1);
+    assert.equal(await verify(c2.endpoints[8080]!), '200 PASS');
+    const o = await pagedIn('roamer', 1);
+    assert.ok(o.ok && o.image.storeBytes > 0, 'the second worker fetched the image from the store');
+    await b.stop(c2);
+  });
+
+  it('re-checkpointing an unchanged app uploads a small share of its image', async (t) => {
+    const r = await runtime('w-dedup', 200);
+    const s = spec('steady', 'lazy');
+    let c = await r.start(s);
+    const first = await r.checkpoint(c);
+    c = await r.restore(s);
+    await pagedIn('steady', 1);
+    const second = await r.checkpoint(c);
+    const share = second.uploadedBytes / second.imageBytes;
+    t.diagnostic(`image ${(second.imageBytes / 1e6).toFixed(1)} MB; first checkpoint uploaded ${(first.uploadedBytes / 1e6).toFixed(1)} MB, the second ${(second.uploadedBytes / 1e6).toFixed(2)} MB (${(share * 100).toFixed(1)}%)`);
+    assert.ok(share < 0.15, `uploaded ${(share * 100).toFixed(1)}% of the image`);
+  });
+
+  it('the store failing while pages are fetched fails the restore cleanly; the image stays', async () => {
+    const r = await runtime('w-fail', 240);
+    const s = spec('fragile', 'lazy');
+    const c = await r.start(s);
+    await inc(c.endpoints[8080]!);
+    await r.checkpoint(c);
+    const manifest = (await store.latest('fragile'))!;
+    const pages = manifest.files.find((f) => /^pages-\d+\.img$/.test(f.path))!;
+    const pageChunks = new Set(fileChunks(manifest, pages).map((x) => x.hash));
+    // Every fetch of a chunk of the app's memory fails (past the store's retries).
+    proxy.inject({ kind: 'status', status: 503, code: 'SlowDown' }, 100_000, (req) => [...pageChunks].some((h) => req.path.endsWith(h)));
+    try {
+      const outcome = await r.restore(s).then(
+        async (c2) => ({ exited: await c2.exited }),
+        (err: unknown) => ({ err }),
+      );
+      if ('err' in outcome) {
+        assert.ok(isPicoError(outcome.err, 'PICO_ERR_STORE'), `restore failed with ${String(outcome.err)}`);
+      } else {
+        assert.equal(outcome.exited.error?.code, 'PICO_ERR_STORE', 'the container was killed for its missing pages');
+      }
+      await until(async () => (await r.containers()).length === 0, 'no container left');
+      await assertNothingRunning(r, 'fragile');
+    } finally {
+      proxy.clear();
+    }
+    // Nothing was lost: with the store back, the app restores with its state.
+    const c3 = await r.restore(s);
+    assert.equal((await state(c3.endpoints[8080]!)).count, 1);
+    assert.equal(await verify(c3.endpoints[8080]!), '200 PASS');
+    await r.stop(c3);
+  });
+
+  it('a corrupted chunk in the store is detected: the restore fails, nothing runs on', async () => {
+    const r = await runtime('w-corrupt', 280);
+    const s = spec('damaged', 'lazy');
+    const c = await r.start(s);
+    await r.checkpoint(c);
+    const manifest = (await store.latest('damaged'))!;
+    const pages = manifest.files.find((f) => /^pages-\d+\.img$/.test(f.path))!;
+    for (const ref of fileChunks(manifest, pages)) {
+      const bytes = await objects.get(chunkKey(ref.hash));
+      bytes[0] = bytes[0]! ^ 0xff;
+      await objects.put(chunkKey(ref.hash), bytes);
+    }
+    const outcome = await r.restore(s).then(
+      async (c2) => ({ exited: await c2.exited }),
+      (err: unknown) => ({ err }),
+    );
+    if ('err' in outcome) assert.ok(isPicoError(outcome.err, 'PICO_ERR_IMAGE_CORRUPT'), `restore failed with ${String(outcome.err)}`);
+    else assert.equal(outcome.exited.error?.code, 'PICO_ERR_IMAGE_CORRUPT');
+    await assertNothingRunning(r, 'damaged');
+  });
+});

@@ -1,0 +1,162 @@
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
+import { isNoise } from './criu.js';
+
+/** The name CRIU gives the daemon's socket in its work directory (criu/uffd.c). */
+const SOCKET = 'lazy-pages.socket';
+const LOG = 'lazy-pages.log';
+
+export interface LazyPagesExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+/**
+ * One `criu lazy-pages` daemon: it serves the restored process's page faults through
+ * userfaultfd from `imagesDir`, then (after a quiet second) copies the remaining pages in the
+ * background and exits 0 once every page is in. A non-zero exit while the container runs means
+ * pages are missing: the kernel then maps zeros where the app's memory was, so the caller must
+ * kill the container (never let it run on).
+ *
+ * Ordering: start() resolves once the daemon listens, which must happen before
+ * `runc restore --lazy-pages` (same work directory) connects to it.
+ */
+export class LazyPagesDaemon {
+  readonly exit: Promise<LazyPagesExit>;
+  /** performance.now() when the daemon was spawned: the zero of its log's timestamps */
+  readonly startedAt: number;
+  private exited: LazyPagesExit | null = null;
+  private readonly pid: number | undefined;
+
+  private constructor(
+    private readonly criu: string,
+    readonly imagesDir: string,
+    readonly workDir: string,
+  ) {
+    mkdirSync(workDir, { recursive: true });
+    rmSync(path.join(workDir, SOCKET), { force: true });
+    this.startedAt = performance.now();
+    // -v4: the log names each fault and when the background copy starts (ActiveSet cut-off).
+    const child = spawn(this.criu, ['lazy-pages', '--images-dir', imagesDir, '--work-dir', workDir, '--log-file', LOG, '-v4'], {
+      stdio: 'ignore',
+      detached: true,
+    });
+    child.unref();
+    this.pid = child.pid;
+    this.exit = new Promise((resolve) => {
+      child.once('exit', (code, signal) => resolve((this.exited = { code, signal })));
+      child.once('error', () => resolve((this.exited = { code: null, signal: null })));
+    });
+  }
+
+  static async start(criu: string, imagesDir: string, workDir: string, timeoutMs = 10_000): Promise<LazyPagesDaemon> {
+    const d = new LazyPagesDaemon(criu, imagesDir, workDir);
+    const deadline = performance.now() + timeoutMs;
+    let wait = 1;
+    while (!existsSync(path.join(workDir, SOCKET))) {
+      if (d.exited) throw new Error(`criu lazy-pages exited ${describe(d.exited)} before it listened: ${d.errors().join(' | ') || 'no error logged'}`);
+      if (performance.now() > deadline) {
+        d.kill();
+        throw new Error(`criu lazy-pages did not listen within ${timeoutMs} ms`);
+      }
+      await delay(wait);
+      wait = Math.min(wait * 2, 20);
+    }
+    return d;
+  }
+
+  get running(): boolean {
+    return this.exited === null;
+  }
+
+  kill(): void {
+    if (this.exited || !this.pid) return;
+    try {
+      process.kill(this.pid, 'SIGKILL');
+    } catch {
+      // gone already
+    }
+  }
+
+  /** The daemon's error lines (less the noise every run prints). */
+  errors(): string[] {
+    return this.logLines()
+      .filter((l) => /Error/.test(l) && !isNoise(l))
+      .map((l) => l.replace(/^\([\d.\s]+\)\s*/, '').replace(/^Error\s*\([^)]*\):\s*/, ''));
+  }
+
+  /**
+   * When the daemon began copying the pages nobody faulted on (performance.now() scale), or
+   * null when it has not (yet). Reads of the image before this are the app's own page faults.
+   */
+  backgroundStartedAt(): number | null {
+    const line = this.logLines().find((l) => /Start handling remaining pages/.test(l));
+    const secs = line ? /^\(\s*([\d.]+)\)/.exec(line)?.[1] : undefined;
+    return secs === undefined ? null : this.startedAt + Number(secs) * 1000;
+  }
+
+  /**
+   * The pages the restored processes faulted on, from the daemon's log: for each fault, the
+   * pages file and the byte offset in it that answered it, and when (performance.now() scale).
+   * Pages the background copy brought in before anything touched them are not faults.
+   */
+  faults(): PageFault[] {
+    return parseFaults(this.logLines(), this.startedAt);
+  }
+
+  private logLines(): string[] {
+    try {
+      return readFileSync(path.join(this.workDir, LOG), 'utf8').split('\n');
+    } catch {
+      return [];
+    }
+  }
+}
+
+function describe(e: LazyPagesExit): string {
+  return e.signal ? `on ${e.signal}` : `with code ${e.code}`;
+}
+
+export interface PageFault {
+  /** the image file, e.g. pages-1.img */
+  file: string;
+  /** in bytes, in that file */
+  offset: number;
+  /** performance.now() scale */
+  at: number;
+}
+
+/*
+ * The daemon logs a fault as "uffd: PID-FD: #PF at 0xADDR", then either "zero page at …" or
+ * the read that answers it: "pr<IMG>-<PID> Read page from self <vaddr>/<offset in pages-IMG.img>"
+ * (both hex). Fault reads are synchronous, so the first read after a #PF line is its own; reads
+ * with no #PF before them are the background copy.
+ */
+const FAULT = /^\(\s*([\d.]+)\)\s+uffd: \d+-\d+: #PF at /;
+const ZERO = /uffd: \d+-\d+: zero page at /;
+const READ = /^\(\s*[\d.]+\)\s+pr(\d+)-\d+ Read page from self [0-9a-f]+\/([0-9a-f]+)/;
+
+export function parseFaults(lines: readonly string[], startedAt: number): PageFault[] {
+  const out: PageFault[] = [];
+  let pending: number | null = null;
+  for (const line of lines) {
+    const f = FAULT.exec(line);
+    if (f) {
+      pending = startedAt + Number(f[1]) * 1000;
+      continue;
+    }
+    if (pending === null) continue;
+    if (ZERO.test(line)) {
+      pending = null;
+      continue;
+    }
+    const r = READ.exec(line);
+    if (r) {
+      out.push({ file: `pages-${r[1]}.img`, offset: Number.parseInt(r[2]!, 16), at: pending });
+      pending = null;
+    }
+  }
+  return out;
+}

@@ -1,0 +1,176 @@
+import { rmSync } from 'node:fs';
+import type { Logger } from '../../shared/log.js';
+import type { RestoreMode } from '../../shared/protocol.js';
+import { covering, type ActiveSetStore, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
+import type { ChunkCache } from '../../pagestore/chunk-cache.js';
+import { fileChunks, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
+import { imageUnreadable, LazyImage, type LazyImageStats } from './lazy-image.js';
+import { LazyPagesDaemon, type PageFault } from './lazy-pages.js';
+
+/*
+ * One lazy restore (modes `lazy` and `activeset`), from the mount to the last page:
+ *
+ *   prepare()      ActiveSet plan (activeset mode), FUSE mount, prefetch          [awaited]
+ *   startDaemon()  `criu lazy-pages` on the mount, listening                       [awaited]
+ *   (the runtime: `runc restore --lazy-pages`; the process resumes at once)
+ *   restored()     the background fetch of the rest of the image starts
+ *   served()       the app answered its first traffic: the ActiveSet window closes after a grace
+ *   finished       the daemon exited: every page is in (or the restore failed); the mount is gone,
+ *                  this restore's ActiveSet is stored
+ *
+ * The ActiveSet of this restore is the chunks holding the pages the restored processes faulted
+ * on (the daemon's log names each fault's page, lazy-pages.ts) up to the window's end. Reads
+ * of the FUSE directory cannot tell faults from the daemon's background copy, which starts as
+ * soon as the process runs and interleaves with the faults; the log can.
+ *
+ * Failure: a chunk that cannot be had calls `onPageFailure` (the runtime kills the container)
+ * before the read fails; `failure` then holds the error. A daemon that dies otherwise leaves the
+ * process without pages too: `finished` reports it and the runtime kills the container.
+ */
+
+export interface LazyRestoreOptions {
+  app: string;
+  mode: Exclude<RestoreMode, 'full'>;
+  manifest: ImageManifest;
+  mountpoint: string;
+  workDir: string;
+  criu: string;
+  store: ImageStore;
+  cache: ChunkCache;
+  /** where ActiveSets live; absent: activeset mode prefetches nothing and records nothing */
+  activeSets?: ActiveSetStore;
+  /** a local copy of this very image, read before the store */
+  localDir?: string;
+  /** in ms: the ActiveSet window stays open this long after served(); default 500 */
+  graceMs?: number;
+  /** the restore could not get a page: kill the container (awaited before the read fails) */
+  onPageFailure(err: unknown): Promise<void>;
+  log: Logger;
+}
+
+export interface LazyOutcome {
+  ok: boolean;
+  /** why not */
+  error?: Error;
+  image: LazyImageStats;
+  /** chunks of this restore's ActiveSet */
+  used: number;
+  /** of them, prefetched (hits) and not (misses) */
+  hits: number;
+  misses: number;
+}
+
+export class LazyRestore {
+  /** set once a page could not be had */
+  failure: Error | undefined;
+  readonly finished: Promise<LazyOutcome>;
+  private image: LazyImage | undefined;
+  private daemon: LazyPagesDaemon | undefined;
+  private prefetched = new Set<string>();
+  private windowEnd = Infinity;
+  private readonly startedAt = performance.now();
+  private resolveFinished!: (o: LazyOutcome) => void;
+  private aborted = false;
+  private settling: Promise<void> | undefined;
+
+  private constructor(private readonly o: LazyRestoreOptions) {
+    this.finished = new Promise((resolve) => (this.resolveFinished = resolve));
+  }
+
+  get imagePath(): string {
+    return this.o.mountpoint;
+  }
+
+  /** Mounts the image and fetches its ActiveSet. Throws with nothing left mounted. */
+  static async prepare(o: LazyRestoreOptions): Promise<LazyRestore> {
+    const r = new LazyRestore(o);
+    let plan: PlannedChunk[] = [];
+    if (o.mode === 'activeset' && o.activeSets) {
+      const record = await o.activeSets.read(o.app).catch((err: unknown) => {
+        o.log.warn({ err: (err as Error).message }, 'cannot read the ActiveSet; restoring without prefetch');
+        return undefined;
+      });
+      plan = o.activeSets.plan(o.manifest, record);
+    }
+    r.prefetched = new Set(plan.map((p) => p.ref.hash));
+    r.image = await LazyImage.open({
+      manifest: o.manifest,
+      mountpoint: o.mountpoint,
+      store: o.store,
+      cache: o.cache,
+      ...(o.localDir ? { localDir: o.localDir } : {}),
+      prefetch: plan,
+      onFailure: async (err) => {
+        r.failure ??= imageUnreadable(o.app, o.manifest.generation, err);
+        await o.onPageFailure(r.failure);
+      },
+      log: o.log,
+    }).catch((err: unknown) => {
+      throw imageUnreadable(o.app, o.manifest.generation, err);
+    });
+    return r;
+  }
+
+  async startDaemon(): Promise<void> {
+    rmSync(this.o.workDir, { recursive: true, force: true });
+    this.daemon = await LazyPagesDaemon.start(this.o.criu, this.o.mountpoint, this.o.workDir);
+    void this.daemon.exit.then(() => this.settleOnce());
+  }
+
+  /** The process runs: fetch the rest of the image in the background. */
+  restored(): void {
+    this.image?.sweep();
+  }
+
+  /** The app answered its first traffic: the ActiveSet window closes `graceMs` from now. */
+  served(): void {
+    if (this.windowEnd === Infinity) this.windowEnd = performance.now() + (this.o.graceMs ?? 500);
+  }
+
+  /** The restore failed or the container is being removed: stop the daemon, unmount. */
+  async abort(): Promise<void> {
+    this.aborted = true;
+    this.daemon?.kill();
+    if (this.daemon) await this.daemon.exit;
+    await this.settleOnce();
+  }
+
+  private settleOnce(): Promise<void> {
+    return (this.settling ??= this.settle());
+  }
+
+  /** Daemon gone: unmount, then (if the restore went well) store this restore's ActiveSet. */
+  private async settle(): Promise<void> {
+    const exit = this.daemon ? await this.daemon.exit : null;
+    await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
+    const stats = this.image?.stats() ?? { prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+    let error = this.failure;
+    if (!error && !this.aborted && exit && exit.code !== 0) {
+      const why = this.daemon!.errors().slice(-2).join(' | ');
+      error = new Error(`criu lazy-pages exited ${exit.signal ? `on ${exit.signal}` : `with code ${exit.code}`}${why ? `: ${why}` : ''}`);
+    }
+    const used = error || this.aborted ? [] : this.usedChunks(this.daemon?.faults() ?? []);
+    const hits = used.filter((u) => this.prefetched.has(u.hash)).length;
+    if (used.length > 0 && this.o.activeSets) {
+      await this.o.activeSets
+        .add(this.o.app, { at: new Date().toISOString(), generation: this.o.manifest.generation, chunks: used })
+        .catch((err: unknown) => this.o.log.warn({ err: (err as Error).message }, 'cannot store the ActiveSet'));
+    }
+    const outcome: LazyOutcome = { ok: !error && !this.aborted, image: stats, used: used.length, hits, misses: used.length - hits, ...(error ? { error } : {}) };
+    this.o.log.info({ ...outcome, error: error?.message, ms: Math.round(performance.now() - this.startedAt) }, 'lazy restore finished');
+    this.resolveFinished(outcome);
+  }
+
+  /** The chunks holding the pages faulted on within the window, each once. */
+  private usedChunks(faults: PageFault[]): UsedChunk[] {
+    const byFile = new Map<string, PlannedChunk[]>();
+    for (const file of this.o.manifest.files) byFile.set(file.path, fileChunks(this.o.manifest, file).map((ref) => ({ file, ref })));
+    const out = new Map<string, UsedChunk>();
+    for (const f of faults) {
+      if (f.at > this.windowEnd) continue;
+      const p = covering(byFile.get(f.file), f.offset);
+      if (p && !out.has(p.ref.hash)) out.set(p.ref.hash, { file: p.file.path, offset: p.ref.offset, hash: p.ref.hash });
+    }
+    return [...out.values()];
+  }
+}
