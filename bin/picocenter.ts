@@ -52,7 +52,7 @@ async function main(argv: string[]): Promise<number> {
         listen = parseListen(values.listen);
         if (!listen) throw new Error(`invalid --listen "${values.listen}" (expected IP:port, e.g. 127.0.0.1:7401)`);
       }
-      const id = values.id ?? hostname().toLowerCase();
+      const id = values.id ?? hostname().split('.')[0]!.toLowerCase(); // default: the host's short name
       if (!/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/.test(id)) throw new Error(`invalid worker id "${id}" (lowercase letters, digits and dashes; give --id)`);
       return worker(cfg, { id, ...(listen ? { listen } : {}) });
     }
