@@ -1,16 +1,21 @@
 #!/usr/bin/env node
+import { hostname } from 'node:os';
 import { parseArgs } from 'node:util';
-import { loadConfig } from '../shared/config.js';
+import { loadConfig, parseListen } from '../shared/config.js';
 import { describeError } from '../shared/errors.js';
 import { createLogger } from '../shared/log.js';
-import type { AppStatus } from '../gateway/placement.js';
+import type { Logger } from '../shared/log.js';
+import type { AppStatus, WorkerStatus } from '../gateway/placement.js';
 import { AdminClient } from './admin-client.js';
-import { startSystem } from './system.js';
+import { startSystem, startWorkerAgent } from './system.js';
 
 const USAGE = `usage: picocenter <command> [--config FILE]
 
 commands:
   up                   run the gateway, DNS and a worker in this process
+  worker [--listen HOST:PORT] [--id ID]
+                       run only a worker (the config's worker: and store: sections), serving
+                       the worker protocol for gateways that list it in workers:
   status [--json]      apps with name, state, worker and last wake time
   wake APP             wake APP and wait until it runs
   checkpoint APP       swap APP out now and wait until it is stored
@@ -28,6 +33,8 @@ async function main(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
       bytes: { type: 'string', default: '65536' },
       help: { type: 'boolean', short: 'h', default: false },
+      listen: { type: 'string' },
+      id: { type: 'string' },
     },
   });
   const [command, ...rest] = positionals;
@@ -39,10 +46,26 @@ async function main(argv: string[]): Promise<number> {
   switch (command) {
     case 'up':
       return up(cfg);
+    case 'worker': {
+      let listen;
+      if (values.listen !== undefined) {
+        listen = parseListen(values.listen);
+        if (!listen) throw new Error(`invalid --listen "${values.listen}" (expected IP:port, e.g. 127.0.0.1:7401)`);
+      }
+      const id = values.id ?? hostname().split('.')[0]!.toLowerCase(); // default: the host's short name
+      if (!/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/.test(id)) throw new Error(`invalid worker id "${id}" (lowercase letters, digits and dashes; give --id)`);
+      return worker(cfg, { id, ...(listen ? { listen } : {}) });
+    }
     case 'status': {
-      const { apps } = await new AdminClient(cfg).call<{ apps: AppStatus[] }>('GET', '/v1/apps');
+      const client = new AdminClient(cfg);
+      const { apps } = await client.call<{ apps: AppStatus[] }>('GET', '/v1/apps');
       if (values.json) console.log(JSON.stringify(apps, null, 2));
-      else printTable(apps);
+      else {
+        printTable(apps);
+        const { workers } = await client.call<{ workers: WorkerStatus[] }>('GET', '/v1/workers');
+        console.log('');
+        printRows([['WORKER', 'REACHABLE', 'APPS'], ...workers.map((w) => [w.id, w.reachable ? 'yes' : 'NO', String(w.apps)])]);
+      }
       return 0;
     }
     case 'wake':
@@ -71,6 +94,19 @@ const SHUTDOWN_DEADLINE_MS = 5 * 60_000;
 async function up(cfg: ReturnType<typeof loadConfig>): Promise<number> {
   const log = createLogger();
   const system = await startSystem(cfg, log);
+  return runUntilSignal(log, () => system.stop());
+}
+
+async function worker(cfg: ReturnType<typeof loadConfig>, opts: Parameters<typeof startWorkerAgent>[2]): Promise<number> {
+  const log = createLogger();
+  const agent = await startWorkerAgent(cfg, log, opts);
+  log.info({ worker: agent.id, url: agent.url, runtime: cfg.worker.runtime }, 'picocenter worker up');
+  console.log(`picocenter worker ${agent.id} listening on ${agent.url}`);
+  return runUntilSignal(log, () => agent.stop());
+}
+
+/** Waits for SIGINT/SIGTERM, then stops cleanly (bounded); a second signal exits at once. */
+async function runUntilSignal(log: Logger, stop: () => Promise<void>): Promise<number> {
   let stopping = false;
   await new Promise<void>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {
@@ -88,7 +124,7 @@ async function up(cfg: ReturnType<typeof loadConfig>): Promise<number> {
         log.flush();
         process.exit(1);
       }, SHUTDOWN_DEADLINE_MS).unref();
-      void system.stop().then(resolve, (err: unknown) => {
+      void stop().then(resolve, (err: unknown) => {
         log.error({ err: describeError(err) }, 'shutdown failed');
         resolve();
       });
@@ -106,6 +142,10 @@ function printTable(apps: AppStatus[]): void {
   for (const a of apps) {
     rows.push([a.name, a.operation ? `${a.state} (${a.operation})` : a.state, a.worker ?? '-', a.lastWake ?? '-', a.lastError?.message.split('\n')[0] ?? '']);
   }
+  printRows(rows);
+}
+
+function printRows(rows: string[][]): void {
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   for (const r of rows) console.log(r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd());
 }

@@ -11,6 +11,9 @@ import { HttpListener } from '../gateway/http-listener.js';
 import { Placement } from '../gateway/placement.js';
 import { RouteTable } from '../gateway/routes.js';
 import { TcpListener } from '../gateway/tcp-listener.js';
+import { RemoteWorkerConnection } from '../gateway/remote-worker.js';
+import type { WorkerConnection } from '../shared/protocol.js';
+import { AgentServer } from '../worker/agent-server.js';
 import { LocalWorkerConnection } from '../worker/local-connection.js';
 import { OciRuntime } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
@@ -35,10 +38,18 @@ export interface System {
 export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<System> {
   const metrics = new Metrics();
   const routes = new RouteTable(cfg);
-  const workerLog = log.child({ worker: 'local' });
-  const worker = new Worker('local', await createRuntime(cfg, workerLog), workerLog);
-  const connection = new LocalWorkerConnection(worker);
-  const placement = new Placement({ config: cfg, workers: [connection], metrics, log });
+  // The embedded worker first: ties in placement go to it.
+  const workers: WorkerConnection[] = [];
+  if (cfg.gateway.embeddedWorker) {
+    const workerLog = log.child({ worker: 'local' });
+    workers.push(new LocalWorkerConnection(new Worker('local', await createRuntime(cfg, workerLog), workerLog)));
+  }
+  for (const w of cfg.workers) {
+    workers.push(
+      new RemoteWorkerConnection({ id: w.id, url: w.url, token: w.token, log, operationTimeoutMs: w.operationTimeout, queryTimeoutMs: w.queryTimeout }),
+    );
+  }
+  const placement = new Placement({ config: cfg, workers, metrics, log });
   const hold = new Hold(placement, metrics, log);
 
   const stops: Array<() => Promise<void>> = [];
@@ -51,7 +62,8 @@ export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<S
       }
     }
   };
-  stops.push(() => connection.close());
+  // Closing the embedded worker's connection stops it; a remote one is only disconnected.
+  for (const w of workers) stops.push(() => w.close());
   stops.push(() => placement.stop());
   try {
     await placement.init();
@@ -119,6 +131,46 @@ function advertisable(host: string): string {
     throw new Error(`gateway listens on ${host}: set gateway.http.address to the address clients should reach`);
   }
   return host;
+}
+
+/** A worker alone, serving the worker protocol: what `picocenter worker` runs. */
+export interface WorkerAgent {
+  readonly id: string;
+  /** where the agent listens, as a URL for the gateway's `workers[].url` */
+  readonly url: string;
+  /** Stops serving, then stops or checkpoints (`worker.shutdown`) every container. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts a worker and its agent. Order: runtime → worker → agent (listening last, so nothing
+ * is served before it can be answered). Stop: the agent stops accepting calls first, then the
+ * worker shuts down (its `checkpointed` events still reach connected gateways), then the
+ * agent's connections close.
+ */
+export async function startWorkerAgent(cfg: Readonly<Config>, log: Logger, opts: { id: string; listen?: ListenAddress }): Promise<WorkerAgent> {
+  if (!cfg.worker.token) throw new Error('picocenter worker needs worker.token in the config (the bearer token gateways present)');
+  const workerLog = log.child({ worker: opts.id });
+  const worker = new Worker(opts.id, await createRuntime(cfg, workerLog), workerLog);
+  const agent = new AgentServer({ worker, listen: opts.listen ?? cfg.worker.listen, token: cfg.worker.token, log });
+  let addr: AddressInfo;
+  try {
+    addr = await agent.start();
+  } catch (err) {
+    await worker.shutdown('stop');
+    throw err;
+  }
+  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  const url = `http://${host}:${addr.port}`;
+  return {
+    id: opts.id,
+    url,
+    async stop() {
+      agent.drain();
+      await worker.shutdown(cfg.worker.shutdown);
+      await agent.stop();
+    },
+  };
 }
 
 /**

@@ -19,6 +19,7 @@ import type { RouteTable } from './routes.js';
  *   POST /v1/apps/NAME/wake             wake and wait (through the hold) until it runs
  *   POST /v1/apps/NAME/checkpoint       swap a running app out and wait until it is stored
  *   GET  /v1/apps/NAME/logs?bytes=N     the tail of the app's stdout/stderr (default 64 KiB)
+ *   GET  /v1/workers                    every worker: id, reachable, apps running or waking there
  * Errors are JSON `{ error: { code, message } }` with a stable code.
  */
 
@@ -99,6 +100,7 @@ export class AdminServer {
       res.end(body);
       return;
     }
+    if (url.pathname === '/v1/workers' && req.method === 'GET') return sendJson(res, 200, { workers: placement.workerStatus() });
     if (parts[0] !== 'v1' || parts[1] !== 'apps') return sendError(res, 404, 'PICO_ERR_NOT_FOUND', `no route ${url.pathname}`);
     if (parts.length === 2 && req.method === 'GET') return sendJson(res, 200, { apps: placement.status() });
     const name = decodeURIComponent(parts[2] ?? '');

@@ -1,5 +1,5 @@
 import type { AppConfig, Config } from '../shared/config.js';
-import { PicoError, describeError } from '../shared/errors.js';
+import { PicoError, describeError, isPicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { Metrics } from '../shared/metrics.js';
 import { APP_STATES, type AppSpec, type AppState, type Endpoint, type Endpoints, type WorkerConnection, type WorkerEvent } from '../shared/protocol.js';
@@ -60,11 +60,20 @@ export interface AppStatus {
   endpoints: Endpoints | null;
 }
 
+export interface WorkerStatus {
+  id: string;
+  reachable: boolean;
+  /** apps running or waking there */
+  apps: number;
+}
+
 export interface PlacementOptions {
   config: Readonly<Config>;
   workers: WorkerConnection[];
   metrics: Metrics;
   log: Logger;
+  /** in ms: how long a restore waits for workers to say how much of the app they cache; default 200 */
+  cachedQueryTimeoutMs?: number;
 }
 
 export class Placement implements AppLifecycle {
@@ -76,6 +85,7 @@ export class Placement implements AppLifecycle {
   private readonly unsubscribeWorkers: Array<() => void> = [];
   private stopping = false;
   private readonly shutdown: 'stop' | 'checkpoint';
+  private readonly cachedQueryTimeoutMs: number;
 
   constructor(opts: PlacementOptions) {
     if (opts.workers.length === 0) throw new Error('placement needs at least one worker');
@@ -83,6 +93,7 @@ export class Placement implements AppLifecycle {
     this.metrics = opts.metrics;
     this.log = opts.log.child({ component: 'placement' });
     this.shutdown = opts.config.worker.shutdown;
+    this.cachedQueryTimeoutMs = opts.cachedQueryTimeoutMs ?? 200;
     for (const app of opts.config.apps) {
       this.apps.set(app.name, {
         config: app,
@@ -93,7 +104,10 @@ export class Placement implements AppLifecycle {
         lastActivity: Date.now(),
       });
     }
-    for (const w of this.workers) this.unsubscribeWorkers.push(w.onEvent((ev) => this.onWorkerEvent(w, ev)));
+    for (const w of this.workers) {
+      this.unsubscribeWorkers.push(w.onEvent((ev) => this.onWorkerEvent(w, ev)));
+      if (w.onReachable) this.unsubscribeWorkers.push(w.onReachable((up) => this.onWorkerReachable(w, up)));
+    }
     this.countStates();
   }
 
@@ -153,26 +167,24 @@ export class Placement implements AppLifecycle {
 
   /**
    * Learns which apps already have a stored image (a restarted system): they start `stored`,
-   * so their next wake restores them instead of starting afresh.
+   * so their next wake restores them instead of starting afresh. With a shared page store
+   * several workers report the same image: it is one app, and any worker can restore it.
+   * Apps a worker still runs (the gateway restarted, the worker did not) are adopted.
+   * A worker that cannot be reached is skipped (it is synced when it comes up).
    */
   async init(): Promise<void> {
-    for (const worker of this.workers) {
-      const res = await worker.call({ v: 1, type: 'list' });
-      if (res.type !== 'list') throw new PicoError('PICO_ERR_WAKE_FAILED', `worker ${worker.id} cannot list its images: ${res.type === 'error' ? res.message : res.type}`);
-      for (const image of res.images) {
-        const rec = this.apps.get(image.app);
-        if (!rec || rec.state !== 'new') continue;
-        rec.generation = image.generation;
-        this.setState(rec, 'stored');
-        this.log.info({ app: image.app, worker: worker.id, generation: image.generation }, 'stored image found');
-      }
-    }
+    await Promise.all(this.workers.map((w) => this.syncWorker(w, true)));
   }
 
   // ── operations for the admin API ───────────────────────────────────────────────────────
 
   has(app: string): boolean {
     return this.apps.has(app);
+  }
+
+  /** Every worker, whether it can be reached, and how many apps run or wake there. */
+  workerStatus(): WorkerStatus[] {
+    return this.workers.map((w) => ({ id: w.id, reachable: w.reachable !== false, apps: this.load(w) }));
   }
 
   status(): AppStatus[] {
@@ -205,7 +217,7 @@ export class Placement implements AppLifecycle {
   async logs(app: string, bytes: number): Promise<string> {
     const rec = this.apps.get(app);
     if (!rec) throw new PicoError('PICO_ERR_UNKNOWN_APP', `no app named ${app}`);
-    const worker = rec.worker ?? rec.lastWorker ?? this.workers[0]!;
+    const worker = rec.worker ?? rec.lastWorker ?? this.workers.find((w) => w.reachable !== false) ?? this.workers[0]!;
     const res = await worker.call({ v: 1, type: 'logs', app, bytes });
     if (res.type !== 'logs') throw new PicoError('PICO_ERR_INVALID_STATE', res.type === 'error' ? res.message : `unexpected answer ${res.type}`);
     return res.text;
@@ -256,18 +268,23 @@ export class Placement implements AppLifecycle {
     const app = rec.config.name;
     const from = rec.state;
     const kind = from === 'new' ? 'start' : 'restore';
-    const worker = this.pickWorker(rec);
-    const log = this.log.child({ app, worker: worker.id });
+    let log = this.log.child({ app });
     const started = performance.now();
     rec.operation = kind === 'start' ? 'starting' : 'restoring';
-    rec.worker = worker;
-    rec.lastWorker = worker;
     if (kind === 'restore') this.setState(rec, 'restoring');
-    log.info({ trigger, kind }, 'wake');
     rec.op = (async () => {
       let error: PicoError | undefined;
       let cause: string | undefined;
+      let worker: WorkerConnection | undefined;
       try {
+        // Synchronous unless workers are asked about their caches: then the call goes out at once.
+        const picked = this.pickWorker(rec, kind);
+        worker = picked instanceof Promise ? await picked : picked;
+        if (this.stopping) throw new PicoError('PICO_ERR_SHUTTING_DOWN', `${kind} of ${app} cancelled: the system is stopping`);
+        rec.worker = worker;
+        rec.lastWorker = worker;
+        log = log.child({ worker: worker.id });
+        log.info({ trigger, kind }, 'wake');
         const res = await worker.call({ v: 1, type: kind, app: rec.spec });
         if (res.type === 'running') {
           rec.endpoints = res.endpoints;
@@ -278,7 +295,16 @@ export class Placement implements AppLifecycle {
           if (res.type === 'error') cause = res.code;
         }
       } catch (err) {
-        error = new PicoError('PICO_ERR_WAKE_FAILED', `${kind} of ${app} failed: worker ${worker.id} unreachable: ${describeError(err)}`, { cause: err });
+        if (rec.worker === worker && worker) {
+          error = new PicoError('PICO_ERR_WAKE_FAILED', `${kind} of ${app} failed: worker ${worker.id} unreachable: ${describeError(err)}`, { cause: err });
+          cause = isPicoError(err) ? err.code : 'PICO_ERR_WORKER_UNREACHABLE';
+          // It may finish the wake after all (a timeout, a partition): leave no container behind there.
+          void worker.call({ v: 1, type: 'stop', app }).catch(() => undefined);
+        } else {
+          // No worker was chosen: none reachable, or the system is stopping.
+          log.info({ trigger, kind }, 'wake');
+          error = isPicoError(err) ? err : new PicoError('PICO_ERR_WAKE_FAILED', describeError(err));
+        }
       }
       rec.op = undefined;
       rec.operation = undefined;
@@ -369,20 +395,172 @@ export class Placement implements AppLifecycle {
 
   private onWorkerEvent(worker: WorkerConnection, ev: WorkerEvent): void {
     const rec = this.apps.get(ev.app);
-    if (!rec || rec.worker !== worker || rec.state !== 'running') return;
+    if (!rec || rec.worker !== worker || rec.state !== 'running' || rec.op) return;
+    if (ev.type === 'checkpointed') {
+      // The worker swapped the app out by itself (its own clean shutdown): the app is stored.
+      rec.generation = ev.generation ?? rec.generation;
+      this.log.info({ app: ev.app, worker: worker.id, generation: ev.generation }, 'stored by its worker');
+      this.release(rec, rec.generation === null ? 'new' : 'stored');
+      return;
+    }
     rec.lastError = ev.error
       ? { code: ev.error.code, message: ev.error.message, at: new Date() }
       : { code: 'PICO_ERR_APP_EXITED', message: `app ${ev.app} exited on its own (code ${ev.code}, signal ${ev.signal})`, at: new Date() };
+    this.log.warn({ app: ev.app, worker: worker.id, code: ev.code, signal: ev.signal }, 'container exited');
+    // Without an image, the next wake is a fresh start.
+    this.release(rec, rec.generation === null ? 'new' : 'stored');
+  }
+
+  /** The app no longer runs on its worker: forget the endpoints, back to its last good state. */
+  private release(rec: AppRecord, state: 'new' | 'stored'): void {
     rec.endpoints = undefined;
     rec.worker = undefined;
     clearTimeout(rec.idleTimer);
-    this.log.warn({ app: ev.app, worker: worker.id, code: ev.code, signal: ev.signal }, 'container exited');
-    // Without an image, the next wake is a fresh start.
-    this.setState(rec, rec.generation === null ? 'new' : 'stored');
+    rec.idleTimer = undefined;
+    this.setState(rec, state);
   }
 
-  private pickWorker(_rec: AppRecord): WorkerConnection {
-    return this.workers[0]!;
+  /**
+   * A worker became unreachable: its running apps are lost (their connections fail), so they
+   * go back to their last good state and the next wake places them again — on a worker that
+   * answers. A wake in flight there fails by itself (its call is aborted). When the worker comes
+   * back it is synced: what it still runs is adopted or, if placed elsewhere meanwhile, stopped.
+   */
+  private onWorkerReachable(worker: WorkerConnection, reachable: boolean): void {
+    if (this.stopping) return;
+    if (reachable) {
+      void this.syncWorker(worker, false);
+      return;
+    }
+    const lost = [...this.apps.values()].filter((rec) => rec.worker === worker && rec.state === 'running' && !rec.op);
+    for (const rec of lost) {
+      rec.lastError = { code: 'PICO_ERR_WORKER_UNREACHABLE', message: `worker ${worker.id} became unreachable while app ${rec.config.name} ran there`, at: new Date() };
+      this.release(rec, rec.generation === null ? 'new' : 'stored');
+    }
+    this.log.warn({ worker: worker.id, lost: lost.map((r) => r.config.name) }, 'worker unreachable: its running apps are lost');
+  }
+
+  /**
+   * Asks a worker what it stores and runs, and makes placement agree:
+   * - an image of an app that is `new` here makes it `stored` (newest generation wins);
+   * - a container of an app that runs nowhere is adopted; one of an app placed elsewhere is stopped;
+   * - an app placement believes runs there (woken before we asked) but does not, is released.
+   */
+  private async syncWorker(worker: WorkerConnection, initial: boolean): Promise<void> {
+    const asked = Date.now();
+    let res;
+    try {
+      res = await worker.call({ v: 1, type: 'list' });
+    } catch (err) {
+      this.log.warn({ worker: worker.id, err: describeError(err) }, 'worker not reachable: will sync when it is');
+      return;
+    }
+    if (res.type !== 'list') {
+      const err = new PicoError('PICO_ERR_WAKE_FAILED', `worker ${worker.id} cannot list its images: ${res.type === 'error' ? res.message : res.type}`);
+      if (initial) throw err;
+      this.log.error({ worker: worker.id, err: err.message }, 'worker sync failed');
+      return;
+    }
+    if (this.stopping) return;
+    for (const image of res.images) {
+      const rec = this.apps.get(image.app);
+      if (!rec) continue;
+      if (rec.generation === null || image.generation > rec.generation) rec.generation = image.generation;
+      if (rec.state !== 'new' || rec.op) continue;
+      this.setState(rec, 'stored');
+      this.log.info({ app: image.app, worker: worker.id, generation: image.generation }, 'stored image found');
+    }
+    const runs = new Set<string>();
+    for (const c of res.containers) {
+      runs.add(c.app);
+      const rec = this.apps.get(c.app);
+      if (!rec) {
+        this.log.warn({ app: c.app, worker: worker.id }, 'worker runs an app that is not configured');
+        continue;
+      }
+      if (rec.worker === worker) continue;
+      if ((rec.state === 'new' || rec.state === 'stored') && !rec.op) {
+        rec.worker = worker;
+        rec.lastWorker = worker;
+        rec.endpoints = c.endpoints;
+        rec.lastWake = new Date(c.startedAt);
+        rec.lastActivity = Date.now();
+        this.log.info({ app: c.app, worker: worker.id }, 'adopted running app');
+        this.setState(rec, 'running');
+        if (rec.connections === 0) this.armIdle(rec);
+      } else {
+        this.log.warn({ app: c.app, worker: worker.id, placedOn: rec.worker?.id ?? null }, 'app also runs elsewhere: stopping this copy');
+        void worker.call({ v: 1, type: 'stop', app: c.app }).catch(() => undefined);
+      }
+    }
+    for (const rec of this.apps.values()) {
+      if (rec.worker !== worker || rec.state !== 'running' || rec.op || runs.has(rec.config.name)) continue;
+      if (rec.lastWake && rec.lastWake.getTime() >= asked) continue; // woken after we asked
+      rec.lastError = { code: 'PICO_ERR_APP_EXITED', message: `app ${rec.config.name} no longer runs on worker ${worker.id} (did it restart?)`, at: new Date() };
+      this.log.warn({ app: rec.config.name, worker: worker.id }, 'app no longer runs on its worker');
+      this.release(rec, rec.generation === null ? 'new' : 'stored');
+    }
+  }
+
+  /** Apps running or waking on `worker`. */
+  private load(worker: WorkerConnection): number {
+    let n = 0;
+    for (const rec of this.apps.values()) if (rec.worker === worker) n++;
+    return n;
+  }
+
+  /**
+   * Where a wake runs, among the workers that can be reached now:
+   * 1. the worker that ran the app last (its logs, local image and warm caches are there);
+   * 2. for a restore, the worker that caches most of the app's image (preferCachedWorker);
+   * 3. the least loaded worker; ties go to the first in the config (the embedded one first).
+   * Rejects with PICO_ERR_WAKE_FAILED when no worker can be reached.
+   */
+  private pickWorker(rec: AppRecord, kind: 'start' | 'restore'): WorkerConnection | Promise<WorkerConnection> {
+    const reachable = this.workers.filter((w) => w.reachable !== false);
+    if (reachable.length === 0) {
+      throw new PicoError('PICO_ERR_WAKE_FAILED', `${kind} of ${rec.config.name} failed: no worker is reachable (${this.workers.map((w) => w.id).join(', ')})`);
+    }
+    if (rec.lastWorker && reachable.includes(rec.lastWorker)) return rec.lastWorker;
+    if (reachable.length === 1) return reachable[0]!;
+    if (kind === 'restore') return this.preferCachedWorker(rec.config.name, reachable);
+    return this.leastLoaded(reachable);
+  }
+
+  /**
+   * The hook for chunk caches: asks each candidate how many bytes of the app's image it holds
+   * (`cached`) and picks the largest; ties (all 0 without caches) go to the least loaded. A worker
+   * that does not answer within cachedQueryTimeoutMs counts as 0, so a slow one cannot stall a wake.
+   */
+  private async preferCachedWorker(app: string, candidates: WorkerConnection[]): Promise<WorkerConnection> {
+    const ask = async (w: WorkerConnection): Promise<number> => {
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<number>((resolve) => (timer = setTimeout(() => resolve(0), this.cachedQueryTimeoutMs)));
+      const answer = w
+        .call({ v: 1, type: 'cached', apps: [app] })
+        .then((res) => (res.type === 'cached' ? (res.bytes[app] ?? 0) : 0))
+        .catch(() => 0);
+      try {
+        return await Promise.race([answer, timeout]);
+      } finally {
+        clearTimeout(timer);
+      }
+    };
+    const bytes = await Promise.all(candidates.map(ask));
+    const most = Math.max(...bytes);
+    const best = candidates.filter((_, i) => bytes[i] === most);
+    if (most > 0) this.log.debug({ app, worker: best[0]!.id, cachedBytes: most }, 'restore placed by cache');
+    return this.leastLoaded(best);
+  }
+
+  private leastLoaded(candidates: WorkerConnection[]): WorkerConnection {
+    let best = candidates[0]!;
+    let bestLoad = this.load(best);
+    for (const w of candidates.slice(1)) {
+      const l = this.load(w);
+      if (l < bestLoad) (best = w), (bestLoad = l);
+    }
+    return best;
   }
 
   private setState(rec: AppRecord, state: AppState): void {

@@ -128,9 +128,36 @@ const storeSchema = z.discriminatedUnion('kind', [
   }).describe('credentials come from the AWS SDK\'s standard chain (environment, profile, instance role)'),
 ]);
 
+const remoteWorkerSchema = z.strictObject({
+  id: z.string().regex(/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/, 'worker ids are lowercase letters, digits and dashes')
+    .describe('the worker\'s name in status and logs'),
+  url: z.url({ protocol: /^https?$/ }).describe('the worker agent\'s base URL, e.g. http://10.0.0.7:7401'),
+  token: z.string().min(8, 'the worker token must be at least 8 characters').describe('its worker.token'),
+  operationTimeout: durationOr('10m')
+    .describe('how long start, restore, checkpoint and stop may take there before the wake (or swap-out) fails'),
+  queryTimeout: durationOr('10s').describe('the same for list, logs and cache queries'),
+});
+
+/** Where the gateway's workers come from: its embedded one and the remote list. */
+function checkWorkers(cfg: { gateway: { embeddedWorker: boolean }; workers: Array<{ id: string }> }, ctx: z.RefinementCtx): void {
+  if (!cfg.gateway.embeddedWorker && cfg.workers.length === 0) {
+    ctx.addIssue({ code: 'custom', path: ['gateway', 'embeddedWorker'], message: 'no worker: keep the embedded worker or list remote `workers`' });
+  }
+  const ids = new Map<string, number>(cfg.gateway.embeddedWorker ? [['local', -1]] : []);
+  cfg.workers.forEach((w, i) => {
+    if (ids.has(w.id)) {
+      const other = ids.get(w.id)!;
+      ctx.addIssue({ code: 'custom', path: ['workers', i, 'id'], message: `duplicate worker id "${w.id}" (${other < 0 ? 'the embedded worker is "local"' : `also workers[${other}]`})` });
+    }
+    ids.set(w.id, i);
+  });
+}
+
 export const configSchema = z
   .strictObject({
     gateway: z.strictObject({
+      embeddedWorker: z.boolean().default(true)
+        .describe('run a worker (the `worker` section) inside the gateway\'s process; false: only the remote `workers`'),
       dns: z.strictObject({
         listen: listen('127.0.0.1:5353').describe('UDP and TCP address of the authoritative DNS server'),
         zones: z.array(hostname).min(1).describe('zones the server is authoritative for; all else is REFUSED'),
@@ -165,6 +192,10 @@ export const configSchema = z
       .strictObject({
         runtime: z.enum(['process', 'oci']).default('process')
           .describe('process: starts the app\'s command (a cold start: memory is lost on swap-out); oci: runc containers checkpointed and restored with CRIU'),
+        listen: listen('127.0.0.1:7401')
+          .describe('`picocenter worker`: the address its agent serves the worker protocol on (--listen overrides)'),
+        token: z.string().min(8, 'the worker token must be at least 8 characters').optional()
+          .describe('`picocenter worker`: bearer token the gateway must present; required to run `picocenter worker`'),
         dataDir: z.string().min(1).default('./data/worker')
           .describe('the worker\'s own files (app logs, oci container state), relative to the config file'),
         readyTimeout: durationOr('30s').describe('how long an app may take until its ports accept connections'),
@@ -181,6 +212,8 @@ export const configSchema = z
       })
       .prefault({}),
     apps: z.array(appSchema).default([]),
+    workers: z.array(remoteWorkerSchema).default([])
+      .describe('remote workers (`picocenter worker` processes) the gateway places apps on, besides or instead of its embedded one'),
   })
   .superRefine((cfg, ctx) => {
     const names = new Map<string, number>();
@@ -227,7 +260,8 @@ export const configSchema = z
         }
       }
     });
-  });
+  })
+  .superRefine(checkWorkers);
 
 export type Config = z.output<typeof configSchema>;
 export type AppConfig = Config['apps'][number];

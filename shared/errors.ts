@@ -17,7 +17,9 @@ export type ErrorCode =
   | 'PICO_ERR_IMAGE_MISSING' // a stored image or one of its chunks is gone
   | 'PICO_ERR_STORE' // the object store failed (unwritable, unreachable)
   | 'PICO_ERR_HOST_UNSUPPORTED' // the host lacks what the configured runtime needs (criu, runc…)
-  | 'PICO_ERR_SHUTTING_DOWN'; // the system is stopping
+  | 'PICO_ERR_SHUTTING_DOWN' // the system is stopping
+  | 'PICO_ERR_WORKER_UNREACHABLE' // a worker did not answer (down, partitioned, or too slow)
+  | 'PICO_ERR_BAD_REQUEST'; // a worker protocol message of the wrong shape, or too large
 
 export class PicoError extends Error {
   readonly code: ErrorCode;

@@ -55,7 +55,8 @@ export type WorkerRequest =
   | { v: 1; type: 'checkpoint'; app: string } // swap out: store the image, then remove the container
   | { v: 1; type: 'stop'; app: string } // remove the container, store nothing
   | { v: 1; type: 'list' }
-  | { v: 1; type: 'logs'; app: string; bytes: number }; // the tail of the app's stdout/stderr
+  | { v: 1; type: 'logs'; app: string; bytes: number } // the tail of the app's stdout/stderr
+  | { v: 1; type: 'cached'; apps: string[] }; // how much of each app's image the worker caches
 
 export interface ContainerInfo {
   app: string;
@@ -76,18 +77,18 @@ export type WorkerResponse =
   | { v: 1; type: 'stopped'; app: string }
   | { v: 1; type: 'list'; containers: ContainerInfo[]; images: StoredImage[] }
   | { v: 1; type: 'logs'; app: string; text: string }
+  /** app → bytes of its newest image the worker holds locally (0: none, or no cache) */
+  | { v: 1; type: 'cached'; bytes: Record<string, number> }
   | { v: 1; type: 'error'; code: string; message: string };
 
-/** Unsolicited events from a worker (a container exited on its own). */
-export type WorkerEvent = {
-  v: 1;
-  type: 'exited';
-  app: string;
-  code: number | null;
-  signal: string | null;
-  /** the worker ended it itself, and why (e.g. its memory could not be paged in) */
-  error?: { code: string; message: string };
-};
+/**
+ * Unsolicited events from a worker: a container exited on its own (`error`: the worker ended it
+ * itself, and why — e.g. its memory could not be paged in), or the worker swapped an app out by
+ * itself (its own clean shutdown with `worker.shutdown: checkpoint`).
+ */
+export type WorkerEvent =
+  | { v: 1; type: 'exited'; app: string; code: number | null; signal: string | null; error?: { code: string; message: string } }
+  | { v: 1; type: 'checkpointed'; app: string; generation: number | null };
 
 /**
  * One worker as placement sees it. `call` never throws for an app-level failure: it answers
@@ -98,4 +99,15 @@ export interface WorkerConnection {
   call(req: WorkerRequest): Promise<WorkerResponse>;
   onEvent(listener: (ev: WorkerEvent) => void): () => void;
   close(): Promise<void>;
+  /**
+   * Remote workers: false while the worker cannot be reached (placement sends it no wakes).
+   * Absent (an in-process worker): always reachable.
+   */
+  readonly reachable?: boolean;
+  /**
+   * Remote workers: called with false when the worker becomes unreachable, and with true each
+   * time the link is (re)established — also when it never looked down, because the worker may
+   * have restarted in between: placement then asks it what it runs (`list`) and reconciles.
+   */
+  onReachable?(listener: (reachable: boolean) => void): () => void;
 }

@@ -202,7 +202,7 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
     const pages = manifest.files.find((f) => /^pages-\d+\.img$/.test(f.path))!;
     const pageChunks = new Set(fileChunks(manifest, pages).map((x) => x.hash));
     // Every fetch of a chunk of the app's memory fails (past the store's retries).
-    proxy.inject({ kind: 'status', status: 503, code: 'SlowDown' }, 100_000, (req) => [...pageChunks].some((h) => req.path.endsWith(h)));
+    proxy.inject({ kind: 'status', status: 503, code: 'SlowDown' }, 100_000, (req) => [...pageChunks].some((h) => req.path.includes(h)));
     try {
       const outcome = await r.restore(s).then(
         async (c2) => ({ exited: await c2.exited }),

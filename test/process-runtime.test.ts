@@ -100,7 +100,7 @@ describe('process runtime', () => {
   it('reports a container that exits on its own as an event', async () => {
     const port = await freePort();
     const events: string[] = [];
-    const off = worker.onEvent((ev) => events.push(`${ev.app}:${ev.code}`));
+    const off = worker.onEvent((ev) => events.push(ev.type === 'exited' ? `${ev.app}:${ev.code}` : `${ev.app}:${ev.type}`));
     const script = path.join(dir, 'short.js');
     writeFileSync(script, `import net from 'node:net'; net.createServer().listen(Number(process.env.PORT), '127.0.0.1'); setTimeout(() => process.exit(7), 200);`);
     const res = await worker.handle({ v: 1, type: 'start', app: spec('short', port, { command: ['node', script] }) });

@@ -45,12 +45,15 @@ export interface ContainerRuntime {
   stop(container: Container): Promise<void>;
   /** The newest stored image of every app (empty for a runtime that keeps none). */
   storedImages(): Promise<Array<{ app: string; generation: number }>>;
+  /**
+   * Bytes of the app's newest image this worker holds locally (a chunk cache, a kept image), so
+   * placement can restore the app where the least must be fetched. Absent: 0 for every app.
+   */
+  cachedBytes?(app: string): Promise<number>;
   /** The file the app's stdout and stderr go to; it survives swap-outs. */
   logFile(app: string): string;
   /** The app served its first traffic since it was restored (optional: for ActiveSet recording). */
   served?(app: string): void;
-  /** Bytes of the app's newest image this worker caches (optional: 0 when absent). */
-  cachedBytes?(app: string): Promise<number>;
   /** Releases what the runtime holds (after its containers were stopped). */
   close(): Promise<void>;
 }

@@ -35,6 +35,7 @@ export class Worker {
   async handle(req: WorkerRequest): Promise<WorkerResponse> {
     if (req.type === 'list') return { v: 1, type: 'list', containers: this.list(), images: await this.runtime.storedImages() };
     if (req.type === 'logs') return { v: 1, type: 'logs', app: req.app, text: await readTail(this.runtime.logFile(req.app), req.bytes) };
+    if (req.type === 'cached') return { v: 1, type: 'cached', bytes: await this.cachedBytes(req.apps) };
     const app = typeof req.app === 'string' ? req.app : req.app.name;
     if (req.type === 'stop') this.starting.get(app)?.abort();
     // Registered before queueing, so a stop that arrives while the start waits its turn cancels it too.
@@ -53,6 +54,26 @@ export class Worker {
     }
   }
 
+  /**
+   * The worker's own clean shutdown (`picocenter worker` on SIGTERM): with `checkpoint`, swaps
+   * every container out first (announcing each as a `checkpointed` event, so the gateway knows
+   * the app is stored) and stops those that fail; then stops the rest and releases the runtime.
+   */
+  async shutdown(mode: 'stop' | 'checkpoint'): Promise<void> {
+    if (mode === 'checkpoint') {
+      // Wakes in flight are cancelled first: a half-started container is not worth an image.
+      for (const c of this.starting.values()) c.abort();
+      await Promise.all(
+        [...this.containers.keys()].map(async (app) => {
+          const res = await this.handle({ v: 1, type: 'checkpoint', app });
+          if (res.type === 'checkpointed') this.emit({ v: 1, type: 'checkpointed', app, generation: res.generation });
+          else this.log.error({ app, err: res.type === 'error' ? res.message : res.type }, 'checkpoint at shutdown failed; stopping the app');
+        }),
+      );
+    }
+    await this.stopAll();
+  }
+
   /** Stops every container, then releases the runtime (clean shutdown). */
   async stopAll(): Promise<void> {
     const apps = new Set([...this.containers.keys(), ...this.starting.keys()]);
@@ -60,7 +81,26 @@ export class Worker {
     await this.runtime.close();
   }
 
-  private async perform(req: Exclude<WorkerRequest, { type: 'list' | 'logs' }>, signal?: AbortSignal): Promise<WorkerResponse> {
+  private async cachedBytes(apps: string[]): Promise<Record<string, number>> {
+    const out: Record<string, number> = {};
+    await Promise.all(
+      apps.map(async (app) => {
+        try {
+          out[app] = (await this.runtime.cachedBytes?.(app)) ?? 0;
+        } catch (err) {
+          this.log.debug({ app, err: describeError(err) }, 'cached bytes unknown');
+          out[app] = 0;
+        }
+      }),
+    );
+    return out;
+  }
+
+  private emit(ev: WorkerEvent): void {
+    for (const l of this.listeners) l(ev);
+  }
+
+  private async perform(req: Exclude<WorkerRequest, { type: 'list' | 'logs' | 'cached' }>, signal?: AbortSignal): Promise<WorkerResponse> {
     switch (req.type) {
       case 'start':
       case 'restore': {
@@ -113,8 +153,7 @@ export class Worker {
       if (this.containers.get(spec.name) !== container || this.removing.has(spec.name)) return;
       this.containers.delete(spec.name);
       this.log.warn({ app: spec.name, code, signal, err: error?.message }, 'container exited on its own');
-      const ev: WorkerEvent = { v: 1, type: 'exited', app: spec.name, code, signal, ...(error ? { error } : {}) };
-      for (const l of this.listeners) l(ev);
+      this.emit({ v: 1, type: 'exited', app: spec.name, code, signal, ...(error ? { error } : {}) });
     });
   }
 

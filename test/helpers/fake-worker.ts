@@ -13,11 +13,31 @@ function gate(): Gate {
  * Tests can make the next operations fail, or hold them until released, to drive races.
  */
 export class FakeWorker implements WorkerConnection {
-  readonly id = 'fake';
+  /** what `cached` reports: app → bytes */
+  cached: Record<string, number> = {};
+  /** while false, the worker looks down (placement sends it no wakes) */
+  reachable = true;
+  private readonly reachableListeners = new Set<(reachable: boolean) => void>();
+
+  constructor(readonly id = 'fake') {}
+
+  /** Makes the worker look down or up again, as a remote connection would report it. */
+  setReachable(reachable: boolean): void {
+    this.reachable = reachable;
+    for (const l of this.reachableListeners) l(reachable);
+  }
+
+  onReachable(listener: (reachable: boolean) => void): () => void {
+    this.reachableListeners.add(listener);
+    return () => this.reachableListeners.delete(listener);
+  }
+
   readonly calls: WorkerRequest[] = [];
   /** what `list` reports as stored */
   images: Array<{ app: string; generation: number }> = [];
   failNext: Partial<Record<WorkerRequest['type'], string>> = {};
+  /** what runs here now, as `list` reports it: app → endpoints */
+  readonly running = new Map<string, Record<number, { host: string; port: number }>>();
   private gates: Partial<Record<WorkerRequest['type'], Gate>> = {};
   private readonly listeners = new Set<(ev: WorkerEvent) => void>();
 
@@ -50,22 +70,28 @@ export class FakeWorker implements WorkerConnection {
     }
     switch (req.type) {
       case 'start':
-      case 'restore':
-        return {
-          v: 1,
-          type: 'running',
-          app: req.app.name,
-          endpoints: Object.fromEntries(req.app.ports.map((p) => [p, { host: '127.0.0.1', port: p + 10000 }])),
-          restored: req.type === 'restore',
-        };
+      case 'restore': {
+        const endpoints = Object.fromEntries(req.app.ports.map((p) => [p, { host: '127.0.0.1', port: p + 10000 }]));
+        this.running.set(req.app.name, endpoints);
+        return { v: 1, type: 'running', app: req.app.name, endpoints, restored: req.type === 'restore' };
+      }
       case 'checkpoint':
+        this.running.delete(req.app);
         return { v: 1, type: 'checkpointed', app: req.app, generation: null };
       case 'stop':
+        this.running.delete(req.app);
         return { v: 1, type: 'stopped', app: req.app };
       case 'list':
-        return { v: 1, type: 'list', containers: [], images: this.images };
+        return {
+          v: 1,
+          type: 'list',
+          containers: [...this.running].map(([app, endpoints]) => ({ app, endpoints, startedAt: new Date().toISOString() })),
+          images: this.images,
+        };
       case 'logs':
         return { v: 1, type: 'logs', app: req.app, text: '' };
+      case 'cached':
+        return { v: 1, type: 'cached', bytes: Object.fromEntries(req.apps.map((a) => [a, this.cached[a] ?? 0])) };
     }
   }
 
