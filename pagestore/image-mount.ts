@@ -88,6 +88,12 @@ export interface ImageMountOptions {
   /** in ms; a chunk() not settled by then is a failure (PICO_ERR_STORE). Default 30 000; 0: no bound */
   chunkTimeoutMs?: number;
   /**
+   * in ms; how long a chunk that could not be had stays failed: reads of it meanwhile get EIO at
+   * once, without another fetch or onFailure (the kernel follows a failed readahead with a read
+   * of its own for the same pages). Default 5000; 0: every read tries again.
+   */
+  failedChunkTtlMs?: number;
+  /**
    * in bytes; recently fetched chunks kept in memory, so the kernel's 128 KiB reads of one chunk
    * (and its parallel readahead) fetch it once. At least one chunk is always kept. Default 32 MiB.
    */
@@ -294,6 +300,9 @@ class ImageServer {
   private readonly counters = { reads: 0, bytes: 0, chunks: 0, failures: 0 };
   /** by chunk hash: fetches in flight and recently had chunks (Map order = LRU order) */
   private readonly inFlight = new Map<string, Promise<Buffer>>();
+  /** by chunk hash: fetches that failed (settled after their onFailure), until failedChunkTtlMs */
+  private readonly failed = new Map<string, { at: number; result: Promise<Buffer> }>();
+  private readonly failedChunkTtlMs: number;
   private readonly cache = new Map<string, Buffer>();
   private cachedBytes = 0;
   private readonly cacheBytes: number;
@@ -307,6 +316,7 @@ class ImageServer {
     this.cacheBytes = opts.cacheBytes ?? 32 * 1024 * 1024;
     this.failureTimeoutMs = opts.failureTimeoutMs ?? 10_000;
     this.chunkTimeoutMs = opts.chunkTimeoutMs ?? 30_000;
+    this.failedChunkTtlMs = opts.failedChunkTtlMs ?? 5000;
   }
 
   stats() {
@@ -314,6 +324,7 @@ class ImageServer {
   }
 
   dropCache() {
+    this.failed.clear();
     this.cache.clear();
     this.cachedBytes = 0;
   }
@@ -352,10 +363,22 @@ class ImageServer {
       return Promise.resolve(had);
     }
     let p = this.inFlight.get(ref.hash);
-    if (!p) {
-      p = this.fetchOnce(file, ref).finally(() => this.inFlight.delete(ref.hash));
-      this.inFlight.set(ref.hash, p);
+    if (p) return p;
+    const failed = this.failed.get(ref.hash);
+    if (failed) {
+      if (Date.now() - failed.at < this.failedChunkTtlMs) return failed.result;
+      this.failed.delete(ref.hash);
     }
+    p = this.fetchOnce(file, ref);
+    const fetching = p;
+    this.inFlight.set(ref.hash, p);
+    p.then(
+      () => this.inFlight.delete(ref.hash),
+      () => {
+        this.inFlight.delete(ref.hash);
+        if (this.failedChunkTtlMs > 0) this.failed.set(ref.hash, { at: Date.now(), result: fetching });
+      },
+    );
     return p;
   }
 
@@ -433,6 +456,9 @@ function layout(manifest: ImageManifest): { files: Map<string, Entry>; dirs: Map
   for (const file of manifest.files) {
     const parts = file.path.split('/');
     if (parts.some((s) => s === '' || s === '.' || s === '..' || s.includes('\0'))) throw corrupt(`unsafe path ${JSON.stringify(file.path)}`);
+    const sizes = (file as ImageFile & { sizes?: number[] }).sizes;
+    const expected = sizes ? sizes.length : Math.ceil(file.size / manifest.chunkSize);
+    if (file.chunks.length !== expected) throw corrupt(`${file.path} lists ${file.chunks.length} chunks, ${sizes ? 'sizes' : 'its size'} says ${expected}`);
     const refs = fileChunks(manifest, file);
     const covered = refs.reduce((n, r) => (Number.isSafeInteger(r.size) && r.size >= 0 ? n + r.size : NaN), 0);
     if (covered !== file.size) throw corrupt(`the chunks of ${file.path} cover ${covered} bytes, its size is ${file.size}`);

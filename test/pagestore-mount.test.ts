@@ -1,0 +1,449 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createCipheriv, createHash } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { setTimeout as delay } from 'node:timers/promises';
+import { pathToFileURL } from 'node:url';
+import { isPicoError } from '../shared/errors.js';
+import type { ImageFile, ImageManifest } from '../pagestore/image-store.js';
+import { cleanStaleMount, fileChunks, mountImage, type ChunkRef, type ImageMount, type ImageMountOptions } from '../pagestore/image-mount.js';
+import { until } from './helpers/poll.js';
+
+// The FUSE image directory, read the way criu reads it: by other processes (this process serves
+// the mount on its event loop and must never read it itself). Each test mounts its own image at
+// a fresh mountpoint: the kernel keeps pages cached per mount, so a fresh one sees every read.
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+const skipReason =
+  process.getuid?.() !== 0 ? 'FUSE mount tests need root (mount(2) of a fuse filesystem)'
+  : !existsSync('/dev/fuse') ? 'FUSE mount tests need /dev/fuse'
+  : undefined;
+
+const work = mkdtempSync(path.join(tmpdir(), 'pico-mount-'));
+let seq = 0;
+const freshDir = (what: string) => path.join(work, `${what}-${++seq}`);
+
+/** Seeded pseudo-random bytes: the AES-256-CTR keystream of a key derived from `seed`. */
+function seededBytes(seed: string, n: number): Buffer {
+  const key = createHash('sha256').update(seed).digest();
+  const cipher = createCipheriv('aes-256-ctr', key, Buffer.alloc(16));
+  return Buffer.concat([cipher.update(Buffer.alloc(n)), cipher.final()]);
+}
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+// ---- the image: four files, one split into chunks of varying sizes, one in a subdirectory ----
+
+const CHUNK_SIZE = 1 * MiB;
+const chunks = new Map<string, Buffer>();
+const contents = new Map<string, Buffer>(); // by file path
+
+function addFile(p: string, mode: number, data: Buffer, sizes?: number[]): ImageFile {
+  const hashes: string[] = [];
+  const used: number[] = [];
+  let off = 0;
+  for (let i = 0; off < data.length; i++) {
+    const n = Math.min(data.length - off, sizes ? sizes[i % sizes.length]! : CHUNK_SIZE);
+    const body = data.subarray(off, off + n);
+    const h = sha256(body);
+    chunks.set(h, Buffer.from(body));
+    hashes.push(h);
+    used.push(n);
+    off += n;
+  }
+  contents.set(p, data);
+  const file: ImageFile & { sizes?: number[] } = { path: p, size: data.length, mode, chunks: hashes };
+  if (sizes) file.sizes = used;
+  return file;
+}
+
+const files: ImageFile[] = [
+  // ~20 MB, chunks of varying (odd) sizes, with `sizes` (format 2)
+  addFile('pages-1.img', 0o600, seededBytes('pages', 20_000_003), [MiB, 300 * KiB + 7, 2 * MiB - 13, 64 * KiB, 777_777, 1]),
+  // small, format 1 (every chunk chunkSize but the last)
+  addFile('inventory.img', 0o644, seededBytes('inventory', 5000)),
+  addFile('empty.img', 0o600, Buffer.alloc(0)),
+  // in a subdirectory, format 1, three chunks
+  addFile('sub/dir/core-1.img', 0o640, seededBytes('core', 2 * MiB + MiB / 2 + 3)),
+];
+const manifest: ImageManifest = {
+  format: 2,
+  app: 'kv',
+  generation: 7,
+  createdAt: '2025-01-02T03:04:05.000Z',
+  chunkSize: CHUNK_SIZE,
+  files,
+  checksum: 'not-checked-here',
+};
+const pages = files[0]!;
+const pagesRefs = fileChunks(manifest, pages);
+const pagesData = contents.get('pages-1.img')!;
+
+// The expected files on disk, for cmp.
+const expectedDir = path.join(work, 'expected');
+for (const [p, data] of contents) {
+  mkdirSync(path.dirname(path.join(expectedDir, p)), { recursive: true });
+  writeFileSync(path.join(expectedDir, p), data);
+}
+
+// ---- helpers ----
+
+const open = new Set<ImageMount>();
+after(async () => {
+  for (const m of open) await m.close();
+  rmSync(work, { recursive: true, force: true });
+});
+
+async function mount(extra: Partial<ImageMountOptions> = {}): Promise<ImageMount> {
+  const m = await mountImage({
+    mountpoint: freshDir('mnt'),
+    manifest,
+    chunk: async (ref) => chunks.get(ref.hash)!,
+    ...extra,
+  });
+  open.add(m);
+  return m;
+}
+
+async function closeMount(m: ImageMount): Promise<void> {
+  await m.close();
+  open.delete(m);
+}
+
+interface Run {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: Buffer;
+  stderr: string;
+}
+
+/** Runs a command in a child process (never this one: it serves the mount); never rejects. */
+function run(cmd: string, args: string[], timeoutMs = 30_000): Promise<Run> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    let stderr = '';
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout: Buffer.concat(out), stderr });
+    });
+  });
+}
+
+async function ok(cmd: string, args: string[]): Promise<Buffer> {
+  const r = await run(cmd, args);
+  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed (${r.code ?? r.signal}): ${r.stderr}`);
+  return r.stdout;
+}
+
+/** `count` bytes at byte offset `skip` of `file`, read by dd in a child. */
+function ddRange(file: string, skip: number, count: number): Promise<Run> {
+  return run('dd', [`if=${file}`, 'bs=65536', 'iflag=skip_bytes,count_bytes', `skip=${skip}`, `count=${count}`, 'status=none']);
+}
+
+function isMounted(p: string): boolean {
+  return readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === p);
+}
+
+/** The mountpoint after close: removed, or an empty plain directory. */
+function assertGoneOrEmpty(p: string) {
+  assert.ok(!isMounted(p), `${p} is still mounted`);
+  if (existsSync(p)) assert.deepEqual(readdirSync(p), []);
+}
+
+// ---- tests ----
+
+describe('image mount (FUSE)', { skip: skipReason }, () => {
+  it('serves every file whole: sha256sum and cmp in children match', async () => {
+    const m = await mount();
+    const sums = (await ok('sha256sum', files.map((f) => path.join(m.path, f.path)))).toString();
+    for (const f of files) {
+      assert.match(sums, new RegExp(`^${sha256(contents.get(f.path)!)}  ${path.join(m.path, f.path)}$`, 'm'), f.path);
+    }
+    for (const f of files) await ok('cmp', [path.join(expectedDir, f.path), path.join(m.path, f.path)]);
+    const s = m.stats();
+    assert.equal(s.failures, 0);
+    assert.ok(s.bytes >= contents.get('pages-1.img')!.length, `bytes served ${s.bytes}`);
+    assert.ok(s.chunks >= pagesRefs.length, `chunk fetches ${s.chunks}`);
+    await closeMount(m);
+    assertGoneOrEmpty(m.path);
+  });
+
+  it('lists directories with sizes, modes, owner and the image time (ls -lR, stat)', async () => {
+    const m = await mount();
+    const ls = (await ok('ls', ['-lnR', m.path])).toString();
+    assert.match(ls, /^-rw------- 1 0 0 +20000003 .* pages-1\.img$/m);
+    assert.match(ls, /^-rw-r--r-- 1 0 0 +5000 .* inventory\.img$/m);
+    assert.match(ls, /^-rw------- 1 0 0 +0 .* empty\.img$/m);
+    assert.match(ls, /^drwxr-xr-x \d+ 0 0 +4096 .* sub$/m);
+    assert.match(ls, new RegExp(`^${m.path}/sub/dir:\\n(?:total \\d+\\n)?-rw-r----- 1 0 0 +${2 * MiB + MiB / 2 + 3} .* core-1\\.img$`, 'm'));
+    const st = (await ok('stat', ['-c', '%n|%s|%a|%F|%Y', ...files.map((f) => path.join(m.path, f.path)), path.join(m.path, 'sub')]))
+      .toString()
+      .trim()
+      .split('\n');
+    const mtime = String(Date.parse(manifest.createdAt) / 1000);
+    for (const f of files) {
+      const type = f.size ? 'regular file' : 'regular empty file';
+      assert.ok(st.includes(`${path.join(m.path, f.path)}|${f.size}|${f.mode.toString(8)}|${type}|${mtime}`), `${f.path}: ${st.join('; ')}`);
+    }
+    assert.ok(st.includes(`${path.join(m.path, 'sub')}|4096|755|directory|${mtime}`), st.join('; '));
+    const missing = await run('stat', [path.join(m.path, 'nope.img')]);
+    assert.notEqual(missing.code, 0);
+    assert.match(missing.stderr, /No such file/);
+    await closeMount(m);
+  });
+
+  it('answers ranged reads at odd offsets spanning chunk boundaries (dd skip/count)', async () => {
+    const m = await mount();
+    const file = path.join(m.path, 'pages-1.img');
+    const b = (i: number) => pagesRefs[i]!.offset; // start of chunk i
+    const ranges: Array<[number, number]> = [
+      [0, 1],
+      [b(1) - 5, 10], // across the 1 MiB → 300 KiB+7 boundary
+      [b(2) - 3, 300 * KiB + 11], // spans chunk 2 into 3 (2 MiB-13 long)
+      [b(3) - 1, 64 * KiB + 2], // chunk 2's last byte, all of 3 (64 KiB), first byte of 4
+      [b(5) - 7, 15], // through the 1-byte chunk 5
+      [b(9) + 12_345, 3 * MiB + 17], // many chunks
+      [pages.size - 10, 100], // short read only at EOF
+      [pages.size, 10], // at EOF: nothing
+    ];
+    for (const [skip, count] of ranges) {
+      const r = await ddRange(file, skip, count);
+      assert.equal(r.code, 0, r.stderr);
+      const want = pagesData.subarray(skip, Math.min(pages.size, skip + count));
+      assert.equal(r.stdout.length, want.length, `length at ${skip}+${count}`);
+      assert.ok(r.stdout.equals(want), `bytes at ${skip}+${count}`);
+    }
+    const sub = await ddRange(path.join(m.path, 'sub/dir/core-1.img'), MiB - 2, MiB + 4);
+    assert.ok(sub.stdout.equals(contents.get('sub/dir/core-1.img')!.subarray(MiB - 2, 2 * MiB + 2)));
+    await closeMount(m);
+  });
+
+  it('reports the chunks a small ranged read touches to onRead, before fetching them', async () => {
+    const order: string[] = [];
+    const seen: Array<{ file: string; ref: ChunkRef }> = [];
+    const m = await mount({
+      onRead: (file, ref) => {
+        seen.push({ file: file.path, ref });
+        order.push(`read ${ref.hash}`);
+      },
+      chunk: async (ref) => {
+        order.push(`fetch ${ref.hash}`);
+        return chunks.get(ref.hash)!;
+      },
+    });
+    const at = pagesRefs[7]!.offset + 5000; // well inside chunk 7
+    const r = await ddRange(path.join(m.path, 'pages-1.img'), at, 100);
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(r.stdout.equals(pagesData.subarray(at, at + 100)));
+    assert.ok(seen.length > 0);
+    assert.ok(seen.every((s) => s.file === 'pages-1.img'));
+    const hit = seen.find((s) => s.ref.offset <= at && at < s.ref.offset + s.ref.size);
+    assert.ok(hit, `no onRead for the chunk at ${at}: ${JSON.stringify(seen.map((s) => s.ref.offset))}`);
+    assert.equal(hit.ref.hash, pagesRefs[7]!.hash);
+    for (const h of new Set(order.filter((o) => o.startsWith('fetch ')).map((o) => o.slice(6)))) {
+      assert.ok(order.indexOf(`read ${h}`) < order.indexOf(`fetch ${h}`), `chunk ${h} fetched before onRead`);
+    }
+    await closeMount(m);
+  });
+
+  it('refuses writes, creates, truncates, removals and mkdir (EROFS)', async () => {
+    const m = await mount();
+    const p = (f: string) => path.join(m.path, f);
+    const attempts: Array<[string, string[]]> = [
+      ['sh', ['-c', `echo x > ${p('pages-1.img')}`]],
+      ['sh', ['-c', `echo x >> ${p('inventory.img')}`]],
+      ['sh', ['-c', `echo x > ${p('new.img')}`]],
+      ['truncate', ['-s', '0', p('inventory.img')]],
+      ['rm', ['-f', p('empty.img')]],
+      ['mkdir', [p('newdir')]],
+      ['mv', [p('inventory.img'), p('moved.img')]],
+      ['touch', [p('inventory.img')]],
+      ['chmod', ['777', p('inventory.img')]],
+    ];
+    for (const [cmd, args] of attempts) {
+      const r = await run(cmd, args);
+      assert.notEqual(r.code, 0, `${cmd} ${args.join(' ')} succeeded`);
+      assert.match(r.stderr, /Read-only file system/, `${cmd} ${args.join(' ')}: ${r.stderr}`);
+    }
+    // nothing changed
+    await ok('cmp', [path.join(expectedDir, 'inventory.img'), p('inventory.img')]);
+    assert.equal((await ok('ls', [m.path])).toString(), 'empty.img\ninventory.img\npages-1.img\nsub\n');
+    await closeMount(m);
+  });
+
+  it('fails a read whose chunk cannot be had with EIO, after onFailure settled; other reads go on', async () => {
+    const bad = pagesRefs[3]!; // rejects
+    const short = pagesRefs[10]!; // a buffer one byte short
+    const events: string[] = [];
+    const failures: Array<{ err: unknown; file: string; ref: ChunkRef }> = [];
+    const m = await mount({
+      chunk: async (ref) => {
+        if (ref.hash === bad.hash) throw new Error('store down');
+        const body = chunks.get(ref.hash)!;
+        return ref.hash === short.hash ? body.subarray(1) : body;
+      },
+      onFailure: async (err, file, ref) => {
+        failures.push({ err, file: file.path, ref });
+        events.push(`onFailure start ${ref.offset}`);
+        await delay(150); // the restore killing its container
+        events.push(`onFailure end ${ref.offset}`);
+      },
+      failedChunkTtlMs: 1000,
+    });
+    const file = path.join(m.path, 'pages-1.img');
+
+    const r = await ddRange(file, bad.offset + 10, 20);
+    events.push('child exited');
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /Input\/output error/);
+    assert.deepEqual(events, [`onFailure start ${bad.offset}`, `onFailure end ${bad.offset}`, 'child exited']);
+    assert.equal(failures[0]!.file, 'pages-1.img');
+    assert.equal(failures[0]!.ref.hash, bad.hash);
+    assert.match(String(failures[0]!.err), /store down/);
+
+    const r2 = await ddRange(file, short.offset, 10);
+    assert.notEqual(r2.code, 0);
+    assert.match(r2.stderr, /Input\/output error/);
+    const wrongSize = failures.find((f) => f.ref.hash === short.hash);
+    assert.ok(wrongSize, 'onFailure for the short chunk');
+    assert.ok(isPicoError(wrongSize.err, 'PICO_ERR_IMAGE_CORRUPT'), String(wrongSize.err));
+
+    // the mount stays up: other chunks and files still read
+    const r3 = await ddRange(file, pagesRefs[1]!.offset, 1000);
+    assert.equal(r3.code, 0, r3.stderr);
+    assert.ok(r3.stdout.equals(pagesData.subarray(pagesRefs[1]!.offset, pagesRefs[1]!.offset + 1000)));
+    await ok('cmp', [path.join(expectedDir, 'sub/dir/core-1.img'), path.join(m.path, 'sub/dir/core-1.img')]);
+    // a failed chunk stays failed for failedChunkTtlMs (the kernel's retry of a failed readahead
+    // and other readers get EIO at once), then a read tries it again
+    assert.equal(failures.filter((f) => f.ref.hash === bad.hash).length, 1);
+    assert.equal(m.stats().failures, 2);
+    await until(async () => {
+      const r4 = await ddRange(file, bad.offset, 10);
+      assert.notEqual(r4.code, 0);
+      return failures.filter((f) => f.ref.hash === bad.hash).length === 2;
+    }, 'a read to fetch the failed chunk again');
+    assert.equal(m.stats().failures, 3);
+    await closeMount(m);
+  });
+
+  it('answers EIO after failureTimeoutMs when onFailure never settles, and bounds a hanging chunk()', async () => {
+    const hang = pagesRefs[4]!;
+    const m = await mount({
+      chunk: (ref) => (ref.hash === hang.hash ? new Promise<Buffer>(() => {}) : Promise.resolve(chunks.get(ref.hash)!)),
+      chunkTimeoutMs: 200,
+      onFailure: () => new Promise<void>(() => {}),
+      failureTimeoutMs: 200,
+    });
+    const started = Date.now();
+    const r = await ddRange(path.join(m.path, 'pages-1.img'), hang.offset, 10);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /Input\/output error/);
+    assert.ok(Date.now() - started >= 400, 'answered before chunkTimeoutMs + failureTimeoutMs');
+    assert.equal(m.stats().failures, 1);
+    await closeMount(m);
+  });
+
+  it('close() while a reader holds a file open does not hang; the mountpoint is left gone or empty', async (t) => {
+    const m = await mount();
+    const file = path.join(m.path, 'pages-1.img');
+    const child = spawn('sh', ['-c', `exec 3< ${file}; echo open; exec sleep 30`], { stdio: ['ignore', 'pipe', 'ignore'] });
+    t.after(() => {
+      child.kill('SIGKILL');
+    });
+    let out = '';
+    child.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    await until(() => out.includes('open'), 'the reader to open the file');
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      closeMount(m),
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error('close() hung on a busy mount')), 10_000);
+      }),
+    ]).finally(() => clearTimeout(timer));
+    assertGoneOrEmpty(m.path);
+    await m.close(); // idempotent
+  });
+
+  it('close() is fine when the mount is already gone, and twice', async () => {
+    const m = await mount();
+    await ok('fusermount', ['-u', m.path]);
+    await closeMount(m);
+    await m.close();
+    assertGoneOrEmpty(m.path);
+  });
+
+  it('refuses a non-empty mountpoint and an unsafe manifest, leaving nothing mounted', async () => {
+    const dir = freshDir('full');
+    mkdirSync(dir);
+    writeFileSync(path.join(dir, 'x'), 'x');
+    await assert.rejects(mountImage({ mountpoint: dir, manifest, chunk: async () => Buffer.alloc(0) }), /not empty/);
+    assert.ok(!isMounted(dir));
+    const evil: ImageManifest = { ...manifest, files: [{ path: '../etc/passwd', size: 0, mode: 0o600, chunks: [] }] };
+    await assert.rejects(mountImage({ mountpoint: freshDir('evil'), manifest: evil, chunk: async () => Buffer.alloc(0) }), (err) =>
+      isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'),
+    );
+    const uncovered: ImageManifest = { ...manifest, files: [{ ...files[1]!, size: 3 * MiB }] };
+    await assert.rejects(mountImage({ mountpoint: freshDir('uncovered'), manifest: uncovered, chunk: async () => Buffer.alloc(0) }), (err) =>
+      isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT'),
+    );
+  });
+
+  it('cleanStaleMount removes the dead mount a crashed process left behind', async (t) => {
+    const mnt = freshDir('stale');
+    const script = path.join(work, `crash-${seq}.mjs`);
+    const moduleUrl = pathToFileURL(path.resolve(import.meta.dirname, '../pagestore/image-mount.js')).href;
+    writeFileSync(
+      script,
+      `import { mountImage } from ${JSON.stringify(moduleUrl)};
+       const manifest = ${JSON.stringify({ ...manifest, files: [files[2]] })};
+       await mountImage({ mountpoint: ${JSON.stringify(mnt)}, manifest, chunk: async () => Buffer.alloc(0) });
+       console.log('mounted');
+       setInterval(() => {}, 1000);`,
+    );
+    const child = spawn(process.execPath, [script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    t.after(() => {
+      child.kill('SIGKILL');
+    });
+    let out = '';
+    child.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    await until(() => out.includes('mounted'), 'the child to mount');
+    child.kill('SIGKILL');
+    await until(() => child.exitCode !== null || child.signalCode !== null, 'the child to die');
+    await assert.rejects(stat(mnt), (err: NodeJS.ErrnoException) => err.code === 'ENOTCONN');
+
+    await cleanStaleMount(mnt);
+    assert.ok(!isMounted(mnt));
+    assert.ok(statSync(mnt).isDirectory());
+    await cleanStaleMount(mnt); // a plain directory: left alone
+    await cleanStaleMount(path.join(work, 'no-such-dir'));
+
+    // the path mounts again (mountImage cleans a stale mount by itself too)
+    const m = await mount({ mountpoint: mnt });
+    await ok('cmp', [path.join(expectedDir, 'inventory.img'), path.join(m.path, 'inventory.img')]);
+    await closeMount(m);
+  });
+
+  it('measures sequential read throughput of the 20 MB file (dd bs=1M): reported, not asserted', async () => {
+    const results: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const m = await mount();
+      const started = process.hrtime.bigint();
+      const r = await run('dd', [`if=${path.join(m.path, 'pages-1.img')}`, 'of=/dev/null', 'bs=1M']);
+      const ms = Number(process.hrtime.bigint() - started) / 1e6;
+      assert.equal(r.code, 0, r.stderr);
+      const s = m.stats();
+      results.push(`${((pages.size / MiB) / (ms / 1000)).toFixed(0)} MiB/s (${ms.toFixed(0)} ms incl. dd start; ${s.reads} reads, ${s.chunks} chunk fetches)`);
+      await closeMount(m);
+    }
+    console.log(`image mount: cold sequential read of ${(pages.size / MiB).toFixed(1)} MiB via dd bs=1M: ${results.join('; ')}`);
+  });
+});
