@@ -33,37 +33,9 @@ import { promisify } from 'node:util';
 import Fuse from 'fuse-native';
 import { describeError, PicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
-import type { ImageFile, ImageManifest } from './image-store.js';
+import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 
 const execFileP = promisify(execFile);
-
-// TODO(merge): from image-store.ts (ImageFile gains `sizes`, and ChunkRef / fileChunks move there).
-/** One chunk of one image file. */
-export interface ChunkRef {
-  /** sha256 (hex) of the chunk */
-  hash: string;
-  /** in bytes, in the file */
-  offset: number;
-  /** in bytes */
-  size: number;
-}
-
-// TODO(merge): from image-store.ts
-/**
- * The chunks of `file`, with their offsets. `file.sizes` gives each chunk's length; without it
- * (format 1) every chunk but the last is `manifest.chunkSize` bytes.
- */
-export function fileChunks(manifest: ImageManifest, file: ImageFile): ChunkRef[] {
-  const sizes = (file as ImageFile & { sizes?: number[] }).sizes;
-  const refs: ChunkRef[] = [];
-  let offset = 0;
-  file.chunks.forEach((hash, i) => {
-    const size = sizes ? sizes[i]! : Math.min(manifest.chunkSize, file.size - offset);
-    refs.push({ hash, offset, size });
-    offset += size;
-  });
-  return refs;
-}
 
 export interface ImageMountOptions {
   /** created if missing; must be empty */

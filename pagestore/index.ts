@@ -11,10 +11,16 @@ import { S3ObjectStore, type S3ObjectStoreOptions } from './s3-store.js';
 export * from './image-store.js';
 export * from './object-store.js';
 export * from './chunked-image-store.js';
+export * from './activeset.js';
+export { ChunkCache, type ChunkCacheOptions, type ChunkCacheStats, type ChunkSourceKind } from './chunk-cache.js';
+export { mountImage, cleanStaleMount, type ImageMount, type ImageMountOptions } from './image-mount.js';
 export * from './chunker.js';
 export { FsObjectStore, type FsObjectStoreOptions } from './fs-store.js';
 export { MemoryObjectStore, type MemoryObjectStoreOptions, type StoreOp } from './memory-store.js';
 export { S3ObjectStore, S3StoreError, type S3ObjectStoreOptions } from './s3-store.js';
+
+/** chunks in flight per put and get on S3 (fs: DEFAULT_CONCURRENCY) */
+export const S3_CONCURRENCY = 32;
 
 /**
  * The ImageStore for the config's `store` section: `kind: fs` → a directory; `kind: s3` → a
@@ -39,7 +45,8 @@ export function openImageStore(
         ...(rest.log ? { log: rest.log.child({ store: 's3' }) } : {}),
         ...s3,
       });
-      return new ChunkedImageStore({ ...rest, store: objects });
+      // S3 is bound by request latency, not bandwidth: keep more chunks in flight than on disk.
+      return new ChunkedImageStore({ concurrency: S3_CONCURRENCY, ...rest, store: objects });
     }
   }
 }

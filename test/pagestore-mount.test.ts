@@ -10,7 +10,8 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { pathToFileURL } from 'node:url';
 import { isPicoError } from '../shared/errors.js';
 import type { ImageFile, ImageManifest } from '../pagestore/image-store.js';
-import { cleanStaleMount, fileChunks, mountImage, type ChunkRef, type ImageMount, type ImageMountOptions } from '../pagestore/image-mount.js';
+import { cleanStaleMount, mountImage, type ImageMount, type ImageMountOptions } from '../pagestore/image-mount.js';
+import { fileChunks, type ChunkRef } from '../pagestore/image-store.js';
 import { until } from './helpers/poll.js';
 
 // The FUSE image directory, read the way criu reads it: by other processes (this process serves

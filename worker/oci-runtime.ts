@@ -488,6 +488,9 @@ export class OciRuntime implements ContainerRuntime {
       await this.prepare(spec, record, net, 'restore', async () => {
         await this.removeStale(record);
         this.writeBundle(spec, record, net);
+        // The app's stdout and stderr are this file: CRIU reopens it by path. A worker that did
+        // not run the app before has none yet.
+        closeSync(openSync(this.logFile(spec.name), 'a'));
         if (!keptNetwork) await createNetwork(net);
       }).catch(async (err: unknown) => {
         await img.release(false);

@@ -14,8 +14,10 @@ import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type Ima
  * this very image (each chunk checked against its sha256 as it is read), or the page store.
  *
  * Timeline of one restore:
- *   open()        mount, then fetch the ActiveSet into the cache, all in parallel (awaited: the
- *                 process must not resume before the chunks it is about to touch are here)
+ *   open()        mount, then fetch into the cache, all in parallel, every file but the memory
+ *                 pages (CRIU reads them whole, one by one, before the process resumes) and the
+ *                 ActiveSet (awaited: the process must not resume before the chunks it is about
+ *                 to touch are here)
  *   (the caller runs `criu lazy-pages` on `path` and `runc restore --lazy-pages`)
  *   sweep()       fetch every other chunk in file order, `concurrency` at a time: CRIU's daemon
  *                 copies the pages nobody faulted on in about that order, and it is single-
@@ -27,6 +29,9 @@ import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type Ima
  * needed it, after `onFailure` (the caller kills the container: a process must never run on
  * with a page it could not get).
  */
+
+/** CRIU's memory pages files: the only files a lazy restore reads on demand */
+const PAGES = /^pages-\d+\.img$/;
 
 export interface LazyImageOptions {
   manifest: ImageManifest;
@@ -44,7 +49,9 @@ export interface LazyImageOptions {
 }
 
 export interface LazyImageStats {
-  /** ActiveSet chunks fetched before the restore */
+  /** chunks of the image's other files (everything but memory pages), fetched before the restore */
+  metadata: number;
+  /** ActiveSet chunks of memory pages fetched before the restore */
   prefetched: number;
   /** in ms */
   prefetchMs: number;
@@ -61,7 +68,7 @@ export interface LazyImageStats {
 export class LazyImage {
   readonly path: string;
   private mount: ImageMount | undefined;
-  private readonly counts: LazyImageStats = { prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+  private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
   private sweeping: Promise<void> | undefined;
   private closed = false;
   private readonly concurrency: number;
@@ -86,10 +93,20 @@ export class LazyImage {
         onFailure: (err) => o.onFailure(err),
         log: o.log,
       });
+      // Every file but the memory pages is read whole by `criu restore` before the process
+      // resumes, one file at a time: fetch them all at once first, with the ActiveSet.
+      const wanted = new Map<string, PlannedChunk>();
+      for (const file of o.manifest.files) {
+        if (PAGES.test(file.path)) continue;
+        for (const ref of fileChunks(o.manifest, file)) wanted.set(ref.hash, { file, ref });
+      }
+      const metadata = wanted.size;
+      for (const p of o.prefetch) wanted.set(p.ref.hash, p);
+      img.counts.metadata = metadata;
       const t0 = performance.now();
-      await img.each(o.prefetch, async (p) => {
+      await img.each([...wanted.values()], async (p) => {
         await img.chunk(p.file, p.ref);
-        img.counts.prefetched++;
+        if (PAGES.test(p.file.path)) img.counts.prefetched++;
       });
       img.counts.prefetchMs = Math.round(performance.now() - t0);
       return img;

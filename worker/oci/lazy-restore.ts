@@ -143,7 +143,7 @@ export class LazyRestore {
   private async settle(): Promise<void> {
     const exit = this.daemon ? await this.daemon.exit : null;
     await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
-    const stats = this.image?.stats() ?? { prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
     let error = this.failure;
     if (!error && !this.aborted && exit && exit.code !== 0) {
       const why = this.daemon!.errors().slice(-2).join(' | ');
