@@ -18,7 +18,7 @@ import { LocalWorkerConnection } from '../worker/local-connection.js';
 import { OciRuntime } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
 import type { ContainerRuntime } from '../worker/runtime.js';
-import { openImageStore } from '../pagestore/index.js';
+import { ActiveSetStore, ChunkCache, openImageStore } from '../pagestore/index.js';
 import { Worker } from '../worker/worker.js';
 
 /** A whole Picocenter in one process: what `picocenter up` runs, and what e2e tests start. */
@@ -42,7 +42,7 @@ export async function startSystem(cfg: Readonly<Config>, log: Logger): Promise<S
   const workers: WorkerConnection[] = [];
   if (cfg.gateway.embeddedWorker) {
     const workerLog = log.child({ worker: 'local' });
-    workers.push(new LocalWorkerConnection(new Worker('local', await createRuntime(cfg, workerLog), workerLog)));
+    workers.push(new LocalWorkerConnection(new Worker('local', await createRuntime(cfg, workerLog, metrics), workerLog)));
   }
   for (const w of cfg.workers) {
     workers.push(
@@ -151,8 +151,9 @@ export interface WorkerAgent {
 export async function startWorkerAgent(cfg: Readonly<Config>, log: Logger, opts: { id: string; listen?: ListenAddress }): Promise<WorkerAgent> {
   if (!cfg.worker.token) throw new Error('picocenter worker needs worker.token in the config (the bearer token gateways present)');
   const workerLog = log.child({ worker: opts.id });
-  const worker = new Worker(opts.id, await createRuntime(cfg, workerLog), workerLog);
-  const agent = new AgentServer({ worker, listen: opts.listen ?? cfg.worker.listen, token: cfg.worker.token, log });
+  const metrics = new Metrics();
+  const worker = new Worker(opts.id, await createRuntime(cfg, workerLog, metrics), workerLog);
+  const agent = new AgentServer({ worker, listen: opts.listen ?? cfg.worker.listen, token: cfg.worker.token, log, metrics: metrics.registry });
   let addr: AddressInfo;
   try {
     addr = await agent.start();
@@ -177,13 +178,27 @@ export async function startWorkerAgent(cfg: Readonly<Config>, log: Logger, opts:
  * The runtime the config asks for. `oci` on a host that cannot checkpoint fails with the host
  * check's plain-English report; it never falls back to the cold-start runtime.
  */
-async function createRuntime(cfg: Readonly<Config>, log: Logger): Promise<ContainerRuntime> {
+async function createRuntime(cfg: Readonly<Config>, log: Logger, metrics: Metrics): Promise<ContainerRuntime> {
   switch (cfg.worker.runtime) {
     case 'process':
       return new ProcessRuntime(log, path.join(cfg.worker.dataDir, 'logs'));
     case 'oci': {
       const imageStore = openImageStore(cfg.store, { log });
-      const { runtime } = await OciRuntime.create({ log, imageStore, stateDir: path.join(cfg.worker.dataDir, 'oci') });
+      const { cache } = cfg.worker;
+      const chunkCache = await ChunkCache.open({
+        memoryBytes: cache.memory,
+        ...(cache.disk > 0 ? { diskBytes: cache.disk, diskPath: cache.path } : {}),
+        log: log.child({ part: 'chunk-cache' }),
+      });
+      const { runtime } = await OciRuntime.create({
+        log,
+        imageStore,
+        stateDir: path.join(cfg.worker.dataDir, 'oci'),
+        chunkCache,
+        activeSets: new ActiveSetStore(imageStore.store),
+        onCheckpoint: (app, r) => metrics.checkpointed(app, r.imageBytes, r.uploadedBytes),
+        onLazyRestore: (app, mode, o) => metrics.lazyRestored(app, mode, o),
+      });
       return runtime;
     }
   }

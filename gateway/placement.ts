@@ -44,6 +44,8 @@ interface AppRecord {
   idleTimer?: NodeJS.Timeout;
   /** the trigger of a wake that arrived while checkpointing; it runs once the swap-out settles */
   wakeAfterCheckpoint?: WakeTrigger;
+  /** restored, and no connection has ended since: the first one that does tells the worker `served` */
+  awaitingServed?: boolean;
 }
 
 export interface AppStatus {
@@ -162,6 +164,11 @@ export class Placement implements AppLifecycle {
     rec.connections--;
     rec.lastActivity = Date.now();
     this.metrics.connections.set({ app }, rec.connections);
+    if (rec.awaitingServed && rec.worker) {
+      // The end of the first traffic after a restore closes the app's ActiveSet window.
+      rec.awaitingServed = false;
+      void rec.worker.call({ v: 1, type: 'served', app }).catch(() => undefined);
+    }
     if (rec.connections === 0) this.armIdle(rec);
   }
 
@@ -275,6 +282,8 @@ export class Placement implements AppLifecycle {
     rec.op = (async () => {
       let error: PicoError | undefined;
       let cause: string | undefined;
+      /** how memory came back: a restore mode, or cold (started afresh) */
+      let mode = 'cold';
       let worker: WorkerConnection | undefined;
       try {
         // Synchronous unless workers are asked about their caches: then the call goes out at once.
@@ -288,6 +297,8 @@ export class Placement implements AppLifecycle {
         const res = await worker.call({ v: 1, type: kind, app: rec.spec });
         if (res.type === 'running') {
           rec.endpoints = res.endpoints;
+          rec.awaitingServed = res.restored;
+          mode = res.restored ? (rec.spec.restore ?? 'activeset') : 'cold';
           rec.lastWake = new Date();
           rec.lastActivity = Date.now();
         } else {
@@ -320,7 +331,7 @@ export class Placement implements AppLifecycle {
         return;
       }
       this.metrics.wakes.inc({ app, trigger, result: 'ok' });
-      this.metrics.wakeSeconds.observe({ app, kind }, seconds);
+      this.metrics.wakeSeconds.observe({ app, kind, mode }, seconds);
       log.info({ ms: Math.round(seconds * 1000) }, 'running');
       this.setState(rec, 'running');
       if (this.stopping) return; // stop() waits for this op, then stops the container

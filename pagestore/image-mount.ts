@@ -428,7 +428,7 @@ function layout(manifest: ImageManifest): { files: Map<string, Entry>; dirs: Map
   for (const file of manifest.files) {
     const parts = file.path.split('/');
     if (parts.some((s) => s === '' || s === '.' || s === '..' || s.includes('\0'))) throw corrupt(`unsafe path ${JSON.stringify(file.path)}`);
-    const sizes = (file as ImageFile & { sizes?: number[] }).sizes;
+    const sizes = file.sizes;
     const expected = sizes ? sizes.length : Math.ceil(file.size / manifest.chunkSize);
     if (file.chunks.length !== expected) throw corrupt(`${file.path} lists ${file.chunks.length} chunks, ${sizes ? 'sizes' : 'its size'} says ${expected}`);
     const refs = fileChunks(manifest, file);

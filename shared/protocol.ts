@@ -56,7 +56,8 @@ export type WorkerRequest =
   | { v: 1; type: 'stop'; app: string } // remove the container, store nothing
   | { v: 1; type: 'list' }
   | { v: 1; type: 'logs'; app: string; bytes: number } // the tail of the app's stdout/stderr
-  | { v: 1; type: 'cached'; apps: string[] }; // how much of each app's image the worker caches
+  | { v: 1; type: 'cached'; apps: string[] } // how much of each app's image the worker caches
+  | { v: 1; type: 'served'; app: string }; // the restored app answered its first traffic (ActiveSet window)
 
 export interface ContainerInfo {
   app: string;
@@ -79,6 +80,7 @@ export type WorkerResponse =
   | { v: 1; type: 'logs'; app: string; text: string }
   /** app → bytes of its newest image the worker holds locally (0: none, or no cache) */
   | { v: 1; type: 'cached'; bytes: Record<string, number> }
+  | { v: 1; type: 'noted'; app: string } // answers `served`
   | { v: 1; type: 'error'; code: string; message: string };
 
 /**

@@ -60,6 +60,7 @@ const requestSchema = z.discriminatedUnion('type', [
   z.object({ v: z.literal(1), type: z.literal('list') }),
   z.object({ v: z.literal(1), type: z.literal('logs'), app: name, bytes: z.number().int().min(0) }),
   z.object({ v: z.literal(1), type: z.literal('cached'), apps: z.array(name).max(10_000) }),
+  z.object({ v: z.literal(1), type: z.literal('served'), app: name }),
 ]);
 
 const responseSchema = z.discriminatedUnion('type', [
@@ -74,6 +75,7 @@ const responseSchema = z.discriminatedUnion('type', [
   }),
   z.object({ v: z.literal(1), type: z.literal('logs'), app: name, text: z.string() }),
   z.object({ v: z.literal(1), type: z.literal('cached'), bytes: z.record(z.string(), z.number().min(0)) }),
+  z.object({ v: z.literal(1), type: z.literal('noted'), app: name }),
   z.object({ v: z.literal(1), type: z.literal('error'), code: z.string(), message: z.string() }),
 ]);
 

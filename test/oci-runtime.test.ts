@@ -135,7 +135,8 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
     const dir = path.join(work, 'apps', name);
     mkdirSync(dir, { recursive: true });
     copyFileSync(repoFile(`test/fixtures/oci/${fixture}`), path.join(dir, fixture));
-    return { name, command: [process.execPath, fixture], cwd: dir, env: {}, ports, readyTimeoutMs: 20_000 };
+    // Full restores: these tests are about the image on the worker and in the store (lazy ones: oci-lazy.test.ts).
+    return { name, command: [process.execPath, fixture], cwd: dir, env: {}, ports, readyTimeoutMs: 20_000, restore: 'full' };
   }
 
   /** The container of `app` is gone: runc knows no such container, its netns is removed. */

@@ -1,5 +1,6 @@
 import { randomUUID, timingSafeEqual } from 'node:crypto';
 import http from 'node:http';
+import type { Registry } from 'prom-client';
 import type { AddressInfo } from 'node:net';
 import type { ListenAddress } from '../shared/config.js';
 import { describeError } from '../shared/errors.js';
@@ -22,6 +23,8 @@ export interface AgentServerOptions {
   log: Logger;
   /** in ms; default HEARTBEAT_MS (tests shorten it) */
   heartbeatMs?: number;
+  /** served at GET /metrics (Prometheus text, bearer token required) */
+  metrics?: Registry;
 }
 
 /**
@@ -119,6 +122,11 @@ export class AgentServer {
     }
     if (url.pathname === CALL_PATH && req.method === 'POST') return this.call(req, res);
     if (url.pathname === EVENTS_PATH && req.method === 'GET') return this.events(url, req, res);
+    if (url.pathname === '/metrics' && req.method === 'GET' && this.opts.metrics) {
+      req.resume();
+      res.setHeader('content-type', this.opts.metrics.contentType);
+      return void res.end(await this.opts.metrics.metrics());
+    }
     req.resume();
     return sendError(res, 404, 'PICO_ERR_NOT_FOUND', `no route ${req.method} ${url.pathname}`);
   }

@@ -103,6 +103,8 @@ export interface OciRuntimeOptions {
   activeSets?: ActiveSetStore;
   /** in ms: how long the ActiveSet window stays open after the app served its first traffic; default 500 */
   activeSetGraceMs?: number;
+  /** called once a checkpoint is stored and verified: for metrics */
+  onCheckpoint?(app: string, result: OciCheckpointResult): void;
   /** called once a lazy restore has paged every page in (or failed): for metrics and tests */
   onLazyRestore?(app: string, mode: 'lazy' | 'activeset', outcome: LazyOutcome): void;
 }
@@ -448,6 +450,7 @@ export class OciRuntime implements ContainerRuntime {
         storeMs: Math.round(storeMs),
       };
       log.info({ ...result, criuMs: dump.criuMs }, 'checkpoint stored');
+      this.opts.onCheckpoint?.(c.app, result);
       return result;
     });
   }

@@ -36,6 +36,10 @@ export class Worker {
     if (req.type === 'list') return { v: 1, type: 'list', containers: this.list(), images: await this.runtime.storedImages() };
     if (req.type === 'logs') return { v: 1, type: 'logs', app: req.app, text: await readTail(this.runtime.logFile(req.app), req.bytes) };
     if (req.type === 'cached') return { v: 1, type: 'cached', bytes: await this.cachedBytes(req.apps) };
+    if (req.type === 'served') {
+      this.runtime.served?.(req.app);
+      return { v: 1, type: 'noted', app: req.app };
+    }
     const app = typeof req.app === 'string' ? req.app : req.app.name;
     if (req.type === 'stop') this.starting.get(app)?.abort();
     // Registered before queueing, so a stop that arrives while the start waits its turn cancels it too.
@@ -100,7 +104,7 @@ export class Worker {
     for (const l of this.listeners) l(ev);
   }
 
-  private async perform(req: Exclude<WorkerRequest, { type: 'list' | 'logs' | 'cached' }>, signal?: AbortSignal): Promise<WorkerResponse> {
+  private async perform(req: Exclude<WorkerRequest, { type: 'list' | 'logs' | 'cached' | 'served' }>, signal?: AbortSignal): Promise<WorkerResponse> {
     switch (req.type) {
       case 'start':
       case 'restore': {

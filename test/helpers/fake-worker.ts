@@ -92,6 +92,8 @@ export class FakeWorker implements WorkerConnection {
         return { v: 1, type: 'logs', app: req.app, text: '' };
       case 'cached':
         return { v: 1, type: 'cached', bytes: Object.fromEntries(req.apps.map((a) => [a, this.cached[a] ?? 0])) };
+      case 'served':
+        return { v: 1, type: 'noted', app: req.app };
     }
   }
 

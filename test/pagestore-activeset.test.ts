@@ -1,0 +1,84 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { ActiveSetStore, activeSetKey, planPrefetch, type RestoreUse } from '../pagestore/activeset.js';
+import { canonicalJson, manifestChecksum } from '../pagestore/chunked-image-store.js';
+import type { ImageManifest } from '../pagestore/image-store.js';
+import { MemoryObjectStore } from '../pagestore/memory-store.js';
+
+/*
+ * ActiveSets: recorded per restore, merged by "used in k of the last n restores", and planned
+ * against the manifest being restored — by hash, or by position when a chunk's bytes changed.
+ */
+
+const h = (n: number) => n.toString(16).padStart(64, '0');
+
+/** A manifest with pages-1.img of `hashes` (4 KiB chunks) and a small core file. */
+function manifest(hashes: number[], generation = 1): ImageManifest {
+  const draft = {
+    format: 2,
+    app: 'kv',
+    generation,
+    createdAt: '2026-11-30T00:00:00.000Z',
+    chunkSize: 4096,
+    chunking: { kind: 'pages' as const, minPages: 1, avgPages: 1, maxPages: 1 },
+    files: [
+      { path: 'core-1.img', size: 100, mode: 0o644, chunks: [h(999)], sizes: [100] },
+      { path: 'pages-1.img', size: hashes.length * 4096, mode: 0o644, chunks: hashes.map(h), sizes: hashes.map(() => 4096) },
+    ],
+  };
+  return { ...draft, checksum: manifestChecksum(draft as unknown as ImageManifest) } as ImageManifest;
+}
+
+function use(chunks: Array<[number, number]>, generation = 1): RestoreUse {
+  return { at: new Date().toISOString(), generation, chunks: chunks.map(([hash, index]) => ({ file: 'pages-1.img', offset: index * 4096, hash: h(hash) })) };
+}
+
+describe('ActiveSet', () => {
+  it('nothing to prefetch without a record', () => {
+    assert.deepEqual(planPrefetch(manifest([1, 2, 3]), undefined), []);
+  });
+
+  it('a record is kept per app, newest last, at most `keep` restores, and reads back verified', async () => {
+    const objects = new MemoryObjectStore();
+    const sets = new ActiveSetStore(objects, { window: 2, minUses: 1 });
+    await sets.add('kv', use([[1, 0]]));
+    await sets.add('kv', use([[2, 1]]));
+    const r = await sets.add('kv', use([[3, 2]]));
+    assert.deepEqual(r.restores.map((u) => u.chunks[0]!.hash), [h(2), h(3)]);
+    assert.deepEqual((await sets.read('kv'))?.restores, r.restores);
+    assert.equal(await sets.read('other'), undefined);
+  });
+
+  it('a damaged or foreign record is ignored, never trusted', async () => {
+    const objects = new MemoryObjectStore();
+    const sets = new ActiveSetStore(objects);
+    const r = await sets.add('kv', use([[1, 0]]));
+    await objects.put(activeSetKey('kv'), Buffer.from(canonicalJson({ ...r, restores: [use([[7, 0]])] })));
+    assert.equal(await sets.read('kv'), undefined, 'checksum mismatch');
+    await objects.put(activeSetKey('kv'), Buffer.from('{not json'));
+    assert.equal(await sets.read('kv'), undefined);
+    await objects.put(activeSetKey('kv'), Buffer.from(canonicalJson({ ...r, app: 'other' })));
+    assert.equal(await sets.read('kv'), undefined, 'names another app');
+  });
+
+  it('k of n: a chunk is prefetched when used in at least minUses of the last window restores', () => {
+    const m = manifest([1, 2, 3, 4]);
+    const record = { format: 1, app: 'kv', checksum: '', restores: [use([[1, 0], [2, 1]]), use([[2, 1], [3, 2]]), use([[2, 1], [3, 2]])] };
+    const plan = (window: number, minUses: number) => planPrefetch(m, record, { window, minUses }).map((p) => p.ref.hash);
+    assert.deepEqual(plan(3, 1), [h(1), h(2), h(3)], 'union');
+    assert.deepEqual(plan(3, 2), [h(2), h(3)]);
+    assert.deepEqual(plan(3, 3), [h(2)]);
+    assert.deepEqual(plan(1, 1), [h(2), h(3)], 'only the newest restore');
+  });
+
+  it('a used chunk whose bytes changed is found again by its position; unknown ones are dropped', () => {
+    // Generation 2: chunk 1 (was hash 2) changed to hash 20; hash 9 was never in the image.
+    const m = manifest([1, 20, 3], 2);
+    const record = { format: 1, app: 'kv', checksum: '', restores: [use([[2, 1], [3, 2], [9, 7]])] };
+    const plan = planPrefetch(m, record).map((p) => [p.file.path, p.ref.offset, p.ref.hash]);
+    assert.deepEqual(plan, [
+      ['pages-1.img', 4096, h(20)],
+      ['pages-1.img', 8192, h(3)],
+    ]);
+  });
+});
