@@ -58,18 +58,16 @@ function addFile(p: string, mode: number, data: Buffer, sizes?: number[]): Image
     off += n;
   }
   contents.set(p, data);
-  const file: ImageFile & { sizes?: number[] } = { path: p, size: data.length, mode, chunks: hashes };
-  if (sizes) file.sizes = used;
-  return file;
+  return { path: p, size: data.length, mode, chunks: hashes, sizes: used };
 }
 
 const files: ImageFile[] = [
-  // ~20 MB, chunks of varying (odd) sizes, with `sizes` (format 2)
+  // ~20 MB, chunks of varying (odd) sizes
   addFile('pages-1.img', 0o600, seededBytes('pages', 20_000_003), [MiB, 300 * KiB + 7, 2 * MiB - 13, 64 * KiB, 777_777, 1]),
-  // small, format 1 (every chunk chunkSize but the last)
+  // small, one chunk
   addFile('inventory.img', 0o644, seededBytes('inventory', 5000)),
   addFile('empty.img', 0o600, Buffer.alloc(0)),
-  // in a subdirectory, format 1, three chunks
+  // in a subdirectory, three 1 MiB chunks
   addFile('sub/dir/core-1.img', 0o640, seededBytes('core', 2 * MiB + MiB / 2 + 3)),
 ];
 const manifest: ImageManifest = {
@@ -77,7 +75,7 @@ const manifest: ImageManifest = {
   app: 'kv',
   generation: 7,
   createdAt: '2025-01-02T03:04:05.000Z',
-  chunkSize: CHUNK_SIZE,
+  chunkSize: 2 * MiB, // the largest chunk
   files,
   checksum: 'not-checked-here',
 };
