@@ -167,10 +167,11 @@ export class ChunkCache {
    * The verified bytes of chunk `hash` (`size` bytes): from memory, else disk, else `fetch()`.
    * Concurrent calls for one hash share one disk read or fetch (single flight). A fetched chunk
    * is checked (sha256 and size) before it is cached or returned; a bad one rejects with
-   * PICO_ERR_IMAGE_CORRUPT and is not cached. fetch errors propagate unchanged (and the next get
-   * fetches again). The returned buffer is the cache's own: do not modify it.
+   * PICO_ERR_IMAGE_CORRUPT and is not cached (`fetchVerifies`: `fetch` checks the sha256 itself,
+   * only the size is checked here). fetch errors propagate unchanged (and the next get fetches
+   * again). The returned buffer is the cache's own: do not modify it.
    */
-  async get(hash: string, size: number, fetch: () => Promise<Buffer>): Promise<{ buf: Buffer; from: ChunkSourceKind }> {
+  async get(hash: string, size: number, fetch: () => Promise<Buffer>, opts: { fetchVerifies?: boolean } = {}): Promise<{ buf: Buffer; from: ChunkSourceKind }> {
     checkHash(hash);
     if (!Number.isSafeInteger(size) || size < 0) throw new RangeError(`chunk ${hash}: size must be a non-negative integer, got ${size}`);
     if (this.closed) throw new PicoError('PICO_ERR_SHUTTING_DOWN', `chunk cache is closed (get of chunk ${hash})`);
@@ -182,7 +183,7 @@ export class ChunkCache {
     }
     let flight = this.flights.get(hash);
     if (!flight) {
-      const started = this.load(hash, size, fetch);
+      const started = this.load(hash, size, fetch, opts.fetchVerifies ?? false);
       const done = () => {
         if (this.flights.get(hash) === started) this.flights.delete(hash);
       };
@@ -260,7 +261,7 @@ export class ChunkCache {
   }
 
   /** One flight: the disk tier, else fetch. */
-  private async load(hash: string, size: number, fetch: () => Promise<Buffer>): Promise<Loaded> {
+  private async load(hash: string, size: number, fetch: () => Promise<Buffer>, fetchVerifies: boolean): Promise<Loaded> {
     if (this.disk?.get(hash) !== undefined) {
       // (get, not has: a disk hit makes the chunk the most recently used there too)
       const buf = await this.readDisk(hash);
@@ -272,7 +273,8 @@ export class ChunkCache {
     }
     this.counts.misses++;
     const got = await fetch();
-    const hashOk = Buffer.isBuffer(got) && sha256(got) === hash;
+    // A fetch that checks the sha256 itself (the page store's getChunk) is not hashed twice.
+    const hashOk = Buffer.isBuffer(got) && (fetchVerifies || sha256(got) === hash);
     if (!hashOk || got.length !== size) {
       this.counts.corrupt++;
       const bytes = Buffer.isBuffer(got) ? got.length : undefined;

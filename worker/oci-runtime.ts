@@ -103,6 +103,8 @@ export interface OciRuntimeOptions {
   activeSets?: ActiveSetStore;
   /** in ms: how long the ActiveSet window stays open after the app served its first traffic; default 500 */
   activeSetGraceMs?: number;
+  /** in ms: when a lazy restore starts fetching the rest of the image (lazy-restore.ts); default 1000 */
+  sweepAfterMs?: number;
   /** called once a checkpoint is stored and verified: for metrics */
   onCheckpoint?(app: string, result: OciCheckpointResult): void;
   /** called once a lazy restore has paged every page in (or failed): for metrics and tests */
@@ -503,8 +505,11 @@ export class OciRuntime implements ContainerRuntime {
       const preparedMs = performance.now() - t0;
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
+      let daemonMs = 0;
       try {
+        const d0 = performance.now();
         await img.lazy?.startDaemon();
+        daemonMs = performance.now() - d0;
         att = await this.runc.restoreAttached(record.id, {
           bundle: p.bundle,
           imagePath: img.path,
@@ -556,6 +561,7 @@ export class OciRuntime implements ContainerRuntime {
           keptNetwork,
           restoreMs: Math.round(restoredMs - preparedMs),
           criuMs: att.timing.criuMs,
+          ...(img.lazy ? { daemonMs: Math.round(daemonMs), prefetch: img.lazy.prefetchStats() } : {}),
           readyMs: Math.round(performance.now() - t0 - restoredMs),
         },
         'container restored',
@@ -609,6 +615,7 @@ export class OciRuntime implements ContainerRuntime {
       ...(this.opts.activeSets ? { activeSets: this.opts.activeSets } : {}),
       ...(local ? { localDir: p.local.dir } : {}),
       ...(this.opts.activeSetGraceMs !== undefined ? { graceMs: this.opts.activeSetGraceMs } : {}),
+      ...(this.opts.sweepAfterMs !== undefined ? { sweepAfterMs: this.opts.sweepAfterMs } : {}),
       onPageFailure: async (err) => {
         log.error({ err: describeError(err) }, 'a page of the image cannot be fetched; killing the container');
         await this.runc.kill(record.id, 'SIGKILL', { all: true }).catch(() => undefined);

@@ -144,15 +144,21 @@ export class LazyImage {
   }
 
   private chunk(file: ImageFile, ref: ChunkRef): ReturnType<ChunkCache['get']> {
-    return this.o.cache.get(ref.hash, ref.size, async () => {
-      if (this.o.localDir) {
-        const local = await readLocal(this.o.localDir, file, ref).catch(() => null);
-        if (local) return local;
-      }
-      const buf = await this.o.store.getChunk(ref.hash, ref.size);
-      this.counts.storeBytes += buf.length;
-      return buf;
-    });
+    // Every source below checks the chunk's sha256 before returning it.
+    return this.o.cache.get(
+      ref.hash,
+      ref.size,
+      async () => {
+        if (this.o.localDir) {
+          const local = await readLocal(this.o.localDir, file, ref).catch(() => null);
+          if (local) return local;
+        }
+        const buf = await this.o.store.getChunk(ref.hash, ref.size);
+        this.counts.storeBytes += buf.length;
+        return buf;
+      },
+      { fetchVerifies: true },
+    );
   }
 
   /** Runs `fn` over `items`, `concurrency` at a time; rejects with the first failure. */

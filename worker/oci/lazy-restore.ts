@@ -43,6 +43,12 @@ export interface LazyRestoreOptions {
   localDir?: string;
   /** in ms: the ActiveSet window stays open this long after served(); default 500 */
   graceMs?: number;
+  /**
+   * in ms: the background fetch of the rest of the image starts this long after the process
+   * resumed, or when the ActiveSet window closes if that is sooner; default 1000. Until then the
+   * worker's event loop serves the app's first page faults alone (see restored()).
+   */
+  sweepAfterMs?: number;
   /** the restore could not get a page: kill the container (awaited before the read fails) */
   onPageFailure(err: unknown): Promise<void>;
   log: Logger;
@@ -72,6 +78,7 @@ export class LazyRestore {
   private resolveFinished!: (o: LazyOutcome) => void;
   private aborted = false;
   private settling: Promise<void> | undefined;
+  private sweepTimer: NodeJS.Timeout | undefined;
 
   private constructor(private readonly o: LazyRestoreOptions) {
     this.finished = new Promise((resolve) => (this.resolveFinished = resolve));
@@ -117,14 +124,32 @@ export class LazyRestore {
     void this.daemon.exit.then(() => this.settleOnce());
   }
 
-  /** The process runs: fetch the rest of the image in the background. */
+  /** What was fetched before the process resumed (for the restore's log line). */
+  prefetchStats(): { metadata: number; prefetched: number; ms: number } {
+    const s = this.image?.stats();
+    return { metadata: s?.metadata ?? 0, prefetched: s?.prefetched ?? 0, ms: s?.prefetchMs ?? 0 };
+  }
+
+  /**
+   * The process runs. The rest of the image is fetched in the background, but not at once: the
+   * FUSE reads of the app's page faults are answered on this process's event loop, and a sweep
+   * of hundreds of fetches (each hashed here) would make every fault wait behind them just when
+   * the app answers its first traffic. Until the sweep starts, the lazy-pages daemon's own
+   * background reads fetch what they need one read at a time.
+   */
   restored(): void {
-    this.image?.sweep();
+    this.sweepTimer = setTimeout(() => this.image?.sweep(), this.o.sweepAfterMs ?? 1000);
   }
 
   /** The app answered its first traffic: the ActiveSet window closes `graceMs` from now. */
   served(): void {
-    if (this.windowEnd === Infinity) this.windowEnd = performance.now() + (this.o.graceMs ?? 500);
+    if (this.windowEnd !== Infinity) return;
+    const grace = this.o.graceMs ?? 500;
+    this.windowEnd = performance.now() + grace;
+    if (this.sweepTimer) {
+      clearTimeout(this.sweepTimer);
+      this.sweepTimer = setTimeout(() => this.image?.sweep(), grace);
+    }
   }
 
   /** The restore failed or the container is being removed: stop the daemon, unmount. */
@@ -142,6 +167,7 @@ export class LazyRestore {
   /** Daemon gone: unmount, then (if the restore went well) store this restore's ActiveSet. */
   private async settle(): Promise<void> {
     const exit = this.daemon ? await this.daemon.exit : null;
+    clearTimeout(this.sweepTimer);
     await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
     const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
     let error = this.failure;
