@@ -19,59 +19,29 @@
  * CRIU's kernel probe cache; the flags turn each off to measure what it is worth.
  * Everything it starts is stopped and its temp dir removed.
  */
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readlinkSync, rmSync } from 'node:fs';
-import net, { type AddressInfo } from 'node:net';
+import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
-import { fileURLToPath } from 'node:url';
 import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
-import { createLogger } from '../shared/log.js';
-import type { AppSpec, Endpoint } from '../shared/protocol.js';
 import { checkHost } from '../worker/oci/host-check.js';
 import { OciRuntime, type OciCheckpointResult } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
 import type { Container } from '../worker/runtime.js';
+import { arg, assertSameApp, capturedLogger, firstByte, flag, fmtMs, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, type Answer } from './wake-common.js';
 
-function arg(name: string, dflt: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : dflt;
-}
 const MB = Number(arg('mb', '300'));
 const BOOT_MS = Number(arg('boot-ms', '2000'));
 const RUNS = Number(arg('runs', '3'));
 const TMP = arg('tmp', os.tmpdir());
-const DURABLE = !process.argv.includes('--no-durable');
-const LOCAL = !process.argv.includes('--no-local');
+const DURABLE = !flag('no-durable');
+const LOCAL = !flag('no-local');
 const LOCAL_CHECK = arg('local-check', 'sha256') as 'sha256' | 'size';
 const NETWORK_LOCK = arg('network-lock', '') as 'iptables' | 'nftables' | '';
-const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const PORT = 8080;
 
-interface Answer {
-  bootMs: number;
-  digest: number;
-  objects: number;
-  blobs: number;
-  last: string;
-  sample: number;
-  rssMB: number;
-}
-
 /** The runtime's own log lines ('container restored', 'checkpoint stored'), for the breakdown. */
-const logged: Array<Record<string, unknown>> = [];
-const log = createLogger({
-  level: 'info',
-  destination: new Writable({
-    write(chunk: Buffer, _enc, done) {
-      for (const line of chunk.toString('utf8').split('\n')) {
-        if (line) logged.push(JSON.parse(line) as Record<string, unknown>);
-      }
-      done();
-    },
-  }),
-});
+const { log, logged } = capturedLogger();
 
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('needs root (runc, CRIU, network namespaces)');
@@ -80,17 +50,7 @@ async function main(): Promise<void> {
   const work = mkdtempSync(path.join(TMP, 'pico-bench-wake-'));
   const runtimes: { oci?: OciRuntime; containers: Container[] } = { containers: [] };
   try {
-    const appDir = path.join(work, 'app');
-    mkdirSync(appDir);
-    copyFileSync(path.join(REPO, 'test/fixtures/oci/heavy.mjs'), path.join(appDir, 'heavy.mjs'));
-    const spec = (port: number): AppSpec => ({
-      name: 'heavy',
-      command: [process.execPath, 'heavy.mjs'],
-      cwd: appDir,
-      env: { STATE_MB: String(MB), BOOT_MS: String(BOOT_MS) },
-      ports: [port],
-      readyTimeoutMs: 120_000,
-    });
+    const spec = heavyApp(work, MB, BOOT_MS);
 
     const processRuntime = new ProcessRuntime(log);
     const store = new ChunkedImageStore({ store: new FsObjectStore({ root: path.join(work, 'store'), durable: DURABLE }), log });
@@ -101,7 +61,7 @@ async function main(): Promise<void> {
       stateDir: path.join(work, 'state'),
       prefix: 'pbench-',
       slots: { first: 15_900, count: 50 },
-      defaults: { readOnlyPaths: process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)] },
+      defaults: { readOnlyPaths: nodeReadOnlyPaths() },
       localImages: LOCAL,
       localImageCheck: LOCAL_CHECK,
       ...(NETWORK_LOCK ? { networkLock: NETWORK_LOCK } : {}),
@@ -142,22 +102,16 @@ async function main(): Promise<void> {
       c = await oci.restore(spec(PORT));
       const or = await firstByte(c.endpoints[PORT]!);
       restore.push(or.at - t0);
-      if (or.answer.bootMs !== original.bootMs || or.answer.sample !== original.sample) {
-        throw new Error(`the restored app is not the one checkpointed: ${JSON.stringify(or.answer)} vs ${JSON.stringify(original)}`);
-      }
+      assertSameApp(or.answer, original);
       console.log(`  run ${run}: cold start ${cold.at(-1)!.toFixed(0)} ms, restore ${restore.at(-1)!.toFixed(0)} ms`);
     }
     await oci.stop(c);
 
     const restored = logged.filter((l) => l.msg === 'container restored');
-    const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-    const row = (name: string, xs: number[]) =>
-      `${name.padEnd(44)}${fmt(med(xs))}${fmt(Math.min(...xs))}${fmt(Math.max(...xs))}`;
-    const fmt = (ms: number) => `${ms.toFixed(0).padStart(8)} ms`;
     const image = checkpoints.at(-1)!;
     console.log('');
     console.log(`app: ${MB} MB of state, start-up ${median(coldAnswers.map((a) => a.bootMs))} ms (median), RSS ${original.rssMB} MB`);
-    console.log(`${'wake latency to the first response byte'.padEnd(44)}${'median'.padStart(11)}${'min'.padStart(11)}${'max'.padStart(11)}`);
+    console.log(header('wake latency to the first response byte'));
     console.log(row('cold start (process runtime)', cold));
     console.log(row('CRIU full restore (oci runtime)', restore));
     const sources = [...new Set(restored.map((l) => String(l.image)))].join(' / ');
@@ -167,9 +121,9 @@ async function main(): Promise<void> {
     console.log(row('swap-out: checkpoint (dump + store + verify)', checkpoints.map((x) => x.dumpMs + x.storeMs)));
     console.log(row('  dump (runc checkpoint)', checkpoints.map((x) => x.dumpMs)));
     console.log(row('  store + verify', checkpoints.map((x) => x.storeMs)));
-    console.log(`${'oci cold start (not a wake; for reference)'.padEnd(44)}${fmt(ociCold)}`);
+    console.log(`${'oci cold start (not a wake; for reference)'.padEnd(44)}${fmtMs(ociCold)}`);
     console.log(`image: ${(image.imageBytes / 1e6).toFixed(0)} MB; last checkpoint uploaded ${(image.uploadedBytes / 1e6).toFixed(0)} MB (page store ${DURABLE ? 'durable' : 'not durable'})`);
-    console.log(`ratio cold start / full restore (medians): ${(med(cold) / med(restore)).toFixed(2)}x`);
+    console.log(`ratio cold start / full restore (medians): ${(median(cold) / median(restore)).toFixed(2)}x`);
   } finally {
     for (const pc of runtimes.containers) await new ProcessRuntime(log).stop(pc).catch(() => undefined);
     if (runtimes.oci) {
@@ -178,51 +132,6 @@ async function main(): Promise<void> {
     }
     rmSync(work, { recursive: true, force: true });
   }
-}
-
-function kdatNote(): string {
-  try {
-    return `-> ${readlinkSync('/run/criu.kdat')}`;
-  } catch {
-    return existsSync('/run/criu.kdat') ? 'a file' : 'absent';
-  }
-}
-
-function median(xs: number[]): number {
-  return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-}
-
-/** GET / on a fresh connection: when its first byte arrived (performance.now()) and the answer. */
-function firstByte(ep: Endpoint): Promise<{ at: number; answer: Answer }> {
-  return new Promise((resolve, reject) => {
-    let at = 0;
-    let text = '';
-    const s = net.connect({ host: ep.host, port: ep.port }, () => s.write('GET / HTTP/1.1\r\nHost: heavy\r\nConnection: close\r\n\r\n'));
-    s.setTimeout(30_000, () => s.destroy(new Error(`no answer from ${ep.host}:${ep.port} in 30 s`)));
-    s.on('data', (d: Buffer) => {
-      if (!at) at = performance.now();
-      text += d.toString('utf8');
-    });
-    s.on('error', reject);
-    s.on('end', () => {
-      try {
-        resolve({ at, answer: JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4)) as Answer });
-      } catch (err) {
-        reject(err);
-      }
-    });
-  });
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 main().catch((err: unknown) => {
