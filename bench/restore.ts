@@ -12,7 +12,7 @@
  *       [--log-file FILE]
  *
  * The page store is the product's S3 store (S3ObjectStore under ChunkedImageStore, as
- * openImageStore builds it, with its default concurrency unless --concurrency) on s3rver, a real
+ * openImageStore builds it for s3, with its concurrency unless --concurrency) on s3rver, a real
  * S3 API server in a child process (test/helpers/s3-server.ts), behind a proxy that models the
  * network to S3 (test/helpers/s3-fault-proxy.ts): --delay-ms per request and a --mbps cap (in MB/s
  * = 1e6 bytes/s) per direction. The model applies from each wake until its restore has every page
@@ -37,7 +37,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { ActiveSetStore } from '../pagestore/activeset.js';
 import { ChunkCache } from '../pagestore/chunk-cache.js';
-import { ChunkedImageStore, DEFAULT_CONCURRENCY } from '../pagestore/chunked-image-store.js';
+import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
+import { S3_CONCURRENCY } from '../pagestore/index.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import type { RestoreMode } from '../shared/protocol.js';
 import { startFaultProxy, type FaultProxy } from '../test/helpers/s3-fault-proxy.js';
@@ -54,7 +55,7 @@ const BOOT_MS = Number(arg('boot-ms', '2000'));
 const RUNS = Number(arg('runs', '5'));
 const DELAY_MS = Number(arg('delay-ms', '20'));
 const MBPS = Number(arg('mbps', '100'));
-const CONCURRENCY = Number(arg('concurrency', String(DEFAULT_CONCURRENCY)));
+const CONCURRENCY = Number(arg('concurrency', String(S3_CONCURRENCY)));
 const CACHE_MB = Number(arg('cache-mb', '256'));
 const MODES = arg('modes', 'full,lazy,activeset').split(',') as RestoreMode[];
 const TMP = arg('tmp', os.tmpdir());
@@ -139,7 +140,7 @@ async function main(): Promise<void> {
     console.log(`restore benchmark: heavy app, ${MB} MB of state, start-up ${BOOT_MS} ms; ${RUNS} wakes per mode; ${host.message}`);
     console.log(
       `page store: s3 (s3rver on loopback) behind a link of ${DELAY_MS} ms per request and ${MBPS} MB/s per direction; ` +
-        `ChunkedImageStore concurrency ${store.concurrency}${CONCURRENCY === DEFAULT_CONCURRENCY ? ' (the product default: openImageStore sets none)' : ` (product default ${DEFAULT_CONCURRENCY})`}, ` +
+        `ChunkedImageStore concurrency ${store.concurrency}${CONCURRENCY === S3_CONCURRENCY ? ' (the product\'s for s3)' : ` (the product's for s3: ${S3_CONCURRENCY})`}, ` +
         `S3 maxSockets 64 (default), lazy fetches 16 in flight (LazyImage default)`,
     );
     console.log(

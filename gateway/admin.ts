@@ -1,8 +1,8 @@
-import { timingSafeEqual } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { ListenAddress } from '../shared/config.js';
-import { describeError, isPicoError, type ErrorCode } from '../shared/errors.js';
+import { isPicoError, type ErrorCode } from '../shared/errors.js';
+import { bearerCheck, jsonServer, sendError, sendJson } from '../shared/json-http.js';
 import type { Logger } from '../shared/log.js';
 import type { Metrics } from '../shared/metrics.js';
 import type { Hold } from './hold.js';
@@ -44,21 +44,14 @@ export interface AdminServerOptions {
 
 export class AdminServer {
   private readonly server: http.Server;
-  private readonly token: Buffer;
+  private readonly authorized: (req: http.IncomingMessage) => boolean;
   private readonly log: Logger;
 
   constructor(private readonly opts: AdminServerOptions) {
-    this.token = Buffer.from(`Bearer ${opts.token}`);
+    this.authorized = bearerCheck(opts.token);
     this.log = opts.log.child({ component: 'admin' });
-    this.server = http.createServer((req, res) => {
-      this.route(req, res).catch((err: unknown) => {
-        this.log.error({ err: describeError(err) }, 'admin request failed');
-        if (!res.headersSent) sendError(res, 500, 'PICO_ERR_INTERNAL', describeError(err));
-        else res.destroy();
-      });
-    });
-    this.server.headersTimeout = 10_000;
-    this.server.requestTimeout = 0; // wake and checkpoint may take long; bounded by the hold
+    // wake and checkpoint may take long; bounded by the hold
+    this.server = jsonServer(this.log, 'admin', (req, res) => this.route(req, res));
   }
 
   async start(): Promise<AddressInfo> {
@@ -80,10 +73,6 @@ export class AdminServer {
     });
   }
 
-  private authorized(req: http.IncomingMessage): boolean {
-    const given = Buffer.from(req.headers.authorization ?? '');
-    return given.length === this.token.length && timingSafeEqual(given, this.token);
-  }
 
   private async route(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://admin');
@@ -135,12 +124,3 @@ export class AdminServer {
   }
 }
 
-function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
-  const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
-  res.end(text);
-}
-
-function sendError(res: http.ServerResponse, status: number, code: string, message: string): void {
-  sendJson(res, status, { error: { code, message } });
-}

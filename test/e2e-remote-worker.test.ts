@@ -1,13 +1,12 @@
 import assert from 'node:assert/strict';
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { Agent, request } from 'undici';
-import { CLI, startPicocenter, type LogLine, type RunningPicocenter } from './helpers/picocenter.js';
+import { CLI, startCli, startPicocenter, type LogLine, type RunningPicocenter } from './helpers/picocenter.js';
 import { until } from './helpers/poll.js';
 import { freePort } from './helpers/ports.js';
 import { repoFile } from './helpers/paths.js';
@@ -33,33 +32,8 @@ gateway: { dns: { zones: [apps.test] }, admin: { token: unused-admin-token } }
 worker: { runtime: process, listen: 127.0.0.1:0, token: ${WORKER_TOKEN}, shutdown: ${shutdown} }
 `,
   );
-  const proc = spawn(process.execPath, [CLI, 'worker', '--config', configFile, '--id', id], {
-    cwd: dir,
-    env: { ...process.env, PICO_LOG_LEVEL: 'debug' },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  const logs: LogLine[] = [];
-  const raw: string[] = [];
-  createInterface({ input: proc.stderr! }).on('line', (line) => {
-    raw.push(line);
-    try {
-      logs.push(JSON.parse(line) as LogLine);
-    } catch {
-      // a crash trace: kept in raw
-    }
-  });
-  let exited = false;
-  const exit = new Promise<number | null>((resolve) => proc.once('exit', (code) => ((exited = true), resolve(code))));
-  try {
-    const up = await until(() => {
-      if (exited) throw new Error(`picocenter worker exited:\n${raw.join('\n')}`);
-      return logs.find((l) => l.msg === 'picocenter worker up');
-    }, 'picocenter worker up');
-    return { proc, url: up.url as string, logs, exit };
-  } catch (err) {
-    if (!exited) proc.kill('SIGKILL');
-    throw err;
-  }
+  const { proc, logs, up, exit } = await startCli(['worker', '--config', configFile, '--id', id], dir, 'picocenter worker up');
+  return { proc, url: up.url as string, logs, exit };
 }
 
 function gatewayConfig(workerUrl: string, helloPort: number, adminPort = 0): string {

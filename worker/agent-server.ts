@@ -1,9 +1,10 @@
-import { randomUUID, timingSafeEqual } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import http from 'node:http';
 import type { Registry } from 'prom-client';
 import type { AddressInfo } from 'node:net';
 import type { ListenAddress } from '../shared/config.js';
 import { describeError } from '../shared/errors.js';
+import { bearerCheck, jsonServer, sendError, sendJson } from '../shared/json-http.js';
 import type { Logger } from '../shared/log.js';
 import type { WorkerEvent, WorkerRequest, WorkerResponse } from '../shared/protocol.js';
 import { CALL_PATH, EVENTS_PATH, EVENT_BUFFER, HEARTBEAT_MS, MAX_BODY_BYTES, checkRequest, type EventFrame } from '../shared/worker-http.js';
@@ -37,7 +38,7 @@ export interface AgentServerOptions {
  */
 export class AgentServer {
   private readonly server: http.Server;
-  private readonly token: Buffer;
+  private readonly authorized: (req: http.IncomingMessage) => boolean;
   private readonly log: Logger;
   /** one per agent process: a client that saw another instance missed a restart */
   readonly instance = randomUUID();
@@ -49,17 +50,10 @@ export class AgentServer {
   private draining = false;
 
   constructor(private readonly opts: AgentServerOptions) {
-    this.token = Buffer.from(`Bearer ${opts.token}`);
+    this.authorized = bearerCheck(opts.token);
     this.log = opts.log.child({ component: 'agent', worker: opts.worker.id });
-    this.server = http.createServer((req, res) => {
-      this.route(req, res).catch((err: unknown) => {
-        this.log.error({ err: describeError(err) }, 'agent request failed');
-        if (!res.headersSent) sendError(res, 500, 'PICO_ERR_INTERNAL', describeError(err));
-        else res.destroy();
-      });
-    });
-    this.server.headersTimeout = 10_000;
-    this.server.requestTimeout = 0; // a checkpoint of a big app takes minutes; the client bounds it
+    // a checkpoint of a big app takes minutes; the client bounds it
+    this.server = jsonServer(this.log, 'agent', (req, res) => this.route(req, res));
     this.server.keepAliveTimeout = 60_000;
     this.unsubscribe = opts.worker.onEvent((event) => this.publish(event));
   }
@@ -107,10 +101,6 @@ export class AgentServer {
     for (const s of this.streams) s.write(line);
   }
 
-  private authorized(req: http.IncomingMessage): boolean {
-    const given = Buffer.from(req.headers.authorization ?? '');
-    return given.length === this.token.length && timingSafeEqual(given, this.token);
-  }
 
   private async route(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://agent');
@@ -204,12 +194,3 @@ function readBody(req: http.IncomingMessage, limit: number): Promise<Buffer | un
   });
 }
 
-function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
-  const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
-  res.end(text);
-}
-
-function sendError(res: http.ServerResponse, status: number, code: string, message: string): void {
-  sendJson(res, status, { error: { code, message } });
-}

@@ -37,12 +37,17 @@ export interface StartOptions {
   upTimeoutMs?: number;
 }
 
-/** Starts `picocenter up`; a process that does not come up is killed, and the start rejects. */
-export async function startPicocenter(configYaml: string, options: StartOptions = {}): Promise<RunningPicocenter> {
-  const dir = mkdtempSync(path.join(tmpdir(), 'pico-e2e-'));
-  const configFile = path.join(dir, 'picocenter.yaml');
-  writeFileSync(configFile, configYaml);
-  const proc = spawn(process.execPath, [CLI, 'up', '--config', configFile], {
+/**
+ * Runs `picocenter ARGS…` in `dir` and resolves with its first log line named `upMsg`; a process
+ * that exits or does not log it in `timeoutMs` is killed, and the start rejects with its output.
+ */
+export async function startCli(
+  args: string[],
+  dir: string,
+  upMsg: string,
+  timeoutMs = 15_000,
+): Promise<{ proc: ChildProcess; logs: LogLine[]; up: LogLine; exit: Promise<number | null> }> {
+  const proc = spawn(process.execPath, [CLI, ...args], {
     cwd: dir,
     env: { ...process.env, PICO_LOG_LEVEL: 'debug' },
     stdio: ['ignore', 'ignore', 'pipe'],
@@ -59,16 +64,16 @@ export async function startPicocenter(configYaml: string, options: StartOptions 
   });
   let exited = false;
   const exit = new Promise<number | null>((resolve) => proc.once('exit', (code) => ((exited = true), resolve(code))));
-  let upLine: LogLine;
   try {
-    upLine = await until(
+    const up = await until(
       () => {
-        if (exited) throw new Error(`picocenter exited before it was up:\n${raw.join('\n')}`);
-        return logs.find((l) => l.msg === 'picocenter up');
+        if (exited) throw new Error(`picocenter ${args[0]} exited before it was up:\n${raw.join('\n')}`);
+        return logs.find((l) => l.msg === upMsg);
       },
-      'picocenter up',
-      options.upTimeoutMs ?? 15_000,
+      upMsg,
+      timeoutMs,
     );
+    return { proc, logs, up, exit };
   } catch (err) {
     // Not up: no test holds it, so nothing else would ever stop it (its stderr pipe would keep
     // the test process alive).
@@ -79,6 +84,14 @@ export async function startPicocenter(configYaml: string, options: StartOptions 
     }
     throw err;
   }
+}
+
+/** Starts `picocenter up`; a process that does not come up is killed, and the start rejects. */
+export async function startPicocenter(configYaml: string, options: StartOptions = {}): Promise<RunningPicocenter> {
+  const dir = mkdtempSync(path.join(tmpdir(), 'pico-e2e-'));
+  const configFile = path.join(dir, 'picocenter.yaml');
+  writeFileSync(configFile, configYaml);
+  const { proc, logs, up: upLine, exit } = await startCli(['up', '--config', configFile], dir, 'picocenter up', options.upTimeoutMs);
   const addr = upLine as unknown as { dns: { port: number }; http: { port: number }; admin: { port: number } };
   const token = /token:\s*(\S+)/.exec(configYaml)?.[1] ?? '';
   const adminPort = addr.admin.port;
@@ -111,7 +124,7 @@ export async function startPicocenter(configYaml: string, options: StartOptions 
       return (body as { state: string }).state;
     },
     async stop() {
-      if (!exited) proc.kill('SIGTERM');
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
       return exit;
     },
   };
