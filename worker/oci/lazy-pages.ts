@@ -5,7 +5,8 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { isNoise } from './criu.js';
 
 /** The name CRIU gives the daemon's socket in its work directory (criu/uffd.c). */
-const SOCKET = 'lazy-pages.socket';
+export const LAZY_PAGES_SOCKET = 'lazy-pages.socket';
+const SOCKET = LAZY_PAGES_SOCKET;
 const LOG = 'lazy-pages.log';
 
 export interface LazyPagesExit {

@@ -1,4 +1,5 @@
 import { rmSync } from 'node:fs';
+import path from 'node:path';
 import type { Logger } from '../../shared/log.js';
 import type { RestoreMode } from '../../shared/protocol.js';
 import { covering, type ActiveSetStore, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
@@ -6,6 +7,7 @@ import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { fileChunks, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { imageUnreadable, LazyImage, type LazyImageStats } from './lazy-image.js';
 import { LazyPagesDaemon, type PageFault } from './lazy-pages.js';
+import { LazyRelay } from './lazy-relay.js';
 
 /*
  * One lazy restore (modes `lazy` and `activeset`), from the mount to the last page:
@@ -79,6 +81,7 @@ export class LazyRestore {
   private aborted = false;
   private settling: Promise<void> | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
+  private relay: LazyRelay | undefined;
 
   private constructor(private readonly o: LazyRestoreOptions) {
     this.finished = new Promise((resolve) => (this.resolveFinished = resolve));
@@ -118,10 +121,28 @@ export class LazyRestore {
     return r;
   }
 
+  /**
+   * Starts `criu lazy-pages` and, where python3 is there, the relay in front of it (in the
+   * restore's work directory, the daemon in a directory of its own inside it): until release(),
+   * the daemon serves page faults only. Without the relay it starts copying all of memory as
+   * soon as the process resumes.
+   */
   async startDaemon(): Promise<void> {
     rmSync(this.o.workDir, { recursive: true, force: true });
-    this.daemon = await LazyPagesDaemon.start(this.o.criu, this.o.mountpoint, this.o.workDir);
+    const relayed = LazyRelay.available();
+    const daemonDir = relayed ? path.join(this.o.workDir, 'daemon') : this.o.workDir;
+    this.daemon = await LazyPagesDaemon.start(this.o.criu, this.o.mountpoint, daemonDir);
     void this.daemon.exit.then(() => this.settleOnce());
+    if (!relayed) return;
+    try {
+      this.relay = await LazyRelay.start(this.o.workDir, daemonDir);
+    } catch (err) {
+      this.daemon.kill();
+      throw err;
+    }
+    void this.relay.failure().then((why) => {
+      if (why && !this.aborted) this.o.log.error({ err: why }, 'the lazy-pages relay failed');
+    });
   }
 
   /** What was fetched before the process resumed (for the restore's log line). */
@@ -138,7 +159,13 @@ export class LazyRestore {
    * background reads fetch what they need one read at a time.
    */
   restored(): void {
-    this.sweepTimer = setTimeout(() => this.image?.sweep(), this.o.sweepAfterMs ?? 1000);
+    this.sweepTimer = setTimeout(() => this.copyRest(), this.o.sweepAfterMs ?? 1000);
+  }
+
+  /** The first traffic is over (or did not come): fetch, and let CRIU copy, the rest of memory. */
+  private copyRest(): void {
+    this.relay?.release();
+    this.image?.sweep();
   }
 
   /** The app answered its first traffic: the ActiveSet window closes `graceMs` from now. */
@@ -148,13 +175,14 @@ export class LazyRestore {
     this.windowEnd = performance.now() + grace;
     if (this.sweepTimer) {
       clearTimeout(this.sweepTimer);
-      this.sweepTimer = setTimeout(() => this.image?.sweep(), grace);
+      this.sweepTimer = setTimeout(() => this.copyRest(), grace);
     }
   }
 
   /** The restore failed or the container is being removed: stop the daemon, unmount. */
   async abort(): Promise<void> {
     this.aborted = true;
+    this.relay?.kill();
     this.daemon?.kill();
     if (this.daemon) await this.daemon.exit;
     await this.settleOnce();
@@ -168,6 +196,7 @@ export class LazyRestore {
   private async settle(): Promise<void> {
     const exit = this.daemon ? await this.daemon.exit : null;
     clearTimeout(this.sweepTimer);
+    this.relay?.kill();
     await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
     const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
     let error = this.failure;
