@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the `oci` runtime needs on Debian (run as root): runc, iptables, fuse3 and libfuse2 from the
+# Installs what the `oci` runtime needs on Debian (run as root): runc, iptables, fuse3, libfuse2 and python3 from the
 # system's own release, and a CRIU that works on the running kernel. Idempotent; a second run
 # only re-checks (well under a second) and touches no network.
 #
@@ -51,6 +51,8 @@ have iptables-restore || need+=(iptables)
 have fusermount3 || need+=(fuse3)
 # fuse-native's prebuilt binary (the FUSE image directory of a lazy restore) links libfuse.so.2.
 ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || need+=(libfuse2)
+# The lazy-pages relay (worker/oci/lazy-relay.py) passes userfaultfds between two CRIU processes.
+have python3 || need+=(python3)
 if ((${#need[@]})); then
   have apt-get || die "missing ${need[*]} and no apt-get: install them with the system's package manager"
   say "installing ${need[*]} from the system's release"
