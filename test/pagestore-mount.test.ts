@@ -160,7 +160,7 @@ function assertGoneOrEmpty(p: string) {
 
 // ---- tests ----
 
-describe('image mount (FUSE)', { skip: skipReason }, () => {
+describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
   it('serves every file whole: sha256sum and cmp in children match', async () => {
     const m = await mount();
     const sums = (await ok('sha256sum', files.map((f) => path.join(m.path, f.path)))).toString();
