@@ -103,7 +103,7 @@ export interface OciRuntimeOptions {
   activeSets?: ActiveSetStore;
   /** in ms: how long the ActiveSet window stays open after the app served its first traffic; default 500 */
   activeSetGraceMs?: number;
-  /** in ms: when a lazy restore starts fetching the rest of the image (lazy-restore.ts); default 1000 */
+  /** in ms: when a lazy restore starts fetching the rest of the image (lazy-restore.ts); default 5000 */
   sweepAfterMs?: number;
   /** called once a checkpoint is stored and verified: for metrics */
   onCheckpoint?(app: string, result: OciCheckpointResult): void;

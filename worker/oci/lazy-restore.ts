@@ -47,7 +47,7 @@ export interface LazyRestoreOptions {
   graceMs?: number;
   /**
    * in ms: the background fetch of the rest of the image starts this long after the process
-   * resumed, or when the ActiveSet window closes if that is sooner; default 1000. Until then the
+   * resumed, or when the ActiveSet window closes if that is sooner; default 5000. Until then the
    * worker's event loop serves the app's first page faults alone (see restored()).
    */
   sweepAfterMs?: number;
@@ -159,7 +159,7 @@ export class LazyRestore {
    * background reads fetch what they need one read at a time.
    */
   restored(): void {
-    this.sweepTimer = setTimeout(() => this.copyRest(), this.o.sweepAfterMs ?? 1000);
+    this.sweepTimer = setTimeout(() => this.copyRest(), this.o.sweepAfterMs ?? 5000);
   }
 
   /** The first traffic is over (or did not come): fetch, and let CRIU copy, the rest of memory. */
