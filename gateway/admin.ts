@@ -2,7 +2,7 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { ListenAddress } from '../shared/config.js';
 import { isPicoError, type ErrorCode } from '../shared/errors.js';
-import { bearerCheck, jsonServer, sendError, sendJson } from '../shared/json-http.js';
+import { bearerCheck, jsonServer, listenOn, sendError, sendJson } from '../shared/json-http.js';
 import type { Logger } from '../shared/log.js';
 import type { Metrics } from '../shared/metrics.js';
 import type { Hold } from './hold.js';
@@ -55,14 +55,7 @@ export class AdminServer {
   }
 
   async start(): Promise<AddressInfo> {
-    await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(this.opts.listen.port, this.opts.listen.host, () => {
-        this.server.off('error', reject);
-        resolve();
-      });
-    });
-    return this.server.address() as AddressInfo;
+    return listenOn(this.server, this.opts.listen);
   }
 
   async stop(): Promise<void> {

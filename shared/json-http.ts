@@ -1,4 +1,5 @@
 import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
 import { describeError } from './errors.js';
 import type { Logger } from './log.js';
@@ -35,6 +36,18 @@ export function jsonServer(log: Logger, what: string, route: (req: http.Incoming
   server.headersTimeout = 10_000;
   server.requestTimeout = 0;
   return server;
+}
+
+/** Listens on `at`; rejects with the listen error (address in use…). */
+export async function listenOn(server: http.Server, at: { host: string; port: number }): Promise<AddressInfo> {
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(at.port, at.host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  return server.address() as AddressInfo;
 }
 
 /** A constant-time check of `Authorization: Bearer TOKEN`. */

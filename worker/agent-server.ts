@@ -4,7 +4,7 @@ import type { Registry } from 'prom-client';
 import type { AddressInfo } from 'node:net';
 import type { ListenAddress } from '../shared/config.js';
 import { describeError } from '../shared/errors.js';
-import { bearerCheck, jsonServer, sendError, sendJson } from '../shared/json-http.js';
+import { bearerCheck, jsonServer, listenOn, sendError, sendJson } from '../shared/json-http.js';
 import type { Logger } from '../shared/log.js';
 import type { WorkerEvent, WorkerRequest, WorkerResponse } from '../shared/protocol.js';
 import { CALL_PATH, EVENTS_PATH, EVENT_BUFFER, HEARTBEAT_MS, MAX_BODY_BYTES, checkRequest, type EventFrame } from '../shared/worker-http.js';
@@ -59,18 +59,12 @@ export class AgentServer {
   }
 
   async start(): Promise<AddressInfo> {
-    await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(this.opts.listen.port, this.opts.listen.host, () => {
-        this.server.off('error', reject);
-        resolve();
-      });
-    });
+    const addr = await listenOn(this.server, this.opts.listen);
     this.heartbeat = setInterval(() => {
       for (const s of this.streams) s.write('\n');
     }, this.opts.heartbeatMs ?? HEARTBEAT_MS);
     this.heartbeat.unref();
-    return this.server.address() as AddressInfo;
+    return addr;
   }
 
   /**
