@@ -334,6 +334,19 @@ apps:
     const st = await inspect.state(containerIdFor(DEFAULT_PREFIX, APP.counter));
     assert.ok(st && st.status === 'running', `runc state: ${JSON.stringify(st)}`);
     assert.equal(memoryLimit(st.pid), 256 * 1024 * 1024);
+    // The wakes were lazy restores with an ActiveSet (the default mode), and the metrics say so.
+    const app = APP.counter; // letters, digits and dashes: nothing to escape in a pattern
+    await until(async () => {
+      const { body } = await sys().admin('GET', '/metrics');
+      const text = String(body);
+      const value = (re: RegExp) => Number(re.exec(text)?.[1] ?? NaN);
+      return (
+        value(new RegExp(`picocenter_checkpoint_bytes_total\\{app="${app}",part="image"\\} (\\d+)`)) > 0 &&
+        value(new RegExp(`picocenter_restore_chunks_total\\{app="${app}",mode="activeset",how="metadata"\\} (\\d+)`)) > 0 &&
+        value(new RegExp(`picocenter_activeset_chunks_total\\{app="${app}",result="hit"\\} (\\d+)`)) > 0 &&
+        value(new RegExp(`picocenter_wake_duration_seconds_count\\{app="${app}",kind="restore",mode="activeset"\\} (\\d+)`)) === 3
+      );
+    }, 'checkpoint, restore and ActiveSet metrics for the counter app');
   });
 
   step('a TCP key-value app reached at its own address keeps its data across swaps', async () => {
