@@ -23,6 +23,8 @@
  *   could run on without the page. Failed chunks are not remembered: a later read tries again.
  * - close() never hangs: a busy mount (a reader still has a file open) is detached lazily
  *   (`fusermount -uz`); its open files keep being served until they are closed.
+ * - Never walk a directory holding a live mount of this process synchronously (rmSync, statSync):
+ *   close() the mount first, or detach it (`fusermount -uz`) — a sync stat of it never returns.
  */
 import { execFile } from 'node:child_process';
 import { mkdir, readdir, realpath, rmdir, stat } from 'node:fs/promises';
@@ -216,6 +218,9 @@ export async function mountImage(opts: ImageMountOptions): Promise<ImageMount> {
     removexattr: rofs,
   };
 
+  // Not `auto_unmount`: libfuse 2 then mounts through a fusermount child that lives as long as
+  // the mount and is never reaped (Node waits only for children it spawned): one zombie per
+  // restore. A crashed worker's dead mounts are removed by cleanStaleMount instead.
   const fuse = new Fuse(mnt, ops, {
     // Reads wait for chunk() and then for onFailure; fuse-native's own deadline would answer
     // ETIMEDOUT without either. chunkTimeoutMs + failureTimeoutMs bound a read instead.
