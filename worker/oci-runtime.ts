@@ -458,13 +458,14 @@ export class OciRuntime implements ContainerRuntime {
   }
 
   /**
-   * Swap-in from the newest verified generation: take the worker's local copy of it when it has
-   * one that passes its check (local-image.ts), else fetch it (the store verifies every chunk);
-   * make the netns afresh unless it was kept, `runc restore`, wait until every port accepts. Nothing is left running or
-   * half-made when it throws: a missing image is PICO_ERR_IMAGE_MISSING, a corrupt one keeps the
-   * store's PICO_ERR_IMAGE_CORRUPT. `signal` aborting before the container is ready removes the
-   * restored container (the image stays stored: nothing is lost) and rejects with
-   * PICO_ERR_SHUTTING_DOWN.
+   * Swap-in from the newest verified generation, as `spec.restore` says: `full` reads the whole
+   * image first (fullImage), `lazy` and `activeset` restore on a FUSE image directory and page
+   * memory in (lazyImage, worker/oci/lazy-restore.ts); make the netns afresh unless it was kept,
+   * `runc restore`, wait until every port accepts. Nothing is left running or half-made when it
+   * throws: a missing image is PICO_ERR_IMAGE_MISSING, a corrupt one or a page that cannot be
+   * had keeps the store's error (PICO_ERR_IMAGE_CORRUPT, PICO_ERR_STORE). `signal` aborting
+   * before the container is ready removes the restored container (the image stays stored:
+   * nothing is lost) and rejects with PICO_ERR_SHUTTING_DOWN.
    */
   async restore(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
     return this.queue.run(spec.name, async () => {
@@ -521,9 +522,9 @@ export class OciRuntime implements ContainerRuntime {
         await this.runc.delete(record.id, { force: true }).catch(() => undefined);
         await img.release(false);
         await this.cleanupNetwork(net, log);
-        const cause = img.lazy?.failure ?? err;
+        // A page that could not be had is the cause, not CRIU's failure that followed from it.
         if (img.lazy?.failure) throw img.lazy.failure;
-        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${manifest.generation} failed: ${describeError(cause)}`, { cause });
+        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${manifest.generation} failed: ${describeError(err)}`, { cause: err });
       }
       const restoredMs = performance.now() - t0;
       const c = this.adopt(spec, record, net, att);
