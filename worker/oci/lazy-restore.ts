@@ -13,10 +13,12 @@ import { LazyRelay } from './lazy-relay.js';
  * One lazy restore (modes `lazy` and `activeset`), from the mount to the last page:
  *
  *   prepare()      ActiveSet plan (activeset mode), FUSE mount, prefetch          [awaited]
- *   startDaemon()  `criu lazy-pages` on the mount, listening                       [awaited]
- *   (the runtime: `runc restore --lazy-pages`; the process resumes at once)
- *   restored()     the background fetch of the rest of the image starts
- *   served()       the app answered its first traffic: the ActiveSet window closes after a grace
+ *   startDaemon()  `criu lazy-pages` on the mount, and the relay in front of it    [awaited]
+ *   (the runtime: `runc restore --lazy-pages`; the process resumes at once, faults are served)
+ *   restored()     arms the fallback: the rest of memory follows after sweepAfterMs
+ *   served()       the app answered its first traffic: after a grace the ActiveSet window
+ *                  closes, the relay lets CRIU's daemon copy the rest of memory, and the rest of
+ *                  the image is fetched in the background
  *   finished       the daemon exited: every page is in (or the restore failed); the mount is gone,
  *                  this restore's ActiveSet is stored
  *
