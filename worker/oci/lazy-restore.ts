@@ -132,6 +132,7 @@ export class LazyRestore {
   async startDaemon(): Promise<void> {
     rmSync(this.o.workDir, { recursive: true, force: true });
     const relayed = LazyRelay.available();
+    if (!relayed) this.o.log.warn('no python3: the lazy-pages relay cannot run, so CRIU copies all memory while the app serves its first traffic');
     const daemonDir = relayed ? path.join(this.o.workDir, 'daemon') : this.o.workDir;
     this.daemon = await LazyPagesDaemon.start(this.o.criu, this.o.mountpoint, daemonDir);
     void this.daemon.exit.then(() => this.settleOnce());
