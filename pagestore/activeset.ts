@@ -18,7 +18,7 @@
  * Writes race only between two restores of one app on two workers; the last one wins.
  */
 import { isNotFound, type ObjectStore } from './object-store.js';
-import { canonicalJson, manifestChecksum, sha256 } from './chunked-image-store.js';
+import { canonicalJson, sha256 } from './chunked-image-store.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 
 export const ACTIVESET_FORMAT_VERSION = 1;
@@ -91,7 +91,7 @@ export class ActiveSetStore {
     const keep = this.policy.keep ?? this.policy.window;
     const restores = [...(prev?.restores ?? []), use].slice(-keep);
     const draft = { format: ACTIVESET_FORMAT_VERSION, app, restores };
-    const record: ActiveSetRecord = { ...draft, checksum: sha256(canonicalJson(draft)) };
+    const record: ActiveSetRecord = { ...draft, checksum: recordChecksum(draft) };
     await this.store.put(activeSetKey(app), Buffer.from(canonicalJson(record)));
     return record;
   }
@@ -100,6 +100,11 @@ export class ActiveSetStore {
   plan(manifest: ImageManifest, record: ActiveSetRecord | undefined): PlannedChunk[] {
     return planPrefetch(manifest, record, this.policy);
   }
+}
+
+/** sha256 of the record's canonical JSON without its checksum (as a manifest's). */
+function recordChecksum(r: object): string {
+  return sha256(canonicalJson({ ...r, checksum: undefined }));
 }
 
 /** Parses a stored record; undefined when it is not one (wrong shape, app or checksum). */
@@ -112,7 +117,7 @@ export function parseActiveSet(body: Buffer, app: string): ActiveSetRecord | und
   }
   const r = v as Partial<ActiveSetRecord> | null;
   if (!r || typeof r !== 'object' || r.format !== ACTIVESET_FORMAT_VERSION || r.app !== app || !Array.isArray(r.restores)) return undefined;
-  if (typeof r.checksum !== 'string' || manifestChecksum(r as unknown as ImageManifest) !== r.checksum) return undefined;
+  if (typeof r.checksum !== 'string' || recordChecksum(r) !== r.checksum) return undefined;
   for (const u of r.restores) {
     if (!u || !Array.isArray(u.chunks)) return undefined;
     for (const c of u.chunks) {

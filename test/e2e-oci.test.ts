@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -21,6 +21,7 @@ import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
 import { freePort } from './helpers/ports.js';
 import { ociTestHost } from './helpers/oci-host.js';
+import { flipByte } from './helpers/files.js';
 import { memoryLimit } from './helpers/oci-client.js';
 
 /*
@@ -700,19 +701,3 @@ async function kv(address: string, port: number, ...commands: string[]): Promise
   }
 }
 
-// ---- the host's view ----
-
-/** The memory limit of the cgroup `pid` is in (cgroup v1 or v2), in bytes. */
-
-function flipByte(file: string, offset: number): void {
-  assert.ok(offset < statSync(file).size);
-  const fd = openSync(file, 'r+');
-  try {
-    const b = Buffer.alloc(1);
-    readSync(fd, b, 0, 1, offset);
-    b[0] = b[0]! ^ 0xff;
-    writeSync(fd, b, 0, 1, offset);
-  } finally {
-    closeSync(fd);
-  }
-}

@@ -16,7 +16,7 @@ import { Runc } from '../worker/oci/runc.js';
 import type { LazyOutcome } from '../worker/oci/lazy-restore.js';
 import { OciRuntime, type OciRuntimeOptions } from '../worker/oci-runtime.js';
 import type { Container } from '../worker/runtime.js';
-import { ociTestHost } from './helpers/oci-host.js';
+import { ociTestHost, ociTestOptions } from './helpers/oci-host.js';
 import { inc, state, verify } from './helpers/oci-client.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
@@ -40,7 +40,6 @@ const { host, skip } = await ociTestHost();
 const log = process.env.PICO_TEST_LOG ? createLogger({ level: 'debug' }) : silentLogger();
 const prefix = `pl${process.pid}-`;
 const slotBase = 14_000 + (process.pid % 20) * 100;
-const readOnlyPaths = process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)];
 
 describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, timeout: 600_000 }, () => {
   let work = '';
@@ -56,23 +55,19 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
   async function runtime(name: string, slotOffset: number, extra: Partial<OciRuntimeOptions> = {}): Promise<OciRuntime> {
     const stateDir = path.join(work, name);
     stateDirs.push(stateDir);
-    const r = new OciRuntime({
+    const r = new OciRuntime(ociTestOptions(host!, {
       log,
       imageStore: store,
-      criu: host!.criu!.path,
       stateDir,
       prefix,
       slots: { first: slotBase + slotOffset, count: 40 },
-      defaults: { readOnlyPaths },
-      stopGraceMs: 2000,
-      networkLock: host!.nftablesLock ? 'nftables' : 'iptables',
       localImages: false,
       chunkCache: await ChunkCache.open({ memoryBytes: 256 * 1024 * 1024 }),
       activeSets,
       activeSetGraceMs: 200,
       onLazyRestore: (app, mode, outcome) => outcomes.push({ app, mode, outcome }),
       ...extra,
-    });
+    }));
     runtimes.push(r);
     return r;
   }

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { isPicoError } from '../shared/errors.js';
 import { createLogger, silentLogger } from '../shared/log.js';
-import type { AppSpec, Endpoint } from '../shared/protocol.js';
+import type { AppSpec } from '../shared/protocol.js';
 import { hostFacts } from '../worker/oci/bundle.js';
 import { containerIdFor } from '../worker/oci/app-records.js';
 import { run } from '../worker/oci/exec.js';
@@ -16,8 +16,8 @@ import { Runc } from '../worker/oci/runc.js';
 import { OciRuntime } from '../worker/oci-runtime.js';
 import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
-import { ociTestHost } from './helpers/oci-host.js';
-import { assertRouted, request, state, inc, verify, memoryLimit } from './helpers/oci-client.js';
+import { ociTestHost, ociTestOptions } from './helpers/oci-host.js';
+import { request, state, inc, verify, memoryLimit } from './helpers/oci-client.js';
 
 /*
  * Root filesystems and confinement of the `oci` runtime, in CRIU's zdtm shape (the app builds
@@ -38,7 +38,6 @@ const log = process.env.PICO_TEST_LOG ? createLogger({ level: 'debug' }) : silen
 const prefix = `pr${process.pid}-`;
 // Apart from the worker's default slots' usual picks, oci-runtime.test.ts (12000+) and the spike's (16000+).
 const slotBase = 11_000 + (process.pid % 20) * 50;
-const readOnlyPaths = process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)];
 
 describe('oci runtime: root filesystems, bundles, seccomp', { skip, timeout: 300_000 }, () => {
   let work = '';
@@ -51,17 +50,7 @@ describe('oci runtime: root filesystems, bundles, seccomp', { skip, timeout: 300
     work = mkdtempSync(path.join(tmpdir(), 'pico-ocirootfs-'));
     store = new DirImageStore(path.join(work, 'store'));
     const stateDir = path.join(work, 'state');
-    runtime = new OciRuntime({
-      log,
-      imageStore: store,
-      criu: host!.criu!.path,
-      stateDir,
-      prefix,
-      slots: { first: slotBase, count: 50 },
-      defaults: { readOnlyPaths },
-      stopGraceMs: 2000,
-      networkLock: host!.nftablesLock ? 'nftables' : 'iptables',
-    });
+    runtime = new OciRuntime(ociTestOptions(host!, { log, imageStore: store, stateDir, prefix, slots: { first: slotBase, count: 50 } }));
     inspect = new Runc({ criu: host!.criu!.path, root: path.join(stateDir, 'runc'), logDir: path.join(work, 'inspect-logs') });
   });
 

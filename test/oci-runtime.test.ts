@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, closeSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { connect as netConnect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -21,7 +21,8 @@ import { fileChunks } from '../pagestore/image-store.js';
 import { DirImageStore } from './helpers/dir-image-store.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
-import { ociTestHost } from './helpers/oci-host.js';
+import { ociTestHost, ociTestOptions } from './helpers/oci-host.js';
+import { flipByte } from './helpers/files.js';
 import { assertRouted, request, state, inc, verify, memoryLimit } from './helpers/oci-client.js';
 
 /*
@@ -41,7 +42,6 @@ const log = process.env.PICO_TEST_LOG ? createLogger({ level: 'debug' }) : silen
 const prefix = `pt${process.pid}-`;
 // Slots apart from a worker's (0..15999 by default) and the spike test's (16000+), per process.
 const slotBase = 12_000 + (process.pid % 30) * 100;
-const readOnlyPaths = process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)];
 
 describe('oci runtime: per-app records (no root needed)', () => {
   it('container ids are the prefixed app name, or a hashed form that fits runc\'s 64 characters', () => {
@@ -88,19 +88,7 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
 
   function options(stateDir: string, slotOffset: number, extra: Partial<OciRuntimeOptions> = {}): OciRuntimeOptions {
     stateDirs.push(stateDir);
-    return {
-      log,
-      imageStore: store,
-      criu: host!.criu!.path,
-      stateDir,
-      prefix,
-      slots: { first: slotBase + slotOffset, count: 50 },
-      defaults: { readOnlyPaths },
-      stopGraceMs: 2000,
-      // As create() chooses on a host whose CRIU has it (these machines).
-      networkLock: host!.nftablesLock ? 'nftables' : 'iptables',
-      ...extra,
-    };
+    return ociTestOptions(host!, { log, imageStore: store, stateDir, prefix, slots: { first: slotBase + slotOffset, count: 50 }, ...extra });
   }
 
   before(async () => {
@@ -696,18 +684,5 @@ function childrenOf(pid: number): number[] {
     return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
   } catch {
     return [];
-  }
-}
-
-function flipByte(file: string, offset: number): void {
-  assert.ok(offset < statSync(file).size);
-  const fd = openSync(file, 'r+');
-  try {
-    const b = Buffer.alloc(1);
-    readSync(fd, b, 0, 1, offset);
-    b[0] = b[0]! ^ 0xff;
-    writeSync(fd, b, 0, 1, offset);
-  } finally {
-    closeSync(fd);
   }
 }

@@ -4,7 +4,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import type { ActiveSetStore } from '../pagestore/activeset.js';
 import { ChunkCache } from '../pagestore/chunk-cache.js';
 import { cleanStaleMount } from '../pagestore/image-mount.js';
-import { fileChunks, type ImageManifest, type ImageStore } from '../pagestore/image-store.js';
+import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
 import { describeError, isPicoError, PicoError, type ErrorCode } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { AppSpec, Endpoints } from '../shared/protocol.js';
@@ -717,10 +717,7 @@ export class OciRuntime implements ContainerRuntime {
     if (!this.cache) return 0;
     const manifest = await this.store.latest(app).catch(() => undefined);
     if (!manifest) return 0;
-    const cache = await this.cache;
-    let bytes = 0;
-    for (const f of manifest.files) for (const ref of fileChunks(manifest, f)) if (cache.has(ref.hash)) bytes += ref.size;
-    return bytes;
+    return (await this.cache).cachedBytes(manifest.files.flatMap((f) => f.chunks));
   }
 
   // ---- internals ----

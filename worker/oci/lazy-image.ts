@@ -3,6 +3,7 @@ import path from 'node:path';
 import { PicoError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import type { PlannedChunk } from '../../pagestore/activeset.js';
+import { mapBounded } from '../../pagestore/bounded.js';
 import { sha256 } from '../../pagestore/chunked-image-store.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
@@ -161,22 +162,9 @@ export class LazyImage {
     );
   }
 
-  /** Runs `fn` over `items`, `concurrency` at a time; rejects with the first failure. */
-  private async each<T>(items: readonly T[], fn: (item: T) => Promise<void>): Promise<void> {
-    let next = 0;
-    let failed: unknown;
-    const lane = async (): Promise<void> => {
-      while (next < items.length && failed === undefined && !this.closed) {
-        const item = items[next++]!;
-        try {
-          await fn(item);
-        } catch (err) {
-          failed ??= err;
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(this.concurrency, items.length) }, lane));
-    if (failed !== undefined) throw failed;
+  /** Runs `fn` over `items`, `concurrency` at a time, until closed; rejects with the first failure. */
+  private each<T>(items: readonly T[], fn: (item: T) => Promise<void>): Promise<void> {
+    return mapBounded(items, this.concurrency, (item) => (this.closed ? Promise.resolve() : fn(item)));
   }
 }
 

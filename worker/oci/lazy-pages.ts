@@ -6,7 +6,6 @@ import { isNoise } from './criu.js';
 
 /** The name CRIU gives the daemon's socket in its work directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket';
-const SOCKET = LAZY_PAGES_SOCKET;
 const LOG = 'lazy-pages.log';
 
 export interface LazyPagesExit {
@@ -37,7 +36,7 @@ export class LazyPagesDaemon {
     readonly workDir: string,
   ) {
     mkdirSync(workDir, { recursive: true });
-    rmSync(path.join(workDir, SOCKET), { force: true });
+    rmSync(path.join(workDir, LAZY_PAGES_SOCKET), { force: true });
     this.startedAt = performance.now();
     // -v4: the log names each fault and when the background copy starts (ActiveSet cut-off).
     const child = spawn(this.criu, ['lazy-pages', '--images-dir', imagesDir, '--work-dir', workDir, '--log-file', LOG, '-v4'], {
@@ -56,7 +55,7 @@ export class LazyPagesDaemon {
     const d = new LazyPagesDaemon(criu, imagesDir, workDir);
     const deadline = performance.now() + timeoutMs;
     let wait = 1;
-    while (!existsSync(path.join(workDir, SOCKET))) {
+    while (!existsSync(path.join(workDir, LAZY_PAGES_SOCKET))) {
       if (d.exited) throw new Error(`criu lazy-pages exited ${describe(d.exited)} before it listened: ${d.errors().join(' | ') || 'no error logged'}`);
       if (performance.now() > deadline) {
         d.kill();
