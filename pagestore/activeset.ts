@@ -5,14 +5,17 @@
  * Layout in the object store (format 1), beside the app's manifests:
  *
  *   apps/<app>/activeset.json   { format, app, restores: [{ at, generation, chunks: [{ file,
- *                               offset, hash }] }], checksum }, newest restore last, at most
- *                               `keep` restores; checksum as a manifest's (canonical JSON)
+ *                               offset, hash }], pages?: [[pid, vaddr, count]] }], checksum },
+ *                               newest restore last, at most `keep` restores; checksum as a
+ *                               manifest's (canonical JSON)
  *
- * Each used chunk is kept by hash and by position: chunks are content-addressed, so an unchanged
- * chunk keeps its hash in the next generation; a chunk whose bytes changed is found again by the
- * position (file, offset) it covered. The ActiveSet to prefetch is every chunk of the manifest
- * being restored that was used in at least `minUses` of the last `window` restores (the
- * original system's "k of the last n" policy).
+ * Each used chunk is kept by hash, and the pages used by virtual address: chunks are
+ * content-addressed, so an unchanged chunk keeps its hash in the next generation; a page whose
+ * bytes changed is found again by its address, which the next image's pagemap maps to its new
+ * place (`locate`; offsets in a pages file shift whenever an earlier page appears or goes, so a
+ * file position is a poor key — it is the fallback for records without pages). The ActiveSet to
+ * prefetch is every chunk of the manifest being restored that was used in at least `minUses` of
+ * the last `window` restores (the original system's "k of the last n" policy).
  *
  * An ActiveSet is advice: a missing, damaged or stale record costs prefetching, never a restore.
  * Writes race only between two restores of one app on two workers; the last one wins.
@@ -22,6 +25,7 @@ import { canonicalJson, sha256 } from './chunked-image-store.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 
 export const ACTIVESET_FORMAT_VERSION = 1;
+const PAGE_SIZE = 4096;
 
 /** One chunk a restore used. */
 export interface UsedChunk {
@@ -32,12 +36,20 @@ export interface UsedChunk {
   hash: string;
 }
 
+/** Pages a restore used: [pid, first page's virtual address, pages], page-aligned. */
+export type PageRange = [number, number, number];
+
 export interface RestoreUse {
   /** ISO time of the restore */
   at: string;
   generation: number;
   chunks: UsedChunk[];
+  /** the pages behind `chunks`, by address; absent in records written before they were kept */
+  pages?: PageRange[];
 }
+
+/** Where a task's page is in the image being restored (its pagemap), or null when it has no bytes there. */
+export type PageLocator = (pid: number, vaddr: number) => { file: string; offset: number } | null;
 
 export interface ActiveSetRecord {
   format: number;
@@ -96,9 +108,9 @@ export class ActiveSetStore {
     return record;
   }
 
-  /** The chunks of `manifest` to prefetch, by the policy; empty without a record. */
-  plan(manifest: ImageManifest, record: ActiveSetRecord | undefined): PlannedChunk[] {
-    return planPrefetch(manifest, record, this.policy);
+  /** The chunks of `manifest` to prefetch, by the policy; empty without a record. See planPrefetch. */
+  plan(manifest: ImageManifest, record: ActiveSetRecord | undefined, locate?: PageLocator): PlannedChunk[] {
+    return planPrefetch(manifest, record, this.policy, locate);
   }
 }
 
@@ -123,16 +135,24 @@ export function parseActiveSet(body: Buffer, app: string): ActiveSetRecord | und
     for (const c of u.chunks) {
       if (!c || typeof c.file !== 'string' || !Number.isSafeInteger(c.offset) || typeof c.hash !== 'string') return undefined;
     }
+    if (u.pages !== undefined && (!Array.isArray(u.pages) || !u.pages.every((r) => Array.isArray(r) && r.length === 3 && r.every((n) => Number.isSafeInteger(n) && n >= 0)))) return undefined;
   }
   return r as ActiveSetRecord;
 }
 
 /**
  * Every chunk of `manifest` used in at least `minUses` of the record's last `window` restores:
- * a used chunk counts for the manifest chunk with its hash, else for the one covering its
- * position. In file order, each chunk once.
+ * a used chunk counts for the manifest chunk with its hash; a used page (restores that kept
+ * pages) for the chunk `locate` puts it in; in older records, an unmatched chunk counts for the
+ * one covering its position. Without `locate` (the pagemaps not read yet) pages count for
+ * nothing: the plan is the part known from hashes alone. In file order, each chunk once.
  */
-export function planPrefetch(manifest: ImageManifest, record: ActiveSetRecord | undefined, policy: ActiveSetPolicy = DEFAULT_ACTIVESET_POLICY): PlannedChunk[] {
+export function planPrefetch(
+  manifest: ImageManifest,
+  record: ActiveSetRecord | undefined,
+  policy: ActiveSetPolicy = DEFAULT_ACTIVESET_POLICY,
+  locate?: PageLocator,
+): PlannedChunk[] {
   if (!record || record.restores.length === 0) return [];
   const chunks = new Map<string, PlannedChunk[]>(); // file path → its chunks in order
   const byHash = new Map<string, PlannedChunk>();
@@ -145,8 +165,17 @@ export function planPrefetch(manifest: ImageManifest, record: ActiveSetRecord | 
   for (const use of record.restores.slice(-policy.window)) {
     const seen = new Set<PlannedChunk>();
     for (const u of use.chunks) {
-      const p = byHash.get(u.hash) ?? covering(chunks.get(u.file), u.offset);
+      const p = byHash.get(u.hash) ?? (use.pages ? undefined : covering(chunks.get(u.file), u.offset));
       if (p) seen.add(p);
+    }
+    if (use.pages && locate) {
+      for (const [pid, vaddr, count] of use.pages) {
+        for (let i = 0; i < count; i++) {
+          const at = locate(pid, vaddr + i * PAGE_SIZE);
+          const p = at && covering(chunks.get(at.file), at.offset);
+          if (p) seen.add(p);
+        }
+      }
     }
     for (const p of seen) uses.set(p, (uses.get(p) ?? 0) + 1);
   }

@@ -27,11 +27,11 @@ const LOG = `(00.003283) uffd: Waiting for incoming connections on lazy-pages.so
 (00.544749) uffd: 1-8: UFFD transferred pages: (78519/78519)`.split('\n');
 
 describe('lazy-pages log: page faults', () => {
-  it('finds each fault\'s page (file, offset, time) and skips background copies and zero pages', () => {
+  it('finds each fault\'s page (task, address, file, offset, time) and skips background copies and zero pages', () => {
     const faults = parseFaults(LOG, 1000).map((f) => ({ ...f, at: Math.round(f.at * 1000) / 1000 }));
     assert.deepEqual(faults, [
-      { file: 'pages-1.img', offset: 0x132d1000, at: 1345.891 },
-      { file: 'pages-2.img', offset: 0x2000, at: 1512 },
+      { pid: 1, vaddr: 0x7fac05cba000, file: 'pages-1.img', offset: 0x132d1000, at: 1345.891 },
+      { pid: 2, vaddr: 0x7f0000001000, file: 'pages-2.img', offset: 0x2000, at: 1512 },
     ]);
   });
 

@@ -81,4 +81,27 @@ describe('ActiveSet', () => {
       ['pages-1.img', 8192, h(3)],
     ]);
   });
+
+  it('used pages are found again by address wherever the new image put them; without a locator only hashes count', () => {
+    // The restore used pages 0x10000 and 0x11000 of task 1, in chunks 2 and 3 (hashes 2, 3). In
+    // generation 2 chunk 2's bytes changed (hash 20) and a page appeared in front, so every page
+    // moved one chunk on: the address finds the changed chunk, a position would find the wrong one.
+    const m = manifest([5, 1, 20, 3], 2);
+    const restore = { ...use([[2, 1], [3, 2]]), pages: [[1, 0x10000, 2]] as Array<[number, number, number]> };
+    const record = { format: 1, app: 'kv', checksum: '', restores: [restore] };
+    const moved = (pid: number, vaddr: number) => (pid === 1 ? { file: 'pages-1.img', offset: (vaddr - 0x10000) + 2 * 4096 } : null);
+    assert.deepEqual(planPrefetch(m, record, undefined, moved).map((p) => p.ref.hash), [h(20), h(3)]);
+    assert.deepEqual(planPrefetch(m, record).map((p) => p.ref.hash), [h(3)], 'by hash only, no position guess');
+    assert.deepEqual(planPrefetch(m, record, undefined, () => null).map((p) => p.ref.hash), [h(3)], 'pages the image does not hold count for nothing');
+  });
+
+  it('a record with malformed pages is not trusted', async () => {
+    const objects = new MemoryObjectStore();
+    const sets = new ActiveSetStore(objects);
+    const r = await sets.add('kv', { ...use([[1, 0]]), pages: [[1, 4096, 1]] });
+    assert.deepEqual((await sets.read('kv'))?.restores[0]?.pages, [[1, 4096, 1]]);
+    const bad = { ...r, restores: [{ ...r.restores[0]!, pages: [[1, -4096, 1]] }] };
+    await objects.put(activeSetKey('kv'), Buffer.from(canonicalJson({ ...bad, checksum: undefined })));
+    assert.equal(await sets.read('kv'), undefined);
+  });
 });

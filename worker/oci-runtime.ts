@@ -13,6 +13,7 @@ import { hostFacts, LOG_FILE, writeBundle, type HostFacts } from './oci/bundle.j
 import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
 import { ensureKdatCache, type KdatState } from './oci/kdat.js';
+import { LazyRelay } from './oci/lazy-relay.js';
 import { LazyRestore, type LazyOutcome } from './oci/lazy-restore.js';
 import { dropLocalImage, keepLocalImage, localImageGeneration, localImageIs, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
@@ -297,6 +298,8 @@ export class OciRuntime implements ContainerRuntime {
     });
     opts.log.info({ stateDir: runtime.stateDir, networkLock: runtime.networkLock }, host.message);
     await runtime.prepareCriu();
+    // Lazy restores need the relay; python3 starts slowly, so the first one is started now.
+    LazyRelay.warm();
     const leftovers = await runtime.cleanLeftovers();
     return { runtime, host, leftovers };
   }
@@ -506,11 +509,7 @@ export class OciRuntime implements ContainerRuntime {
       const preparedMs = performance.now() - t0;
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
-      let daemonMs = 0;
       try {
-        const d0 = performance.now();
-        await img.lazy?.startDaemon();
-        daemonMs = performance.now() - d0;
         att = await this.runc.restoreAttached(record.id, {
           bundle: p.bundle,
           imagePath: img.path,
@@ -562,7 +561,7 @@ export class OciRuntime implements ContainerRuntime {
           keptNetwork,
           restoreMs: Math.round(restoredMs - preparedMs),
           criuMs: att.timing.criuMs,
-          ...(img.lazy ? { daemonMs: Math.round(daemonMs), prefetch: img.lazy.prefetchStats() } : {}),
+          ...(img.lazy ? { prefetch: img.lazy.prefetchStats() } : {}),
           readyMs: Math.round(performance.now() - t0 - restoredMs),
         },
         'container restored',

@@ -1,13 +1,14 @@
-import { open } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { PicoError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import type { PlannedChunk } from '../../pagestore/activeset.js';
+import type { PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { mapBounded } from '../../pagestore/bounded.js';
 import { sha256 } from '../../pagestore/chunked-image-store.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
+import { eagerRanges, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
 /*
  * The image of a lazy restore: a FUSE directory (pagestore/image-mount.ts) whose reads are
@@ -15,11 +16,12 @@ import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type Ima
  * this very image (each chunk checked against its sha256 as it is read), or the page store.
  *
  * Timeline of one restore:
- *   open()        mount, then fetch into the cache, all in parallel, every file but the memory
- *                 pages (CRIU reads them whole, one by one, before the process resumes) and the
- *                 ActiveSet (awaited: the process must not resume before the chunks it is about
- *                 to touch are here)
- *   (the caller runs `criu lazy-pages` on `path` and `runc restore --lazy-pages`)
+ *   open()        mount
+ *   prefetch()    fetch into the cache, all in parallel, every file but the memory pages (CRIU
+ *                 reads them whole, one by one, before the process resumes), the memory pages
+ *                 `criu restore` reads itself, and the ActiveSet (awaited: the process must not
+ *                 resume before the chunks it is about to touch are here)
+ *   (meanwhile the caller starts `criu lazy-pages` on `path`; then `runc restore --lazy-pages`)
  *   sweep()       fetch every other chunk in file order, `concurrency` at a time: CRIU's daemon
  *                 copies the pages nobody faulted on in about that order, and it is single-
  *                 threaded — a fault waits behind whatever read it is doing, so that read must
@@ -33,6 +35,11 @@ import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type Ima
 
 /** CRIU's memory pages files: the only files a lazy restore reads on demand */
 const PAGES = /^pages-\d+\.img$/;
+/** warmPageCache(): reads in flight, and bytes per read */
+const WARM_READERS = 2;
+const WARM_READ = 1024 * 1024;
+/** a task's pagemap: where each of its pages is in a pages file */
+const PAGEMAP = /^pagemap-(\d+)\.img$/;
 
 export interface LazyImageOptions {
   manifest: ImageManifest;
@@ -41,7 +48,7 @@ export interface LazyImageOptions {
   cache: ChunkCache;
   /** a local copy of exactly this image (same manifest), read before the store */
   localDir?: string;
-  /** the ActiveSet: fetched before open() resolves */
+  /** the ActiveSet's chunks known by hash (see prefetch()) */
   prefetch: readonly PlannedChunk[];
   /** fetches in flight for the prefetch and the sweep; default 16 */
   concurrency?: number;
@@ -54,6 +61,8 @@ export interface LazyImageStats {
   metadata: number;
   /** ActiveSet chunks of memory pages fetched before the restore */
   prefetched: number;
+  /** chunks of the memory pages `criu restore` reads itself (not lazy), fetched before the restore */
+  eager: number;
   /** in ms */
   prefetchMs: number;
   /** chunks a read found in the cache (memory or disk) */
@@ -69,7 +78,11 @@ export interface LazyImageStats {
 export class LazyImage {
   readonly path: string;
   private mount: ImageMount | undefined;
-  private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+  private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, eager: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+  private readonly locators = new Map<number, Pagemap>();
+  private prefetchedHashes: ReadonlySet<string> = new Set();
+  private prefetchedPages: PlannedChunk[] = [];
+  private warming: Promise<void> | undefined;
   private sweeping: Promise<void> | undefined;
   private closed = false;
   private readonly concurrency: number;
@@ -79,42 +92,156 @@ export class LazyImage {
     this.concurrency = o.concurrency ?? 16;
   }
 
+  /** Mounts the image (nothing fetched yet: see prefetch()). Throws with nothing left mounted. */
   static async open(o: LazyImageOptions): Promise<LazyImage> {
     const img = new LazyImage(o);
-    try {
-      img.mount = await mountImage({
-        mountpoint: o.mountpoint,
-        manifest: o.manifest,
-        chunk: async (ref, file) => {
-          const got = await img.chunk(file, ref);
-          if (got.from === 'fetch') img.counts.demand++;
-          else img.counts.hits++;
-          return got.buf;
-        },
-        onFailure: (err) => o.onFailure(err),
-        log: o.log,
-      });
-      // Every file but the memory pages is read whole by `criu restore` before the process
-      // resumes, one file at a time: fetch them all at once first, with the ActiveSet.
-      const wanted = new Map<string, PlannedChunk>();
-      for (const file of o.manifest.files) {
-        if (PAGES.test(file.path)) continue;
-        for (const ref of fileChunks(o.manifest, file)) wanted.set(ref.hash, { file, ref });
+    img.mount = await mountImage({
+      mountpoint: o.mountpoint,
+      manifest: o.manifest,
+      chunk: async (ref, file) => {
+        const got = await img.chunk(file, ref);
+        if (got.from === 'fetch') img.counts.demand++;
+        else img.counts.hits++;
+        return got.buf;
+      },
+      onFailure: (err) => o.onFailure(err),
+      log: o.log,
+    });
+    return img;
+  }
+
+  /**
+   * Fetches what the restore reads before the process resumes, and the ActiveSet. In one go:
+   * every file but the memory pages (`criu restore` reads them whole, one by one) and the chunks
+   * of the ActiveSet known by hash. As soon as the pagemaps are in (they are among those files),
+   * also: the pages `criu restore` reads itself (the ones not marked lazy) and the ActiveSet's
+   * pages found by address (`plan`). Resolves when all of it is cached; rejects on the first
+   * chunk that cannot be had. The pagemaps are advice here: one that does not parse costs
+   * prefetching, not the restore (CRIU reads it and fails visibly if it is really broken).
+   */
+  async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[]): Promise<void> {
+    const t0 = performance.now();
+    const wanted = new Map<string, PlannedChunk>();
+    const pagemaps: PlannedChunk[] = [];
+    for (const file of this.o.manifest.files) {
+      if (PAGES.test(file.path)) continue;
+      for (const ref of fileChunks(this.o.manifest, file)) {
+        const p = { file, ref };
+        if (PAGEMAP.test(file.path)) pagemaps.push(p);
+        wanted.set(ref.hash, p);
       }
-      const metadata = wanted.size;
-      for (const p of o.prefetch) wanted.set(p.ref.hash, p);
-      img.counts.metadata = metadata;
-      const t0 = performance.now();
-      await img.each([...wanted.values()], async (p) => {
-        await img.chunk(p.file, p.ref);
-        if (PAGES.test(p.file.path)) img.counts.prefetched++;
-      });
-      img.counts.prefetchMs = Math.round(performance.now() - t0);
-      return img;
-    } catch (err) {
-      await img.close();
-      throw err;
     }
+    this.counts.metadata = wanted.size;
+    // The pagemaps first: the second batch waits for them.
+    const first = [...pagemaps, ...[...wanted.values()].filter((p) => !PAGEMAP.test(p.file.path))];
+    const add = (list: readonly PlannedChunk[]): PlannedChunk[] => {
+      const fresh = list.filter((p) => !wanted.has(p.ref.hash));
+      for (const p of fresh) wanted.set(p.ref.hash, p);
+      return fresh;
+    };
+    first.push(...add(this.o.prefetch));
+    const fetch = (list: readonly PlannedChunk[], kind: 'prefetched' | 'eager' | null): Promise<void> =>
+      this.each(list, async (p) => {
+        await this.chunk(p.file, p.ref);
+        if (kind && PAGES.test(p.file.path)) this.counts[kind]++;
+      });
+    const firstDone = fetch(first, 'prefetched');
+    const second = this.pagemaps().then((maps) => {
+      const eager: PlannedChunk[] = [];
+      const byAddress: PlannedChunk[] = [];
+      for (const { pid, map } of maps) {
+        const file = this.o.manifest.files.find((f) => f.path === `pages-${map.pagesId}.img`);
+        if (!file) continue;
+        const chunks = fileChunks(this.o.manifest, file);
+        for (const r of eagerRanges(map)) {
+          for (const ref of chunks) if (ref.offset < r.offset + r.length && ref.offset + ref.size > r.offset) eager.push({ file, ref });
+        }
+        this.locators.set(pid, map);
+      }
+      if (plan) byAddress.push(...plan((pid, vaddr) => this.locate(pid, vaddr)));
+      return Promise.all([fetch(add(eager), 'eager'), fetch(add(byAddress), 'prefetched')]);
+    });
+    await Promise.all([firstDone, second]);
+    this.prefetchedPages = [...wanted.values()].filter((p) => PAGES.test(p.file.path));
+    this.prefetchedHashes = new Set(this.prefetchedPages.map((p) => p.ref.hash));
+    this.counts.prefetchMs = Math.round(performance.now() - t0);
+  }
+
+  /** The memory chunks prefetch() fetched (ActiveSet and the pages CRIU reads itself). */
+  prefetchedChunks(): ReadonlySet<string> {
+    return this.prefetchedHashes;
+  }
+
+  /**
+   * Reads the prefetched memory chunks through the mount, so that they are in the kernel's page
+   * cache (the mount keeps it across opens) when the process faults on them: a fault is then
+   * answered by CRIU's daemon from the page cache instead of a FUSE round trip to this process
+   * per page (~1,600 of them for the first request of the benchmark's app). Runs beside
+   * `criu restore`; never fails (a page not warmed is read through FUSE as before).
+   *
+   * Async reads of the mount use libuv's thread pool while the mount's answers may need it too
+   * (the chunk cache's disk tier): at most WARM_READERS reads are in flight, so the pool (4) is
+   * never all blocked on the mount.
+   */
+  warmPageCache(): Promise<void> {
+    return (this.warming ??= this.warm());
+  }
+
+  private async warm(): Promise<void> {
+    const runs = new Map<string, Array<{ offset: number; end: number }>>();
+    for (const p of [...this.prefetchedPages].sort((a, b) => a.file.path.localeCompare(b.file.path) || a.ref.offset - b.ref.offset)) {
+      const list = runs.get(p.file.path) ?? [];
+      const last = list[list.length - 1];
+      if (last && last.end === p.ref.offset) last.end += p.ref.size;
+      else list.push({ offset: p.ref.offset, end: p.ref.offset + p.ref.size });
+      runs.set(p.file.path, list);
+    }
+    const reads: Array<{ file: string; offset: number; length: number }> = [];
+    for (const [file, list] of runs) {
+      for (const r of list) for (let at = r.offset; at < r.end; at += WARM_READ) reads.push({ file, offset: at, length: Math.min(WARM_READ, r.end - at) });
+    }
+    const files = new Map<string, Promise<FileHandle>>();
+    const scratch = Array.from({ length: WARM_READERS }, () => Buffer.allocUnsafe(WARM_READ));
+    let next = 0;
+    const reader = async (buf: Buffer): Promise<void> => {
+      while (next < reads.length && !this.closed) {
+        const r = reads[next++]!;
+        let fh = files.get(r.file);
+        if (!fh) files.set(r.file, (fh = open(path.join(this.path, r.file), 'r')));
+        await (await fh).read(buf, 0, r.length, r.offset);
+      }
+    };
+    try {
+      await Promise.all(scratch.map(reader));
+    } catch (err) {
+      if (!this.closed) this.o.log.debug({ err: (err as Error).message }, 'warming the page cache stopped');
+    } finally {
+      for (const fh of files.values()) await fh.then((h) => h.close()).catch(() => undefined);
+    }
+  }
+
+  /** Where a task's page is in this image (after prefetch()), or null. */
+  locate(pid: number, vaddr: number): { file: string; offset: number } | null {
+    const map = this.locators.get(pid);
+    const offset = map ? pageOffset(map, vaddr) : null;
+    return map && offset !== null ? { file: `pages-${map.pagesId}.img`, offset } : null;
+  }
+
+  /** Every task's pagemap, read through the cache; one that cannot be read or parsed is left out (logged). */
+  private async pagemaps(): Promise<Array<{ pid: number; map: Pagemap }>> {
+    const out: Array<{ pid: number; map: Pagemap }> = [];
+    for (const file of this.o.manifest.files) {
+      const m = PAGEMAP.exec(file.path);
+      if (!m) continue;
+      try {
+        const parts = await Promise.all(fileChunks(this.o.manifest, file).map(async (ref) => (await this.chunk(file, ref)).buf));
+        out.push({ pid: Number(m[1]), map: parsePagemap(Buffer.concat(parts)) });
+      } catch (err) {
+        if (this.closed) throw err;
+        this.o.log.warn({ file: file.path, err: (err as Error).message }, 'cannot read a pagemap: its pages are not prefetched');
+      }
+    }
+    return out;
   }
 
   /** Starts fetching every chunk not cached yet, in file order (see the timeline above). */
@@ -139,6 +266,7 @@ export class LazyImage {
   /** Unmounts (lazily if CRIU still holds a file) and stops the sweep. Idempotent. */
   async close(): Promise<void> {
     this.closed = true;
+    await this.warming; // its reads hold files of the mount open
     await this.mount?.close();
     this.mount = undefined;
     await this.sweeping;

@@ -120,6 +120,10 @@ function describe(e: LazyPagesExit): string {
 }
 
 export interface PageFault {
+  /** the faulting task (its pid in the restored tree, as in pagemap-<pid>.img) */
+  pid: number;
+  /** the page's virtual address */
+  vaddr: number;
   /** the image file, e.g. pages-1.img */
   file: string;
   /** in bytes, in that file */
@@ -134,17 +138,17 @@ export interface PageFault {
  * (both hex). Fault reads are synchronous, so the first read after a #PF line is its own; reads
  * with no #PF before them are the background copy.
  */
-const FAULT = /^\(\s*([\d.]+)\)\s+uffd: \d+-\d+: #PF at /;
+const FAULT = /^\(\s*([\d.]+)\)\s+uffd: (\d+)-\d+: #PF at /;
 const ZERO = /uffd: \d+-\d+: zero page at /;
-const READ = /^\(\s*[\d.]+\)\s+pr(\d+)-\d+ Read page from self [0-9a-f]+\/([0-9a-f]+)/;
+const READ = /^\(\s*[\d.]+\)\s+pr(\d+)-\d+ Read page from self ([0-9a-f]+)\/([0-9a-f]+)/;
 
 export function parseFaults(lines: readonly string[], startedAt: number): PageFault[] {
   const out: PageFault[] = [];
-  let pending: number | null = null;
+  let pending: { at: number; pid: number } | null = null;
   for (const line of lines) {
     const f = FAULT.exec(line);
     if (f) {
-      pending = startedAt + Number(f[1]) * 1000;
+      pending = { at: startedAt + Number(f[1]) * 1000, pid: Number(f[2]) };
       continue;
     }
     if (pending === null) continue;
@@ -154,7 +158,7 @@ export function parseFaults(lines: readonly string[], startedAt: number): PageFa
     }
     const r = READ.exec(line);
     if (r) {
-      out.push({ file: `pages-${r[1]}.img`, offset: Number.parseInt(r[2]!, 16), at: pending });
+      out.push({ pid: pending.pid, vaddr: Number.parseInt(r[2]!, 16), file: `pages-${r[1]}.img`, offset: Number.parseInt(r[3]!, 16), at: pending.at });
       pending = null;
     }
   }

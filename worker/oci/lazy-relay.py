@@ -11,8 +11,10 @@
 # faults only while that matters. The process runs all along: the restore does not wait for the
 # daemon.
 #
-#   lazy-relay.py LISTEN DAEMON     (socket paths, relative to the working directory: sun_path
-#                                    is short, work directories may not be)
+#   lazy-relay.py     started ahead of need (python takes a few hundred ms to start here), it
+#                     waits for one line "DIR<TAB>LISTEN<TAB>DAEMON" on stdin: the working
+#                     directory and the socket paths relative to it (sun_path is short, work
+#                     directories may not be). stdin closing first (the worker is gone): exit 0.
 # Prints "ready" once it listens. Forwards everything, the fds too, except a trailing marker;
 # when the restore closed the socket and a line arrives on stdin (or stdin closes), sends the
 # marker and exits 0. Any error: exits 1 with the reason on stderr (the daemon then never
@@ -26,7 +28,11 @@ MAX_FDS = 64
 
 
 def main() -> int:
-    listen_path, daemon_path = sys.argv[1], sys.argv[2]
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    workdir, listen_path, daemon_path = line.rstrip("\n").split("\t")
+    os.chdir(workdir)
     try:
         os.unlink(listen_path)
     except FileNotFoundError:

@@ -13,13 +13,19 @@ const SCRIPT = fileURLToPath(new URL('../../../worker/oci/lazy-relay.py', import
  * it listens on the restore's socket in `restoreWork`, forwards to the daemon's socket in
  * `daemonWork`, and holds back "restore finished" — the daemon's signal to copy every remaining
  * page — until release(). Needs python3; `available()` says whether this host has it.
+ *
+ * python3 takes ~300 ms to start on these hosts, longer than the rest of a restore's set-up: one
+ * relay process is kept started ahead, idle on its stdin, and start() hands it its sockets. The
+ * spare holds no reference on the event loop and exits when this process goes (its stdin closes).
  */
 export class LazyRelay {
+  private static spare: ChildProcess | undefined;
   private readonly exit: Promise<number | null>;
   private stderr = '';
 
   private constructor(private readonly child: ChildProcess) {
     this.exit = new Promise((resolve) => {
+      if (child.exitCode !== null || child.signalCode !== null) resolve(child.exitCode);
       child.once('exit', (code) => resolve(code));
       child.once('error', () => resolve(null));
     });
@@ -30,12 +36,29 @@ export class LazyRelay {
     return existsSync(SCRIPT) && which('python3') !== null;
   }
 
+  /** Starts the spare relay process now, if there is none. */
+  static warm(): void {
+    if (LazyRelay.spare || !LazyRelay.available()) return;
+    const child = spawn(which('python3')!, [SCRIPT], { cwd: '/', stdio: ['pipe', 'pipe', 'pipe'] });
+    const forget = (): void => {
+      if (LazyRelay.spare === child) LazyRelay.spare = undefined;
+    };
+    child.once('exit', forget);
+    child.once('error', forget);
+    // Idle, it must not keep this process alive: unref it and its pipes (ref'd again when used).
+    child.unref();
+    for (const s of [child.stdin, child.stdout, child.stderr]) (s as unknown as { unref?(): void } | null)?.unref?.();
+    LazyRelay.spare = child;
+  }
+
   /** Resolves once the relay listens (before the restore may connect). */
   static async start(restoreWork: string, daemonWork: string, timeoutMs = 10_000): Promise<LazyRelay> {
-    const child = spawn(which('python3')!, [SCRIPT, LAZY_PAGES_SOCKET, path.join(path.relative(restoreWork, daemonWork), LAZY_PAGES_SOCKET)], {
-      cwd: restoreWork,
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
+    LazyRelay.warm();
+    const child = LazyRelay.spare;
+    LazyRelay.spare = undefined;
+    if (!child) throw new Error('the lazy-pages relay cannot start: no python3');
+    child.ref();
+    for (const s of [child.stdin, child.stdout, child.stderr]) (s as unknown as { ref?(): void } | null)?.ref?.();
     const relay = new LazyRelay(child);
     const ready = new Promise<void>((resolve, reject) => {
       let out = '';
@@ -45,6 +68,8 @@ export class LazyRelay {
       });
       void relay.exit.then((code) => reject(new Error(`the lazy-pages relay exited (${code}) before it listened: ${relay.stderr.trim() || 'no message'}`)));
     });
+    child.stdin!.write(`${restoreWork}\t${LAZY_PAGES_SOCKET}\t${path.join(path.relative(restoreWork, daemonWork), LAZY_PAGES_SOCKET)}\n`);
+    LazyRelay.warm(); // the next restore's, starting while this one runs
     let timer: NodeJS.Timeout | undefined;
     try {
       await Promise.race([ready, new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`the lazy-pages relay did not listen within ${timeoutMs} ms`)), timeoutMs)))]);

@@ -1,19 +1,20 @@
-import { rmSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from '../../shared/log.js';
 import type { RestoreMode } from '../../shared/protocol.js';
-import { covering, type ActiveSetStore, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
+import { covering, type ActiveSetRecord, type ActiveSetStore, type PageRange, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { fileChunks, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { imageUnreadable, LazyImage, type LazyImageStats } from './lazy-image.js';
 import { LazyPagesDaemon, type PageFault } from './lazy-pages.js';
 import { LazyRelay } from './lazy-relay.js';
+import { PAGE_SIZE } from './pagemap.js';
 
 /*
  * One lazy restore (modes `lazy` and `activeset`), from the mount to the last page:
  *
- *   prepare()      ActiveSet plan (activeset mode), FUSE mount, prefetch          [awaited]
- *   startDaemon()  `criu lazy-pages` on the mount, and the relay in front of it    [awaited]
+ *   prepare()      FUSE mount, then at once: the prefetch (the ActiveSet in activeset mode)
+ *                  and `criu lazy-pages` on the mount with the relay in front of it  [awaited]
  *   (the runtime: `runc restore --lazy-pages`; the process resumes at once, faults are served)
  *   restored()     arms the fallback: the rest of memory follows after sweepAfterMs
  *   served()       the app answered its first traffic: after a grace the ActiveSet window
@@ -76,7 +77,7 @@ export class LazyRestore {
   readonly finished: Promise<LazyOutcome>;
   private image: LazyImage | undefined;
   private daemon: LazyPagesDaemon | undefined;
-  private prefetched = new Set<string>();
+  private prefetched: ReadonlySet<string> = new Set();
   private windowEnd = Infinity;
   private readonly startedAt = performance.now();
   private resolveFinished!: (o: LazyOutcome) => void;
@@ -93,25 +94,28 @@ export class LazyRestore {
     return this.o.mountpoint;
   }
 
-  /** Mounts the image and fetches its ActiveSet. Throws with nothing left mounted. */
+  /**
+   * Mounts the image, then prefetches and starts the daemon (with its relay) side by side: the
+   * daemon's own start-up reads of the image join the prefetch's fetches. Throws with nothing
+   * left mounted or running.
+   */
   static async prepare(o: LazyRestoreOptions): Promise<LazyRestore> {
     const r = new LazyRestore(o);
-    let plan: PlannedChunk[] = [];
+    let record: ActiveSetRecord | undefined;
     if (o.mode === 'activeset' && o.activeSets) {
-      const record = await o.activeSets.read(o.app).catch((err: unknown) => {
+      record = await o.activeSets.read(o.app).catch((err: unknown) => {
         o.log.warn({ err: (err as Error).message }, 'cannot read the ActiveSet; restoring without prefetch');
         return undefined;
       });
-      plan = o.activeSets.plan(o.manifest, record);
     }
-    r.prefetched = new Set(plan.map((p) => p.ref.hash));
-    r.image = await LazyImage.open({
+    const sets = record ? o.activeSets : undefined;
+    const image = await LazyImage.open({
       manifest: o.manifest,
       mountpoint: o.mountpoint,
       store: o.store,
       cache: o.cache,
       ...(o.localDir ? { localDir: o.localDir } : {}),
-      prefetch: plan,
+      prefetch: sets ? sets.plan(o.manifest, record) : [],
       onFailure: async (err) => {
         r.failure ??= imageUnreadable(o.app, o.manifest.generation, err);
         await o.onPageFailure(r.failure);
@@ -120,6 +124,18 @@ export class LazyRestore {
     }).catch((err: unknown) => {
       throw imageUnreadable(o.app, o.manifest.generation, err);
     });
+    r.image = image;
+    const prefetched = image.prefetch(sets ? (locate) => sets.plan(o.manifest, record, locate) : undefined).catch((err: unknown) => {
+      throw imageUnreadable(o.app, o.manifest.generation, err);
+    });
+    const started = r.startDaemon();
+    const [p, d] = await Promise.allSettled([prefetched, started]);
+    if (p.status === 'rejected' || d.status === 'rejected') {
+      await r.abort();
+      throw p.status === 'rejected' ? p.reason : (d as PromiseRejectedResult).reason;
+    }
+    r.prefetched = image.prefetchedChunks();
+    void image.warmPageCache(); // beside `criu restore`, which does not read those pages
     return r;
   }
 
@@ -129,29 +145,29 @@ export class LazyRestore {
    * the daemon serves page faults only. Without the relay it starts copying all of memory as
    * soon as the process resumes.
    */
-  async startDaemon(): Promise<void> {
+  private async startDaemon(): Promise<void> {
     rmSync(this.o.workDir, { recursive: true, force: true });
+    mkdirSync(this.o.workDir, { recursive: true });
     const relayed = LazyRelay.available();
     if (!relayed) this.o.log.warn('no python3: the lazy-pages relay cannot run, so CRIU copies all memory while the app serves its first traffic');
     const daemonDir = relayed ? path.join(this.o.workDir, 'daemon') : this.o.workDir;
-    this.daemon = await LazyPagesDaemon.start(this.o.criu, this.o.mountpoint, daemonDir);
-    void this.daemon.exit.then(() => this.settleOnce());
-    if (!relayed) return;
-    try {
-      this.relay = await LazyRelay.start(this.o.workDir, daemonDir);
-    } catch (err) {
-      this.daemon.kill();
-      throw err;
+    const [daemon, relay] = await Promise.allSettled([LazyPagesDaemon.start(this.o.criu, this.o.mountpoint, daemonDir), relayed ? LazyRelay.start(this.o.workDir, daemonDir) : Promise.resolve(undefined)]);
+    if (daemon.status === 'fulfilled') {
+      this.daemon = daemon.value;
+      void this.daemon.exit.then(() => this.settleOnce());
     }
-    void this.relay.failure().then((why) => {
+    if (relay.status === 'fulfilled') this.relay = relay.value;
+    if (daemon.status === 'rejected') throw daemon.reason;
+    if (relay.status === 'rejected') throw relay.reason;
+    void this.relay?.failure().then((why) => {
       if (why && !this.aborted) this.o.log.error({ err: why }, 'the lazy-pages relay failed');
     });
   }
 
   /** What was fetched before the process resumed (for the restore's log line). */
-  prefetchStats(): { metadata: number; prefetched: number; ms: number } {
+  prefetchStats(): { metadata: number; prefetched: number; eager: number; ms: number } {
     const s = this.image?.stats();
-    return { metadata: s?.metadata ?? 0, prefetched: s?.prefetched ?? 0, ms: s?.prefetchMs ?? 0 };
+    return { metadata: s?.metadata ?? 0, prefetched: s?.prefetched ?? 0, eager: s?.eager ?? 0, ms: s?.prefetchMs ?? 0 };
   }
 
   /**
@@ -201,17 +217,18 @@ export class LazyRestore {
     clearTimeout(this.sweepTimer);
     this.relay?.kill();
     await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
-    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, eager: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
     let error = this.failure;
     if (!error && !this.aborted && exit && exit.code !== 0) {
       const why = this.daemon!.errors().slice(-2).join(' | ');
       error = new Error(`criu lazy-pages exited ${exit.signal ? `on ${exit.signal}` : `with code ${exit.code}`}${why ? `: ${why}` : ''}`);
     }
-    const used = error || this.aborted ? [] : this.usedChunks(this.daemon?.faults() ?? []);
+    const faults = error || this.aborted ? [] : (this.daemon?.faults() ?? []).filter((f) => f.at <= this.windowEnd);
+    const used = this.usedChunks(faults);
     const hits = used.filter((u) => this.prefetched.has(u.hash)).length;
     if (used.length > 0 && this.o.activeSets) {
       await this.o.activeSets
-        .add(this.o.app, { at: new Date().toISOString(), generation: this.o.manifest.generation, chunks: used })
+        .add(this.o.app, { at: new Date().toISOString(), generation: this.o.manifest.generation, chunks: used, pages: pageRanges(faults) })
         .catch((err: unknown) => this.o.log.warn({ err: (err as Error).message }, 'cannot store the ActiveSet'));
     }
     const outcome: LazyOutcome = { ok: !error && !this.aborted, image: stats, used: used.length, hits, misses: used.length - hits, ...(error ? { error } : {}) };
@@ -219,16 +236,29 @@ export class LazyRestore {
     this.resolveFinished(outcome);
   }
 
-  /** The chunks holding the pages faulted on within the window, each once. */
+  /** The chunks holding the pages faulted on, each once. */
   private usedChunks(faults: PageFault[]): UsedChunk[] {
     const byFile = new Map<string, PlannedChunk[]>();
     for (const file of this.o.manifest.files) byFile.set(file.path, fileChunks(this.o.manifest, file).map((ref) => ({ file, ref })));
     const out = new Map<string, UsedChunk>();
     for (const f of faults) {
-      if (f.at > this.windowEnd) continue;
       const p = covering(byFile.get(f.file), f.offset);
       if (p && !out.has(p.ref.hash)) out.set(p.ref.hash, { file: p.file.path, offset: p.ref.offset, hash: p.ref.hash });
     }
     return [...out.values()];
   }
+}
+
+/** The faulted pages as runs of consecutive pages per task, sorted. */
+export function pageRanges(faults: readonly PageFault[]): PageRange[] {
+  const pages = [...new Set(faults.map((f) => `${f.pid}:${f.vaddr - (f.vaddr % PAGE_SIZE)}`))]
+    .map((k) => k.split(':').map(Number) as [number, number])
+    .sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  const out: PageRange[] = [];
+  for (const [pid, vaddr] of pages) {
+    const last = out[out.length - 1];
+    if (last && last[0] === pid && last[1] + last[2] * PAGE_SIZE === vaddr) last[2]++;
+    else out.push([pid, vaddr, 1]);
+  }
+  return out;
 }
