@@ -141,7 +141,7 @@ async function main(): Promise<void> {
     console.log(
       `page store: s3 (s3rver on loopback) behind a link of ${DELAY_MS} ms per request and ${MBPS} MB/s per direction; ` +
         `ChunkedImageStore concurrency ${store.concurrency}${CONCURRENCY === S3_CONCURRENCY ? ' (the product\'s for s3)' : ` (the product's for s3: ${S3_CONCURRENCY})`}, ` +
-        `S3 maxSockets 64 (default), lazy fetches 16 in flight (LazyImage default)`,
+        `S3 maxSockets 64 (default); lazy restores fetch as many at once`,
     );
     console.log(
       `each wake: a new OciRuntime with an empty ${CACHE_MB} MiB chunk cache, no local images; network lock ${first.networkLock}; /run/criu.kdat ${kdatNote()}`,
@@ -231,7 +231,7 @@ async function main(): Promise<void> {
           `fetch ${String(restored.fetchMs)} / prepare ${String(restored.prepareMs)} / restore ${String(restored.restoreMs)} (criu ${String(restored.criuMs)}) / ready ${String(restored.readyMs)} ms); ` +
           `${w.chunkGetsToFirstByte} chunk GETs before the first byte` +
           (o
-            ? `; paged in after ${(pagedInMs! / 1000).toFixed(1)} s: store ${(o.image.storeBytes / 1e6).toFixed(1)} MB, prefetched ${o.image.prefetched} (${o.image.prefetchMs} ms), ` +
+            ? `; paged in after ${(pagedInMs! / 1000).toFixed(1)} s: store ${(o.image.storeBytes / 1e6).toFixed(1)} MB, prefetched ${o.image.prefetched} + ${o.image.eager} read by criu (${o.image.prefetchMs} ms, ${o.image.packed} from the restore pack), ` +
               `demand ${o.image.demand}, cache hits ${o.image.hits}, swept ${o.image.swept}; ActiveSet used ${o.used}, hits ${o.hits}, misses ${o.misses}`
             : '') +
           `; re-checkpoint uploaded ${(checkpoint.uploadedBytes / 1e6).toFixed(2)} MB of ${(checkpoint.imageBytes / 1e6).toFixed(0)} MB`,

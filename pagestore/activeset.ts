@@ -17,12 +17,16 @@
  * prefetch is every chunk of the manifest being restored that was used in at least `minUses` of
  * the last `window` restores (the original system's "k of the last n" policy).
  *
+ * Beside it, apps/<app>/restore-pack.bin holds the bytes a restore prefetches, in one object
+ * (restore-pack.ts).
+ *
  * An ActiveSet is advice: a missing, damaged or stale record costs prefetching, never a restore.
  * Writes race only between two restores of one app on two workers; the last one wins.
  */
 import { isNotFound, type ObjectStore } from './object-store.js';
 import { canonicalJson, sha256 } from './chunked-image-store.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
+import { encodeRestorePack, restorePackKey, type PackedChunk } from './restore-pack.js';
 
 export const ACTIVESET_FORMAT_VERSION = 1;
 const PAGE_SIZE = 4096;
@@ -106,6 +110,27 @@ export class ActiveSetStore {
     const record: ActiveSetRecord = { ...draft, checksum: recordChecksum(draft) };
     await this.store.put(activeSetKey(app), Buffer.from(canonicalJson(record)));
     return record;
+  }
+
+  /**
+   * Replaces the app's restore pack (restore-pack.ts) with these chunks of `generation`. Written
+   * after the image is stored; a reader checks every chunk, so no ordering with the manifest is
+   * needed.
+   */
+  async putPack(app: string, generation: number, chunks: readonly PackedChunk[]): Promise<number> {
+    const body = encodeRestorePack(generation, chunks);
+    await this.store.put(restorePackKey(app), body);
+    return body.length;
+  }
+
+  /** The app's restore pack as stored, or undefined when it has none. Store failures reject. */
+  async readPack(app: string): Promise<Buffer | undefined> {
+    try {
+      return await this.store.get(restorePackKey(app));
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
   }
 
   /** The chunks of `manifest` to prefetch, by the policy; empty without a record. See planPrefetch. */

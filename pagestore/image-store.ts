@@ -133,6 +133,8 @@ export interface ImageStore {
    * given). A missing chunk rejects PICO_ERR_IMAGE_MISSING, a damaged one PICO_ERR_IMAGE_CORRUPT.
    */
   getChunk(hash: string, length?: number): Promise<Buffer>;
+  /** chunks this store has in flight at once for one image (get); lazy restores fetch as many */
+  readonly concurrency?: number;
   /** Deletes generations older than the newest verified one, and chunks no manifest references. */
   prune(app: string): Promise<PruneStats | void>;
   /** Every app that has at least one stored generation, with its newest generation number. */

@@ -10,6 +10,7 @@ import { ActiveSetStore } from '../pagestore/activeset.js';
 import { ChunkCache } from '../pagestore/chunk-cache.js';
 import { ChunkedImageStore, chunkKey } from '../pagestore/chunked-image-store.js';
 import { fileChunks } from '../pagestore/image-store.js';
+import { restorePackKey } from '../pagestore/restore-pack.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import { containerIdFor } from '../worker/oci/app-records.js';
 import { Runc } from '../worker/oci/runc.js';
@@ -126,6 +127,12 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
       const boot = await state(ep);
       for (let cycle = 1; cycle <= 2; cycle++) {
         await r.checkpoint(c);
+        if (mode === 'activeset' && cycle === 2) {
+          // A damaged restore pack costs its damaged chunk, never the restore.
+          const pack = await objects.get(restorePackKey(app));
+          pack[pack.length - 1]! ^= 0xff;
+          await objects.put(restorePackKey(app), pack);
+        }
         const t0 = performance.now();
         c = await r.restore(s);
         const first = await state(ep);
@@ -141,6 +148,8 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
           assert.ok(o.image.demand + o.image.swept + o.image.prefetched > 0, 'pages came through the image mount');
           t.diagnostic(`${mode} restore ${cycle}: ${JSON.stringify(o)}`);
           if (mode === 'activeset') {
+            assert.ok(o.image.packed > 0, 'the checkpoint packed what the restore prefetches');
+            assert.ok(o.image.eager > 0, 'the pages criu restore reads itself were prefetched');
             if (cycle === 1) assert.equal(o.image.prefetched, 0, 'no ActiveSet before the first restore');
             else {
               assert.ok(o.image.prefetched > 0, 'the second restore prefetches the first one\'s ActiveSet');

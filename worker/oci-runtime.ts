@@ -1,7 +1,7 @@
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import type { ActiveSetStore } from '../pagestore/activeset.js';
+import type { ActiveSetRecord, ActiveSetStore } from '../pagestore/activeset.js';
 import { ChunkCache } from '../pagestore/chunk-cache.js';
 import { cleanStaleMount } from '../pagestore/image-mount.js';
 import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
@@ -14,6 +14,7 @@ import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
 import { ensureKdatCache, type KdatState } from './oci/kdat.js';
 import { LazyRelay } from './oci/lazy-relay.js';
+import { writeRestorePack } from './oci/restore-plan.js';
 import { LazyRestore, type LazyOutcome } from './oci/lazy-restore.js';
 import { dropLocalImage, keepLocalImage, localImageGeneration, localImageIs, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
@@ -437,6 +438,13 @@ export class OciRuntime implements ContainerRuntime {
         );
       }
       const storeMs = performance.now() - storeStarted;
+      if ((c.spec.restore ?? 'activeset') === 'activeset' && this.opts.activeSets) {
+        // Advice for the next restore, never a reason to fail this checkpoint.
+        await writeRestorePack(stored.manifest, p.staging, this.opts.activeSets).then(
+          (r) => log.debug(r, 'restore pack stored'),
+          (err: unknown) => log.warn({ err: describeError(err) }, 'cannot store the restore pack; the next restore fetches chunk by chunk'),
+        );
+      }
 
       // 3. the image is verified in the store: the container may go. Its dump stays on the worker
       //    as the app's local image, for the next restore.
@@ -476,6 +484,12 @@ export class OciRuntime implements ContainerRuntime {
       this.assertNoContainer(spec.name);
       const log = this.log.child({ app: spec.name });
       const t0 = performance.now();
+      const mode = spec.restore ?? 'activeset';
+      // Read beside the manifest's look-up; a failure is the lazy restore's to report.
+      const activeSet = mode === 'activeset' ? this.opts.activeSets?.read(spec.name) : undefined;
+      const pack = mode === 'activeset' ? this.opts.activeSets?.readPack(spec.name) : undefined;
+      activeSet?.catch(() => undefined);
+      pack?.catch(() => undefined);
       const manifest = await this.store.latest(spec.name).catch((err: unknown) => {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
       });
@@ -485,8 +499,7 @@ export class OciRuntime implements ContainerRuntime {
       const p = this.records.paths(spec.name);
       rmSync(p.restore, { recursive: true, force: true });
       rmSync(p.restoreWork, { recursive: true, force: true });
-      const mode = spec.restore ?? 'activeset';
-      const img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log);
+      const img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log, { activeSet, pack });
       const fetchedMs = performance.now() - t0;
       if (signal?.aborted) {
         await img.release(false);
@@ -599,7 +612,14 @@ export class OciRuntime implements ContainerRuntime {
    * from the cache, the local copy of this generation (each chunk checked as it is read) or the
    * store. The local copy is dropped once every page is in: the next checkpoint makes a new one.
    */
-  private async lazyImage(spec: AppSpec, manifest: ImageManifest, mode: 'lazy' | 'activeset', record: AppRecord, log: Logger): Promise<RestoreImage> {
+  private async lazyImage(
+    spec: AppSpec,
+    manifest: ImageManifest,
+    mode: 'lazy' | 'activeset',
+    record: AppRecord,
+    log: Logger,
+    early: { activeSet?: Promise<ActiveSetRecord | undefined>; pack?: Promise<Buffer | undefined> },
+  ): Promise<RestoreImage> {
     const p = this.records.paths(spec.name);
     const local = (this.opts.localImages ?? true) && localImageIs(p.local, manifest);
     await cleanStaleMount(p.mount);
@@ -613,6 +633,8 @@ export class OciRuntime implements ContainerRuntime {
       store: this.store,
       cache: await this.chunkCache(),
       ...(this.opts.activeSets ? { activeSets: this.opts.activeSets } : {}),
+      ...(early.activeSet ? { activeSet: early.activeSet } : {}),
+      ...(early.pack ? { pack: early.pack } : {}),
       ...(local ? { localDir: p.local.dir } : {}),
       ...(this.opts.activeSetGraceMs !== undefined ? { graceMs: this.opts.activeSetGraceMs } : {}),
       ...(this.opts.sweepAfterMs !== undefined ? { sweepAfterMs: this.opts.sweepAfterMs } : {}),

@@ -8,7 +8,9 @@ import { sha256 } from '../../pagestore/chunked-image-store.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
-import { eagerRanges, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
+import { decodeRestorePack } from '../../pagestore/restore-pack.js';
+import { parsePagemap } from './pagemap.js';
+import { distinctChunks, eagerChunks, metadataChunks, pagemapLocator, PAGEMAP, PAGES, type TaskPagemap } from './restore-plan.js';
 
 /*
  * The image of a lazy restore: a FUSE directory (pagestore/image-mount.ts) whose reads are
@@ -33,13 +35,9 @@ import { eagerRanges, pageOffset, parsePagemap, type Pagemap } from './pagemap.j
  * with a page it could not get).
  */
 
-/** CRIU's memory pages files: the only files a lazy restore reads on demand */
-const PAGES = /^pages-\d+\.img$/;
 /** warmPageCache(): reads in flight, and bytes per read */
 const WARM_READERS = 2;
 const WARM_READ = 1024 * 1024;
-/** a task's pagemap: where each of its pages is in a pages file */
-const PAGEMAP = /^pagemap-(\d+)\.img$/;
 
 export interface LazyImageOptions {
   manifest: ImageManifest;
@@ -50,7 +48,7 @@ export interface LazyImageOptions {
   localDir?: string;
   /** the ActiveSet's chunks known by hash (see prefetch()) */
   prefetch: readonly PlannedChunk[];
-  /** fetches in flight for the prefetch and the sweep; default 16 */
+  /** fetches in flight for the prefetch and the sweep; default: the store's concurrency, else 16 */
   concurrency?: number;
   onFailure(err: unknown): Promise<void>;
   log: Logger;
@@ -63,6 +61,8 @@ export interface LazyImageStats {
   prefetched: number;
   /** chunks of the memory pages `criu restore` reads itself (not lazy), fetched before the restore */
   eager: number;
+  /** chunks taken from the app's restore pack (one request) rather than fetched one by one */
+  packed: number;
   /** in ms */
   prefetchMs: number;
   /** chunks a read found in the cache (memory or disk) */
@@ -78,8 +78,7 @@ export interface LazyImageStats {
 export class LazyImage {
   readonly path: string;
   private mount: ImageMount | undefined;
-  private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, eager: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
-  private readonly locators = new Map<number, Pagemap>();
+  private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, eager: 0, packed: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
   private prefetchedHashes: ReadonlySet<string> = new Set();
   private prefetchedPages: PlannedChunk[] = [];
   private warming: Promise<void> | undefined;
@@ -89,7 +88,7 @@ export class LazyImage {
 
   private constructor(private readonly o: LazyImageOptions) {
     this.path = o.mountpoint;
-    this.concurrency = o.concurrency ?? 16;
+    this.concurrency = o.concurrency ?? o.store.concurrency ?? 16;
   }
 
   /** Mounts the image (nothing fetched yet: see prefetch()). Throws with nothing left mounted. */
@@ -119,52 +118,63 @@ export class LazyImage {
    * chunk that cannot be had. The pagemaps are advice here: one that does not parse costs
    * prefetching, not the restore (CRIU reads it and fails visibly if it is really broken).
    */
-  async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[]): Promise<void> {
+  async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[], pack?: Promise<Buffer | undefined>): Promise<void> {
     const t0 = performance.now();
-    const wanted = new Map<string, PlannedChunk>();
-    const pagemaps: PlannedChunk[] = [];
-    for (const file of this.o.manifest.files) {
-      if (PAGES.test(file.path)) continue;
-      for (const ref of fileChunks(this.o.manifest, file)) {
-        const p = { file, ref };
-        if (PAGEMAP.test(file.path)) pagemaps.push(p);
-        wanted.set(ref.hash, p);
-      }
-    }
-    this.counts.metadata = wanted.size;
-    // The pagemaps first: the second batch waits for them.
-    const first = [...pagemaps, ...[...wanted.values()].filter((p) => !PAGEMAP.test(p.file.path))];
+    if (pack) await this.unpack(pack);
+    const metadata = metadataChunks(this.o.manifest);
+    this.counts.metadata = metadata.length;
+    const wanted = new Set<string>();
+    const pages: PlannedChunk[] = [];
     const add = (list: readonly PlannedChunk[]): PlannedChunk[] => {
-      const fresh = list.filter((p) => !wanted.has(p.ref.hash));
-      for (const p of fresh) wanted.set(p.ref.hash, p);
+      const fresh = distinctChunks(list).filter((p) => !wanted.has(p.ref.hash));
+      for (const p of fresh) {
+        wanted.add(p.ref.hash);
+        if (PAGES.test(p.file.path)) pages.push(p);
+      }
       return fresh;
     };
-    first.push(...add(this.o.prefetch));
-    const fetch = (list: readonly PlannedChunk[], kind: 'prefetched' | 'eager' | null): Promise<void> =>
+    const fetch = (list: readonly PlannedChunk[], kind: 'prefetched' | 'eager'): Promise<void> =>
       this.each(list, async (p) => {
         await this.chunk(p.file, p.ref);
-        if (kind && PAGES.test(p.file.path)) this.counts[kind]++;
+        if (PAGES.test(p.file.path)) this.counts[kind]++;
       });
-    const firstDone = fetch(first, 'prefetched');
+    // The pagemaps lead the first batch: the second waits for them.
+    const first = fetch(add([...metadata, ...this.o.prefetch]), 'prefetched');
     const second = this.pagemaps().then((maps) => {
-      const eager: PlannedChunk[] = [];
-      const byAddress: PlannedChunk[] = [];
-      for (const { pid, map } of maps) {
-        const file = this.o.manifest.files.find((f) => f.path === `pages-${map.pagesId}.img`);
-        if (!file) continue;
-        const chunks = fileChunks(this.o.manifest, file);
-        for (const r of eagerRanges(map)) {
-          for (const ref of chunks) if (ref.offset < r.offset + r.length && ref.offset + ref.size > r.offset) eager.push({ file, ref });
-        }
-        this.locators.set(pid, map);
-      }
-      if (plan) byAddress.push(...plan((pid, vaddr) => this.locate(pid, vaddr)));
-      return Promise.all([fetch(add(eager), 'eager'), fetch(add(byAddress), 'prefetched')]);
+      const eager = add(eagerChunks(this.o.manifest, maps));
+      const byAddress = plan ? add(plan(pagemapLocator(maps))) : [];
+      return Promise.all([fetch(eager, 'eager'), fetch(byAddress, 'prefetched')]);
     });
-    await Promise.all([firstDone, second]);
-    this.prefetchedPages = [...wanted.values()].filter((p) => PAGES.test(p.file.path));
-    this.prefetchedHashes = new Set(this.prefetchedPages.map((p) => p.ref.hash));
+    await Promise.all([first, second]);
+    this.prefetchedPages = pages;
+    this.prefetchedHashes = new Set(pages.map((p) => p.ref.hash));
     this.counts.prefetchMs = Math.round(performance.now() - t0);
+  }
+
+  /**
+   * Puts the chunks of the app's restore pack that this image names into the cache (each one
+   * checked against its hash); the prefetch then finds them there. A pack that cannot be had or
+   * read costs only that: the prefetch fetches chunk by chunk.
+   */
+  private async unpack(pack: Promise<Buffer | undefined>): Promise<void> {
+    let buf: Buffer | undefined;
+    try {
+      buf = await pack;
+    } catch (err) {
+      this.o.log.warn({ err: (err as Error).message }, 'cannot fetch the restore pack; prefetching chunk by chunk');
+      return;
+    }
+    if (!buf) return;
+    const names = new Set<string>();
+    for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) names.add(ref.hash);
+    try {
+      const { chunks, bad } = decodeRestorePack(buf, names);
+      for (const c of chunks) if (!this.o.cache.has(c.hash)) this.o.cache.put(c.hash, Buffer.from(c.bytes));
+      this.counts.packed = chunks.length;
+      if (bad > 0) this.o.log.warn({ bad }, 'chunks of the restore pack failed their checksum; they are fetched one by one');
+    } catch (err) {
+      this.o.log.warn({ err: (err as Error).message }, 'the restore pack is unreadable; prefetching chunk by chunk');
+    }
   }
 
   /** The memory chunks prefetch() fetched (ActiveSet and the pages CRIU reads itself). */
@@ -220,16 +230,9 @@ export class LazyImage {
     }
   }
 
-  /** Where a task's page is in this image (after prefetch()), or null. */
-  locate(pid: number, vaddr: number): { file: string; offset: number } | null {
-    const map = this.locators.get(pid);
-    const offset = map ? pageOffset(map, vaddr) : null;
-    return map && offset !== null ? { file: `pages-${map.pagesId}.img`, offset } : null;
-  }
-
   /** Every task's pagemap, read through the cache; one that cannot be read or parsed is left out (logged). */
-  private async pagemaps(): Promise<Array<{ pid: number; map: Pagemap }>> {
-    const out: Array<{ pid: number; map: Pagemap }> = [];
+  private async pagemaps(): Promise<TaskPagemap[]> {
+    const out: TaskPagemap[] = [];
     for (const file of this.o.manifest.files) {
       const m = PAGEMAP.exec(file.path);
       if (!m) continue;

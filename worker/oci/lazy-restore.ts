@@ -44,6 +44,13 @@ export interface LazyRestoreOptions {
   cache: ChunkCache;
   /** where ActiveSets live; absent: activeset mode prefetches nothing and records nothing */
   activeSets?: ActiveSetStore;
+  /**
+   * the app's ActiveSet record, when the caller started reading it already (beside its look-up
+   * of the manifest: one round trip to the store less); else prepare() reads it
+   */
+  activeSet?: Promise<ActiveSetRecord | undefined>;
+  /** the app's restore pack (pagestore/restore-pack.ts), read likewise; activeset mode only */
+  pack?: Promise<Buffer | undefined>;
   /** a local copy of this very image, read before the store */
   localDir?: string;
   /** in ms: the ActiveSet window stays open this long after served(); default 500 */
@@ -103,7 +110,7 @@ export class LazyRestore {
     const r = new LazyRestore(o);
     let record: ActiveSetRecord | undefined;
     if (o.mode === 'activeset' && o.activeSets) {
-      record = await o.activeSets.read(o.app).catch((err: unknown) => {
+      record = await (o.activeSet ?? o.activeSets.read(o.app)).catch((err: unknown) => {
         o.log.warn({ err: (err as Error).message }, 'cannot read the ActiveSet; restoring without prefetch');
         return undefined;
       });
@@ -125,7 +132,7 @@ export class LazyRestore {
       throw imageUnreadable(o.app, o.manifest.generation, err);
     });
     r.image = image;
-    const prefetched = image.prefetch(sets ? (locate) => sets.plan(o.manifest, record, locate) : undefined).catch((err: unknown) => {
+    const prefetched = image.prefetch(sets ? (locate) => sets.plan(o.manifest, record, locate) : undefined, o.mode === 'activeset' ? o.pack : undefined).catch((err: unknown) => {
       throw imageUnreadable(o.app, o.manifest.generation, err);
     });
     const started = r.startDaemon();
@@ -217,7 +224,7 @@ export class LazyRestore {
     clearTimeout(this.sweepTimer);
     this.relay?.kill();
     await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
-    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, eager: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, eager: 0, packed: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
     let error = this.failure;
     if (!error && !this.aborted && exit && exit.code !== 0) {
       const why = this.daemon!.errors().slice(-2).join(' | ');

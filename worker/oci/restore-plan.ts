@@ -1,0 +1,106 @@
+import { open, readFile, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import type { ActiveSetStore, PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
+import { fileChunks, type ImageManifest } from '../../pagestore/image-store.js';
+import type { PackedChunk } from '../../pagestore/restore-pack.js';
+import { eagerRanges, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
+
+/*
+ * What a lazy restore of an image reads before its process resumes, chunk by chunk: the restore
+ * prefetches it (lazy-image.ts), and the checkpoint that stored the image packs it into one
+ * object for that prefetch (pagestore/restore-pack.ts).
+ *   metadata  every file but the memory pages: `criu restore` reads them whole, one by one
+ *   eager     the memory pages `criu restore` reads itself (not marked lazy: stacks, private
+ *             file mappings), found through each task's pagemap
+ *   ActiveSet the pages the app is about to touch (pagestore/activeset.ts), by the same pagemaps
+ */
+
+/** CRIU's memory pages files: the only files a lazy restore reads on demand */
+export const PAGES = /^pages-\d+\.img$/;
+/** a task's pagemap: where each of its pages is in a pages file */
+export const PAGEMAP = /^pagemap-(\d+)\.img$/;
+
+export interface TaskPagemap {
+  pid: number;
+  map: Pagemap;
+}
+
+/** The chunks of every file but the memory pages, the pagemaps first. */
+export function metadataChunks(manifest: ImageManifest): PlannedChunk[] {
+  const first: PlannedChunk[] = [];
+  const rest: PlannedChunk[] = [];
+  for (const file of manifest.files) {
+    if (PAGES.test(file.path)) continue;
+    for (const ref of fileChunks(manifest, file)) (PAGEMAP.test(file.path) ? first : rest).push({ file, ref });
+  }
+  return [...first, ...rest];
+}
+
+/** The chunks holding the pages `criu restore` reads itself. */
+export function eagerChunks(manifest: ImageManifest, maps: readonly TaskPagemap[]): PlannedChunk[] {
+  const out: PlannedChunk[] = [];
+  for (const { map } of maps) {
+    const file = manifest.files.find((f) => f.path === `pages-${map.pagesId}.img`);
+    if (!file) continue;
+    const chunks = fileChunks(manifest, file);
+    for (const r of eagerRanges(map)) {
+      for (const ref of chunks) if (ref.offset < r.offset + r.length && ref.offset + ref.size > r.offset) out.push({ file, ref });
+    }
+  }
+  return out;
+}
+
+/** Where each task's pages are in the image the pagemaps came from. */
+export function pagemapLocator(maps: readonly TaskPagemap[]): PageLocator {
+  const byPid = new Map(maps.map((m) => [m.pid, m.map]));
+  return (pid, vaddr) => {
+    const map = byPid.get(pid);
+    const offset = map ? pageOffset(map, vaddr) : null;
+    return map && offset !== null ? { file: `pages-${map.pagesId}.img`, offset } : null;
+  };
+}
+
+/** `lists` joined, each chunk (by hash) once, in first-seen order. */
+export function distinctChunks(...lists: ReadonlyArray<readonly PlannedChunk[]>): PlannedChunk[] {
+  const seen = new Set<string>();
+  const out: PlannedChunk[] = [];
+  for (const list of lists) {
+    for (const p of list) {
+      if (seen.has(p.ref.hash)) continue;
+      seen.add(p.ref.hash);
+      out.push(p);
+    }
+  }
+  return out;
+}
+
+/**
+ * Writes the app's restore pack for `manifest`: what a restore of it will prefetch (metadata,
+ * eager pages, the ActiveSet as the app's record plans it for this image), read from `dir`, the
+ * directory the image was stored from. Returns the chunks and bytes packed.
+ */
+export async function writeRestorePack(manifest: ImageManifest, dir: string, activeSets: ActiveSetStore): Promise<{ chunks: number; bytes: number }> {
+  const maps: TaskPagemap[] = [];
+  for (const file of manifest.files) {
+    const m = PAGEMAP.exec(file.path);
+    if (m) maps.push({ pid: Number(m[1]), map: parsePagemap(await readFile(path.join(dir, file.path))) });
+  }
+  const record = await activeSets.read(manifest.app);
+  const plan = distinctChunks(metadataChunks(manifest), eagerChunks(manifest, maps), activeSets.plan(manifest, record, pagemapLocator(maps)));
+  const chunks: PackedChunk[] = [];
+  const files = new Map<string, FileHandle>();
+  try {
+    for (const p of plan) {
+      let fh = files.get(p.file.path);
+      if (!fh) files.set(p.file.path, (fh = await open(path.join(dir, ...p.file.path.split('/')), 'r')));
+      const bytes = Buffer.allocUnsafe(p.ref.size);
+      const { bytesRead } = await fh.read(bytes, 0, p.ref.size, p.ref.offset);
+      if (bytesRead !== p.ref.size) throw new Error(`${p.file.path} is shorter than its manifest says`);
+      chunks.push({ hash: p.ref.hash, bytes });
+    }
+  } finally {
+    for (const fh of files.values()) await fh.close();
+  }
+  const bytes = await activeSets.putPack(manifest.app, manifest.generation, chunks);
+  return { chunks: chunks.length, bytes };
+}
