@@ -40,16 +40,18 @@ export interface StartOptions {
 /**
  * Runs `picocenter ARGS…` in `dir` and resolves with its first log line named `upMsg`; a process
  * that exits or does not log it in `timeoutMs` is killed, and the start rejects with its output.
+ * `env` is added to this process's environment (a variable set to undefined is removed).
  */
 export async function startCli(
   args: string[],
   dir: string,
   upMsg: string,
   timeoutMs = 15_000,
+  env: NodeJS.ProcessEnv = {},
 ): Promise<{ proc: ChildProcess; logs: LogLine[]; up: LogLine; exit: Promise<number | null> }> {
   const proc = spawn(process.execPath, [CLI, ...args], {
     cwd: dir,
-    env: { ...process.env, PICO_LOG_LEVEL: 'debug' },
+    env: { ...process.env, ...env, PICO_LOG_LEVEL: 'debug' },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   const logs: LogLine[] = [];
