@@ -5,10 +5,12 @@
  *   start()  spawns the server and sends it the listing; resolves once the kernel initialised
  *            the mount (READY). Rejects — with the server ended — on FAILED, an early exit or
  *            startTimeoutMs.
- *   (up)     each READ is passed to `read`; its slices are written after a DATA header in one
- *            writev, a rejection becomes ERROR -EIO.
+ *   (up)     each READ is passed to `read`; its slices are written into the READ's slot of the
+ *            window (one pwritev) and answered PLACED, or else written after a DATA header in one
+ *            writev to the channel; a rejection becomes ERROR -EIO.
  *   end()    closes the channel: the server exits at EOF. SIGKILL after END_TIMEOUT_MS; resolves
- *            once the exit was seen or after a second END_TIMEOUT_MS — never hangs.
+ *            once the exit was seen or after a second END_TIMEOUT_MS — never hangs. Then closes
+ *            the window.
  *   lost     the server went away while up (crashed, killed, broke the protocol): `onLost`
  *            once, at the first sign (the channel closing or the exit, whichever is seen first).
  *            By then the kernel has already failed the mount's pending requests (ENOTCONN).
@@ -17,11 +19,28 @@
  * must not kill it under a live mount: end() is how it stops), without NODE_OPTIONS (a preload
  * could spawn or listen for signals there, which the server must never do).
  */
+import { randomBytes } from 'node:crypto';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, openSync, unlinkSync, writevSync } from 'node:fs';
 import type { Socket } from 'node:net';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from '../shared/log.js';
-import { errorReply, Frame, frame, FrameReader, header, parseReadRequest, WIRE_VERSION, WireError, type FuseListing } from './fuse-wire.js';
+import { describeError } from '../shared/errors.js';
+import {
+  errorReply,
+  Frame,
+  frame,
+  FrameReader,
+  header,
+  NO_SLOT,
+  parseReadRequest,
+  placedReply,
+  WIRE_VERSION,
+  WireError,
+  type FuseListing,
+  type Hello,
+} from './fuse-wire.js';
 
 const SERVER = fileURLToPath(new URL('./fuse-server.js', import.meta.url));
 const EIO = -5;
@@ -29,6 +48,15 @@ const EIO = -5;
 const END_TIMEOUT_MS = 2_000;
 /** stderr lines of the server kept for error messages */
 const STDERR_TAIL_LINES = 5;
+/** tmpfs, for the window: its pages are memory, never written back to a disk */
+const WINDOW_DIR = '/dev/shm';
+/**
+ * Slots of the window: more than libfuse 2 has threads (fuse_loop_mt runs at most 10 workers,
+ * each with one request); a read finding none free is answered DATA.
+ */
+const WINDOW_SLOTS = 16;
+/** in bytes: the kernel's largest FUSE read without max_pages (which libfuse 2 never asks for) */
+const WINDOW_SLOT_BYTES = 128 * 1024;
 
 export interface FuseChildOptions {
   listing: FuseListing;
@@ -55,11 +83,14 @@ export class FuseChild {
   private readonly exited: Promise<void>;
   private readonly stderrTail: string[] = [];
   private startSettled: ((err?: Error) => void) | undefined;
+  /** the window's file descriptor, until end() */
+  private window: number | undefined;
 
   private constructor(private readonly o: FuseChildOptions) {
     const env = { ...process.env };
     delete env.NODE_OPTIONS;
-    this.child = spawn(process.execPath, [SERVER], { stdio: ['ignore', 'ignore', 'pipe', 'pipe'], detached: true, env });
+    this.window = openWindow(o.log);
+    this.child = spawn(process.execPath, [SERVER], { stdio: ['ignore', 'ignore', 'pipe', 'pipe', this.window ?? 'ignore'], detached: true, env });
     this.pid = this.child.pid ?? -1;
     this.channel = this.child.stdio[3] as Socket;
     this.exited = new Promise((resolve) => this.child.once('exit', () => resolve()));
@@ -94,7 +125,8 @@ export class FuseChild {
       await new Promise<void>((resolve, reject) => {
         c.startSettled = (err) => (err ? reject(err) : resolve());
         timer = setTimeout(() => reject(new Error(`the kernel did not initialise the mount within ${o.startTimeoutMs} ms`)), o.startTimeoutMs);
-        c.channel.write(frame(Frame.HELLO, WIRE_VERSION, Buffer.from(JSON.stringify(o.listing), 'utf8')));
+        const hello: Hello = { listing: o.listing, window: c.window === undefined ? null : { slots: WINDOW_SLOTS, slotBytes: WINDOW_SLOT_BYTES } };
+        c.channel.write(frame(Frame.HELLO, WIRE_VERSION, Buffer.from(JSON.stringify(hello), 'utf8')));
       });
     } catch (err) {
       await c.end();
@@ -111,20 +143,28 @@ export class FuseChild {
   async end(): Promise<void> {
     this.state = 'ending';
     this.channel.destroy();
-    if (await this.exitWithin(END_TIMEOUT_MS)) return;
+    if (await this.exitWithin(END_TIMEOUT_MS)) return this.closeWindow();
     this.o.log?.warn({ server: this.pid }, `image mount server did not exit within ${END_TIMEOUT_MS} ms of its channel closing; SIGKILL`);
     this.child.kill('SIGKILL');
     if (!(await this.exitWithin(END_TIMEOUT_MS))) this.o.log?.error({ server: this.pid }, 'image mount server: no exit seen after SIGKILL');
+    this.closeWindow();
+  }
+
+  private closeWindow(): void {
+    if (this.window === undefined) return;
+    closeSync(this.window);
+    this.window = undefined;
   }
 
   private onFrame(type: number, id: number, payload: Buffer): void {
     switch (type) {
       case Frame.READ: {
-        const { file, offset, length } = parseReadRequest(payload);
+        const { file, offset, length, slot } = parseReadRequest(payload);
+        if (slot !== NO_SLOT && slot >= WINDOW_SLOTS) throw new WireError(`slot ${slot}`);
         Promise.resolve()
           .then(() => this.o.read(file, offset, length))
           .then(
-            (slices) => this.answer(id, slices),
+            (slices) => this.answer(id, slot, slices),
             () => this.send(errorReply(id, EIO)),
           );
         return;
@@ -140,9 +180,17 @@ export class FuseChild {
     }
   }
 
-  private answer(id: number, slices: Buffer[]): void {
+  private answer(id: number, slot: number, slices: Buffer[]): void {
     if (!this.channel.writable) return;
     const bytes = slices.reduce((n, s) => n + s.length, 0);
+    if (slot !== NO_SLOT && this.window !== undefined && bytes <= WINDOW_SLOT_BYTES) {
+      try {
+        // Synchronous, but tmpfs: a copy into memory, like the copy into the reply it replaces.
+        if (!bytes || writevSync(this.window, slices, slot * WINDOW_SLOT_BYTES) === bytes) return this.send(placedReply(id, bytes));
+      } catch (err) {
+        this.o.log?.warn({ err: describeError(err) }, 'cannot write the image mount window; answering through the channel');
+      }
+    }
     // One writev: the header and views of the chunks, no copy on this side.
     this.channel.cork();
     this.channel.write(header(Frame.DATA, id, bytes));
@@ -211,5 +259,21 @@ export class FuseChild {
     } finally {
       clearTimeout(timer);
     }
+  }
+}
+
+/**
+ * An unlinked file in WINDOW_DIR for the bytes of reads (fuse-wire.ts), or nothing when there
+ * is no tmpfs to put it on: every read is then answered through the channel.
+ */
+function openWindow(log: Logger | undefined): number | undefined {
+  const p = path.join(WINDOW_DIR, `picocenter-mount-${process.pid}-${randomBytes(6).toString('hex')}`);
+  try {
+    const fd = openSync(p, 'wx+', 0o600);
+    unlinkSync(p);
+    return fd;
+  } catch (err) {
+    log?.warn({ dir: WINDOW_DIR, err: describeError(err) }, 'no window for the image mount; reads go through the channel (slower)');
+    return undefined;
   }
 }

@@ -2,7 +2,8 @@
  * The FUSE server of one image mount: a process of its own, started by fuse-child.ts with the
  * mounting process's `node`. It mounts with fuse-native, answers getattr, readdir, access,
  * statfs and open from the listing it got once (HELLO), and forwards every read to the mounting
- * process over its channel (fd 3, fuse-wire.ts), copying the answer into libfuse's buffer.
+ * process over its channel (fd 3, fuse-wire.ts), reading the answer into libfuse's buffer from
+ * the window (fd 4) or the channel.
  *
  * Why a process of its own: libfuse 2 serves the mount on threads (fuse_loop_mt) that do not
  * block signals, and cancels them (pthread_cancel) when the mount goes away. In a process where
@@ -23,10 +24,10 @@
  * - Anything unexpected (a malformed frame, an answer to no request) ends the process: the
  *   mounting process sees it gone and fails the mount, rather than serving wrong bytes.
  */
-import { writeSync } from 'node:fs';
+import { readSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import Fuse from 'fuse-native';
-import { Frame, FrameReader, readRequest, WIRE_VERSION, WireError, frame, type FuseListing } from './fuse-wire.js';
+import { Frame, FrameReader, NO_SLOT, readRequest, WIRE_VERSION, WireError, frame, type FuseListing, type Hello } from './fuse-wire.js';
 
 const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
@@ -37,15 +38,23 @@ const W_OK = 2;
 /** in seconds: the image never changes while mounted */
 const ATTR_CACHE_S = 3600;
 
+/** the window's file descriptor (fuse-wire.ts) */
+const WINDOW_FD = 4;
+
 interface PendingRead {
   /** libfuse's buffer for the answer: valid until `done` is called, never after */
   buf: Buffer;
+  /** lent to this read until it is answered, or NO_SLOT */
+  slot: number;
   done(result: number): void;
 }
 
 const channel = new net.Socket({ fd: 3, readable: true, writable: true });
 const pending = new Map<number, PendingRead>();
 let nextId = 0;
+/** slots of the window no read holds */
+const freeSlots: number[] = [];
+let slotBytes = 0;
 let started = false;
 
 function say(line: string): void {
@@ -73,11 +82,17 @@ const reader = new FrameReader({
   frame(type, id, payload) {
     if (type === Frame.HELLO) return start(id, payload);
     const p = pending.get(id);
-    if (!p || (type !== Frame.DATA && type !== Frame.ERROR)) throw new WireError(`frame type ${type} for request ${id}`);
+    if (!p || (type !== Frame.DATA && type !== Frame.PLACED && type !== Frame.ERROR)) throw new WireError(`frame type ${type} for request ${id}`);
     pending.delete(id);
-    if (type === Frame.DATA) return p.done(payload.length);
-    const errno = payload.length === 4 ? payload.readInt32LE(0) : 0;
-    p.done(errno < 0 ? errno : Fuse.EIO);
+    let result: number;
+    if (type === Frame.DATA) result = payload.length;
+    else if (type === Frame.PLACED) result = fromWindow(p, payload);
+    else {
+      const errno = payload.length === 4 ? payload.readInt32LE(0) : 0;
+      result = errno < 0 ? errno : Fuse.EIO;
+    }
+    if (p.slot !== NO_SLOT) freeSlots.push(p.slot);
+    p.done(result);
   },
 });
 
@@ -88,19 +103,37 @@ channel.on('data', (chunk: Buffer) => {
     exit(1, `image mount server: ${(err as Error).message}`);
   }
 });
-channel.on('error', (err) => exit(1, `image mount server: channel: ${err.message}`));
+channel.on('error', (err: NodeJS.ErrnoException) => {
+  // ECONNRESET, EPIPE: the mounting process closed the channel (with requests of ours unread) or died
+  if (err.code === 'ECONNRESET' || err.code === 'EPIPE') exit(0);
+  exit(1, `image mount server: channel: ${err.message}`);
+});
 channel.on('end', () => exit(0));
 channel.on('close', () => exit(0));
+
+/** Reads a PLACED answer from the read's slot into libfuse's buffer; the byte count. */
+function fromWindow(p: PendingRead, payload: Buffer): number {
+  const bytes = payload.length === 4 ? payload.readUInt32LE(0) : -1;
+  if (p.slot === NO_SLOT || bytes < 0 || bytes > p.buf.length) throw new WireError(`PLACED ${bytes} bytes for a read of ${p.buf.length} in slot ${p.slot}`);
+  const got = bytes && readSync(WINDOW_FD, p.buf, 0, bytes, p.slot * slotBytes);
+  if (got !== bytes) throw new WireError(`${got} of ${bytes} bytes in slot ${p.slot}`);
+  return bytes;
+}
 
 function start(version: number, payload: Buffer): void {
   if (started) throw new WireError('a second HELLO');
   started = true;
   if (version !== WIRE_VERSION) return fail(`wire version ${version}; this server speaks ${WIRE_VERSION}`);
-  let listing: FuseListing;
+  let hello: Hello;
   try {
-    listing = JSON.parse(payload.toString('utf8')) as FuseListing;
+    hello = JSON.parse(payload.toString('utf8')) as Hello;
   } catch (err) {
-    return fail(`unreadable listing: ${(err as Error).message}`);
+    return fail(`unreadable HELLO: ${(err as Error).message}`);
+  }
+  const { listing, window } = hello;
+  if (window) {
+    slotBytes = window.slotBytes;
+    for (let i = window.slots - 1; i >= 0; i--) freeSlots.push(i);
   }
   const fuse = new Fuse(listing.mountpoint, operations(listing), {
     timeout: false,
@@ -186,8 +219,9 @@ function operations(listing: FuseListing): Fuse.Operations {
       if (index === undefined) return cb(Fuse.EBADF);
       const id = nextId;
       nextId = (nextId + 1) >>> 0;
-      pending.set(id, { buf, done: cb });
-      channel.write(readRequest(id, index, pos, len));
+      const slot = len <= slotBytes ? (freeSlots.pop() ?? NO_SLOT) : NO_SLOT;
+      pending.set(id, { buf, slot, done: cb });
+      channel.write(readRequest(id, index, pos, len, slot));
     },
     write: rofs,
     create: rofs,
