@@ -121,7 +121,10 @@ export interface ImageMount {
    * to onFailure once)
    */
   stats(): { reads: number; bytes: number; chunks: number; failures: number };
-  /** unmounts (lazily if busy: `fusermount -uz` fallback); idempotent; never throws on an already-gone mount */
+  /**
+   * unmounts (lazily if busy: `fusermount -uz` fallback), then ends the server process; idempotent;
+   * never throws on an already-gone mount
+   */
   close(): Promise<void>;
 }
 
