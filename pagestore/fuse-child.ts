@@ -13,7 +13,8 @@
  *            the window.
  *   lost     the server went away while up (crashed, killed, broke the protocol): `onLost`
  *            once, at the first sign (the channel closing or the exit, whichever is seen first).
- *            By then the kernel has already failed the mount's pending requests (ENOTCONN).
+ *            A server that broke the protocol is SIGKILLed first. Once the server is dead the
+ *            kernel fails the mount's pending and later requests (ENOTCONN) by itself.
  *
  * The server runs this process's own `node` binary, in a session of its own (a terminal's ^C
  * must not kill it under a live mount: end() is how it stops), without NODE_OPTIONS (a preload
