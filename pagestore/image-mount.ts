@@ -4,15 +4,24 @@
  * chunk source (the worker's cache, else the page store). The reads of `pages-*.img` are the
  * restored process's page faults, so `onRead` is where the ActiveSet is observed.
  *
- *   kernel ──FUSE request──► libfuse thread (fuse-native) ──uv_async──► this event loop
- *     read(path, buf, len, pos)   blocks on a semaphore             serveRead: onRead each chunk →
- *     ▲                                                              chunk() (memo: in flight + LRU) →
- *     └──────────── answer (bytes or -errno) ◄──── signal ◄────────── copy slices into buf
+ *   kernel ──FUSE request──► server process (fuse-server.ts: fuse-native, libfuse threads)
+ *                              getattr, readdir, open, statfs: answered from the listing
+ *     read(path, buf, len, pos)  ──READ {id, file, offset, length}──► this event loop (fuse-child.ts)
+ *                                                                      ImageServer.read: onRead each
+ *                                                                      chunk → chunk() (memo: in
+ *                                                                      flight + LRU) → slices
+ *     ▲                                                                            │
+ *     └── bytes or -errno ◄── copied into libfuse's buffer ◄── DATA {id, bytes} | ERROR {id, errno}
  *
  * Invariants:
- * - The handlers run on THIS process's event loop: this process must never read the mount (a
- *   synchronous read deadlocks it; async ones tie up libuv's thread pool). Readers are other
- *   processes (criu, tests' children).
+ * - libfuse runs in the server process only, never here: its threads take signals and are
+ *   cancelled at unmount, which can freeze a process where libuv handles signals (this one
+ *   spawns runc, criu, fusermount…; see fuse-server.ts). What bytes a read gets is decided here.
+ * - Reads still wait for THIS process's event loop: this process must never read a file of the
+ *   mount synchronously (the read would wait for itself, forever); an asynchronous read works
+ *   but holds a libuv pool thread that chunk() may need. Readers are other processes (criu,
+ *   tests' children). Metadata is the server's alone: stat, readdir, open and close of the
+ *   mount never wait for this process, so stat'ing or walking the mount here is safe.
  * - The image is immutable, so the kernel page cache is kept across opens (`kernel_cache`) and
  *   attributes are cached long: a page read once is not asked for again while the mount lives.
  *   `onRead` therefore sees the first touch of each chunk, plus the kernel's readahead (reads
@@ -21,19 +30,24 @@
  *   manifest says. Otherwise `onFailure` is awaited first (bounded by failureTimeoutMs) and only
  *   then the read gets EIO: the restore kills the half-restored container before the process
  *   could run on without the page. Failed chunks are not remembered: a later read tries again.
- * - close() never hangs: a busy mount (a reader still has a file open) is detached lazily
- *   (`fusermount -uz`); its open files keep being served until they are closed.
- * - Never walk a directory holding a live mount of this process synchronously (rmSync, statSync):
- *   close() the mount first, or detach it (`fusermount -uz`) — a sync stat of it never returns.
+ * - If the server process dies while mounted, the kernel fails the mount's pending and later
+ *   requests at once (ENOTCONN at the reader) — before this process can know: `onFailure(err)`
+ *   (no file, no chunk) is called as soon as it sees the server gone. The mount stays dead until
+ *   close().
+ * - If this process dies, the server exits without unmounting (it never spawns; fusermount is a
+ *   spawn): the mount is left dead (ENOTCONN) for cleanStaleMount.
+ * - close() never hangs: the unmount is bounded, and a busy mount (a reader still has a file
+ *   open) is detached lazily (`fusermount -uz`); then the server is ended (SIGKILL if it does
+ *   not exit), so files still open on a lazily detached mount fail from then on (ENOTCONN).
  */
 import { execFile } from 'node:child_process';
 import { mkdir, readdir, realpath, rmdir, stat } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import path from 'node:path';
-import Fuse from 'fuse-native';
 import { describeError, PicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { FuseChild } from './fuse-child.js';
+import type { FuseListing } from './fuse-wire.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 
 /** in ms: how long an fusermount/umount run is waited for */
@@ -75,8 +89,10 @@ export interface ImageMountOptions {
    * failed read is answered with EIO: the restore uses it to kill the half-restored container
    * first, so the process never runs on with a page it could not get. Called once per failed
    * fetch (reads waiting for the same chunk share it).
+   * Also called once, without `file` and `ref`, when the mount's server process died while
+   * mounted: every read of the mount fails from then on (already, when this is called).
    */
-  onFailure?(err: unknown, file: ImageFile, ref: ChunkRef): Promise<void>;
+  onFailure?(err: unknown, file: ImageFile | undefined, ref: ChunkRef | undefined): Promise<void>;
   /** in ms; default 10 000 */
   failureTimeoutMs?: number;
   /** in ms; a chunk() not settled by then is a failure (PICO_ERR_STORE). Default 30 000; 0: no bound */
@@ -97,27 +113,26 @@ export interface ImageMountOptions {
 
 export interface ImageMount {
   readonly path: string;
+  /** the pid of the mount's server process (fuse-server.ts), which alone holds its /dev/fuse */
+  readonly serverPid: number;
   /**
    * reads: read requests answered (with data, with 0 at EOF, or with EIO); bytes: bytes served;
    * chunks: chunk fetches started (calls of chunk()); failures: fetches that failed (each passed
    * to onFailure once)
    */
   stats(): { reads: number; bytes: number; chunks: number; failures: number };
-  /** unmounts (lazily if busy: `fusermount -uz` fallback); idempotent; never throws on an already-gone mount */
+  /**
+   * unmounts (lazily if busy: `fusermount -uz` fallback), then ends the server process; idempotent;
+   * never throws on an already-gone mount
+   */
   close(): Promise<void>;
 }
 
-const S_IFDIR = 0o040000;
-const S_IFREG = 0o100000;
-const O_ACCMODE = 0o3;
-const O_RDONLY = 0;
-const O_TRUNC = 0o1000;
-const W_OK = 2;
-/** in seconds: the image never changes while mounted */
-const ATTR_CACHE_S = 3600;
 const MOUNT_TIMEOUT_MS = 10_000;
 
 interface Entry {
+  /** FUSE path: '/a/b.img' */
+  fusePath: string;
   file: ImageFile;
   refs: ChunkRef[];
 }
@@ -132,132 +147,49 @@ export async function mountImage(opts: ImageMountOptions): Promise<ImageMount> {
   const mnt = await realpath(opts.mountpoint);
 
   const server = new ImageServer(opts, log);
-  const mtime = validDate(opts.manifest.createdAt);
-  const dirStat = (): Fuse.Stat => ({ mode: S_IFDIR | 0o755, size: 4096, nlink: 2, uid: 0, gid: 0, mtime, atime: mtime, ctime: mtime });
-  const fileStat = (f: ImageFile): Fuse.Stat => ({
-    mode: S_IFREG | (f.mode & 0o7777),
-    size: f.size,
-    nlink: 1,
-    uid: 0,
-    gid: 0,
-    blksize: 128 * 1024,
-    blocks: Math.ceil(f.size / 512),
-    mtime,
-    atime: mtime,
-    ctime: mtime,
-  });
-  const totalBytes = opts.manifest.files.reduce((n, f) => n + f.size, 0);
-  const handles = new Map<number, Entry>();
-  let nextHandle = 1;
-  const rofs = (...args: unknown[]) => (args[args.length - 1] as Fuse.Done)(Fuse.EROFS);
-
-  const ops: Fuse.Operations = {
-    getattr(p, cb) {
-      const e = files.get(p);
-      if (e) return cb(0, fileStat(e.file));
-      if (dirs.has(p)) return cb(0, dirStat());
-      cb(Fuse.ENOENT);
-    },
-    readdir(p, cb) {
-      const names = dirs.get(p);
-      if (names) return cb(0, ['.', '..', ...names]);
-      cb(files.has(p) ? Fuse.ENOTDIR : Fuse.ENOENT);
-    },
-    access(p, mode, cb) {
-      if (!files.has(p) && !dirs.has(p)) return cb(Fuse.ENOENT);
-      cb(mode & W_OK ? Fuse.EROFS : 0);
-    },
-    statfs(_p, cb) {
-      cb(0, {
-        bsize: 4096,
-        frsize: 4096,
-        blocks: Math.ceil(totalBytes / 4096),
-        bfree: 0,
-        bavail: 0,
-        files: files.size + dirs.size,
-        ffree: 0,
-        favail: 0,
-        fsid: 0,
-        flag: 1, // ST_RDONLY
-        namemax: 255,
-      });
-    },
-    open(p, flags, cb) {
-      const e = files.get(p);
-      if (!e) return cb(dirs.has(p) ? Fuse.EISDIR : Fuse.ENOENT);
-      if ((flags & O_ACCMODE) !== O_RDONLY || flags & O_TRUNC) return cb(Fuse.EROFS);
-      const fh = nextHandle++;
-      if (nextHandle > 0x7fff_ffff) nextHandle = 1;
-      handles.set(fh, e);
-      cb(0, fh);
-    },
-    release(_p, fd, cb) {
-      handles.delete(fd);
-      cb(0);
-    },
-    read(p, fd, buf, len, pos, cb) {
-      const e = handles.get(fd) ?? files.get(p);
-      if (!e) return cb(Fuse.EBADF);
-      server.read(e, buf, len, pos).then(cb, () => cb(Fuse.EIO));
-    },
-    write: rofs,
-    create: rofs,
-    truncate: rofs,
-    ftruncate: rofs,
-    unlink: rofs,
-    rename: rofs,
-    link: rofs,
-    symlink: rofs,
-    mkdir: rofs,
-    rmdir: rofs,
-    mknod: rofs,
-    chmod: rofs,
-    chown: rofs,
-    utimens: rofs,
-    setxattr: rofs,
-    removexattr: rofs,
+  const listing: FuseListing = {
+    mountpoint: mnt,
+    mtimeMs: validDate(opts.manifest.createdAt).getTime(),
+    files: files.map((e) => ({ path: e.fusePath, size: e.file.size, mode: e.file.mode })),
+    dirs: [...dirs],
   };
-
-  // Not `auto_unmount`: libfuse 2 then mounts through a fusermount child that lives as long as
-  // the mount and is never reaped (Node waits only for children it spawned): one zombie per
-  // restore. A crashed worker's dead mounts are removed by cleanStaleMount instead.
-  const fuse = new Fuse(mnt, ops, {
-    // Reads wait for chunk() and then for onFailure; fuse-native's own deadline would answer
-    // ETIMEDOUT without either. chunkTimeoutMs + failureTimeoutMs bound a read instead.
-    timeout: false,
-    kernelCache: true,
-    entryTimeout: ATTR_CACHE_S,
-    attrTimeout: ATTR_CACHE_S,
-    fsname: 'picocenter',
-    subtype: 'image',
-  });
-
+  let closing: Promise<void> | undefined;
+  let child: FuseChild;
   try {
-    await withTimeout(
-      new Promise<void>((resolve, reject) => fuse.mount((err) => (err ? reject(err) : resolve()))),
-      MOUNT_TIMEOUT_MS,
-      () => new Error(`the kernel did not initialise the mount within ${MOUNT_TIMEOUT_MS} ms`),
-    );
+    child = await FuseChild.start({
+      listing,
+      read: (index, offset, length) => {
+        const e = files[index];
+        if (!e) return Promise.reject(new Error(`no file ${index}`));
+        return server.read(e, length, offset);
+      },
+      onLost: (err) => {
+        if (!closing) server.lost(err);
+      },
+      startTimeoutMs: MOUNT_TIMEOUT_MS,
+      log,
+    });
   } catch (err) {
-    await unmount(mnt, log, 0).catch(() => {});
-    releaseNative(fuse, log);
+    await unmount(mnt, log).catch(() => {});
     if (created) await rmdir(mnt).catch(() => {});
     throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', `cannot mount the image of ${opts.manifest.app} at ${mnt}: ${describeError(err)}`, { cause: err });
   }
-  log?.debug({ mountpoint: mnt, files: files.size, bytes: totalBytes }, 'image mounted');
+  const totalBytes = opts.manifest.files.reduce((n, f) => n + f.size, 0);
+  log?.debug({ mountpoint: mnt, files: files.length, bytes: totalBytes, server: child.pid }, 'image mounted');
 
-  let closing: Promise<void> | undefined;
   return {
     path: mnt,
+    serverPid: child.pid,
     stats: () => server.stats(),
     close() {
       closing ??= (async () => {
         try {
-          await unmount(mnt, log, handles.size);
+          await unmount(mnt, log);
         } catch (err) {
           log?.error({ mountpoint: mnt, err: describeError(err) }, 'image mount could not be unmounted');
         }
-        releaseNative(fuse, log);
+        // After the unmount: a server ended first would leave the mount dead in between.
+        await child.end();
         if (created) await rmdir(mnt).catch(() => {});
         server.dropCache();
         log?.debug({ mountpoint: mnt, ...server.stats() }, 'image unmounted');
@@ -326,11 +258,14 @@ class ImageServer {
     this.cachedBytes = 0;
   }
 
-  /** Fills buf[0, n) with the file's bytes at [pos, pos + n); n < len only at EOF. Rejects: EIO. */
-  async read(e: Entry, buf: Buffer, len: number, pos: number): Promise<number> {
+  /**
+   * The file's bytes at [pos, pos + len), as views of its chunks; fewer only at EOF. Rejects
+   * (the read gets EIO) when a chunk could not be had, after onFailure.
+   */
+  async read(e: Entry, len: number, pos: number): Promise<Buffer[]> {
     try {
       const end = Math.min(e.file.size, pos + len);
-      if (pos >= end) return 0;
+      if (pos >= end) return [];
       const touched = e.refs.slice(firstChunk(e.refs, pos), lastChunk(e.refs, end) + 1);
       for (const ref of touched) {
         try {
@@ -340,16 +275,27 @@ class ImageServer {
         }
       }
       const bodies = await Promise.all(touched.map((ref) => this.fetch(e.file, ref)));
-      touched.forEach((ref, i) => {
+      const slices = touched.map((ref, i) => {
         const from = Math.max(pos, ref.offset);
         const to = Math.min(end, ref.offset + ref.size);
-        bodies[i]!.copy(buf, from - pos, from - ref.offset, to - ref.offset);
+        return bodies[i]!.subarray(from - ref.offset, to - ref.offset);
       });
       this.counters.bytes += end - pos;
-      return end - pos;
+      return slices;
     } finally {
       this.counters.reads++;
     }
+  }
+
+  /** The server process died while mounted: every read fails already; tell the restore. */
+  lost(err: Error): void {
+    this.log?.error({ err: describeError(err) }, 'the image mount server is gone: every read of the mount fails');
+    if (!this.opts.onFailure) return;
+    withTimeout(
+      Promise.resolve().then(() => this.opts.onFailure!(err, undefined, undefined)),
+      this.failureTimeoutMs,
+      () => new Error(`onFailure did not settle within ${this.failureTimeoutMs} ms`),
+    ).catch((err2: unknown) => this.log?.error({ err: describeError(err2) }, 'onFailure failed'));
   }
 
   private fetch(file: ImageFile, ref: ChunkRef): Promise<Buffer> {
@@ -444,8 +390,11 @@ function lastChunk(refs: ChunkRef[], end: number): number {
   return firstChunk(refs, end - 1);
 }
 
-/** The files and directories of the image, by FUSE path ('/a/b'); rejects unsafe or overlapping paths. */
-function layout(manifest: ImageManifest): { files: Map<string, Entry>; dirs: Map<string, string[]> } {
+/**
+ * The files of the image (in manifest order: the server names them by index) and its
+ * directories by FUSE path ('/a/b'); rejects unsafe or overlapping paths.
+ */
+function layout(manifest: ImageManifest): { files: Entry[]; dirs: Map<string, string[]> } {
   const corrupt = (why: string) =>
     new PicoError('PICO_ERR_IMAGE_CORRUPT', `image ${manifest.app}/${manifest.generation} cannot be mounted: ${why}`);
   const files = new Map<string, Entry>();
@@ -468,10 +417,10 @@ function layout(manifest: ImageManifest): { files: Map<string, Entry>; dirs: Map
     dirs.get(dir)!.add(parts[parts.length - 1]!);
     const fusePath = `/${file.path}`;
     if (files.has(fusePath)) throw corrupt(`${file.path} is listed twice`);
-    files.set(fusePath, { file, refs });
+    files.set(fusePath, { fusePath, file, refs });
   }
   for (const p of files.keys()) if (dirs.has(p)) throw corrupt(`${p.slice(1)} is both a file and a directory`);
-  return { files, dirs: new Map([...dirs].map(([k, v]) => [k, [...v]])) };
+  return { files: [...files.values()], dirs: new Map([...dirs].map(([k, v]) => [k, [...v]])) };
 }
 
 /** Creates the mountpoint if missing (→ true: close removes it again); it must be an empty directory. */
@@ -492,13 +441,13 @@ async function prepareMountpoint(mountpoint: string): Promise<boolean> {
  * open) or the plain one fails for another reason while it is still mounted, a lazy one. An
  * already-gone mount is fine.
  */
-async function unmount(mnt: string, log: Logger | undefined, openFiles: number): Promise<void> {
+async function unmount(mnt: string, log: Logger | undefined): Promise<void> {
   try {
     await execFileP('fusermount', ['-u', mnt]);
     return;
   } catch (err) {
     if (!isMounted(mnt)) return;
-    log?.warn({ mountpoint: mnt, openFiles, err: describeError(err).trim() }, 'image mount busy; unmounting lazily');
+    log?.warn({ mountpoint: mnt, err: describeError(err).trim() }, 'image mount busy; unmounting lazily');
   }
   try {
     await execFileP('fusermount', ['-uz', mnt]);
@@ -523,32 +472,6 @@ function isMounted(mnt: string): boolean {
 
 function unescapeMountPath(s: string): string {
   return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-}
-
-/**
- * fuse-native keeps a libuv handle referenced from mount until its native unmount runs, which
- * its own close() skips whenever `fusermount -uz` fails (e.g. the mount is already gone); we
- * unmount ourselves and then release the handle, so an unmounted image never keeps the process
- * alive.
- */
-function releaseNative(fuse: Fuse, log: Logger | undefined): void {
-  try {
-    const thread = (fuse as unknown as { _thread: Buffer | null })._thread;
-    if (thread) nativeBinding().fuse_native_unmount(fuse.mnt, thread);
-  } catch (err) {
-    log?.warn({ err: describeError(err) }, 'fuse-native could not release its mount handle');
-  }
-}
-
-let binding: { fuse_native_unmount(mnt: string, thread: Buffer): void } | undefined;
-function nativeBinding() {
-  if (!binding) {
-    const require = createRequire(import.meta.url);
-    const fuseMain = require.resolve('fuse-native');
-    // node-gyp-build loads the same prebuilt .node file fuse-native loaded: one module instance.
-    binding = createRequire(fuseMain)('node-gyp-build')(path.dirname(fuseMain)) as typeof binding;
-  }
-  return binding!;
 }
 
 function validDate(s: string): Date {

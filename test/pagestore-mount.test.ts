@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -13,10 +13,16 @@ import type { ImageFile, ImageManifest } from '../pagestore/image-store.js';
 import { cleanStaleMount, mountImage, type ImageMount, type ImageMountOptions } from '../pagestore/image-mount.js';
 import { fileChunks, type ChunkRef } from '../pagestore/image-store.js';
 import { until } from './helpers/poll.js';
+import { watchdog } from './helpers/watchdog.js';
 
-// The FUSE image directory, read the way criu reads it: by other processes (this process serves
-// the mount on its event loop and must never read it itself). Each test mounts its own image at
-// a fresh mountpoint: the kernel keeps pages cached per mount, so a fresh one sees every read.
+// The FUSE image directory, read the way criu reads it: by other processes (this process answers
+// the mount's reads on its event loop and must never read it itself). Each test mounts its own
+// image at a fresh mountpoint: the kernel keeps pages cached per mount, so a fresh one sees every
+// read.
+//
+// A frozen event loop (what libfuse's threads once did to this process) fires no timer, so
+// node:test's timeouts cannot fail this file: a watchdog process does.
+watchdog(240_000, 'test/pagestore-mount.test.js');
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -171,6 +177,17 @@ function ddRange(file: string, skip: number, count: number): Promise<Run> {
   return run('dd', [`if=${file}`, 'bs=65536', 'iflag=skip_bytes,count_bytes', `skip=${skip}`, `count=${count}`, 'status=none']);
 }
 
+/** Where the file descriptors of process `pid` point. */
+function fdTargets(pid: number): string[] {
+  return readdirSync(`/proc/${pid}/fd`).map((fd) => {
+    try {
+      return readlinkSync(`/proc/${pid}/fd/${fd}`);
+    } catch {
+      return ''; // closed meanwhile
+    }
+  });
+}
+
 function isMounted(p: string): boolean {
   return readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === p);
 }
@@ -314,6 +331,7 @@ describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
         return ref.hash === short.hash ? body.subarray(1) : body;
       },
       onFailure: async (err, file, ref) => {
+        assert.ok(file && ref, `onFailure without a chunk: ${String(err)}`); // only a dead server has none
         failures.push({ err, file: file.path, ref });
         events.push(`onFailure start ${ref.offset}`);
         await delay(150); // the restore killing its container
@@ -439,7 +457,11 @@ describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
     await until(() => out.includes('mounted'), 'the child to mount');
     child.kill('SIGKILL');
     await until(() => child.exitCode !== null || child.signalCode !== null, 'the child to die');
-    await assert.rejects(stat(mnt), (err: NodeJS.ErrnoException) => err.code === 'ENOTCONN');
+    // Its FUSE server sees its channel close and exits: the mount goes dead (a stat still
+    // pending then gets ECONNABORTED, later ones ENOTCONN).
+    const dead = (err: NodeJS.ErrnoException) => err.code === 'ENOTCONN' || err.code === 'ECONNABORTED';
+    await until(() => stat(mnt).then(() => false, dead), 'the mount to go dead');
+    await assert.rejects(stat(mnt), dead);
 
     await cleanStaleMount(mnt);
     assert.ok(!isMounted(mnt));
@@ -451,6 +473,95 @@ describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
     const m = await mount({ mountpoint: mnt });
     await ok('cmp', [path.join(expectedDir, 'inventory.img'), path.join(m.path, 'inventory.img')]);
     await closeMount(m);
+  });
+
+  it('is served by a process of its own that holds /dev/fuse and catches no SIGCHLD; reads work', async () => {
+    const m = await mount();
+    assert.notEqual(m.serverPid, process.pid);
+    assert.ok(fdTargets(m.serverPid).includes('/dev/fuse'), `the server (pid ${m.serverPid}) holds no /dev/fuse`);
+    assert.ok(!fdTargets(process.pid).includes('/dev/fuse'), 'this process holds /dev/fuse');
+    // libuv installs no signal handler there: a libfuse thread can never run one (fuse-server.ts)
+    const caught = BigInt(`0x${/^SigCgt:\s*([0-9a-f]+)$/m.exec(readFileSync(`/proc/${m.serverPid}/status`, 'utf8'))![1]}`);
+    assert.equal((caught >> 16n) & 1n, 0n, 'the server catches SIGCHLD (signal 17)');
+    await ok('cmp', [path.join(expectedDir, 'pages-1.img'), path.join(m.path, 'pages-1.img')]);
+    assert.ok(m.stats().reads > 0);
+    await closeMount(m);
+    assert.ok(!existsSync(`/proc/${m.serverPid}`), `the server (pid ${m.serverPid}) outlived close()`);
+  });
+
+  it('when the server dies mid-use: the waiting read and later ones fail, onFailure is called, close() cleans up', async () => {
+    const slow = pagesRefs[8]!;
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let asked = false;
+    const failures: Array<{ err: unknown; file: ImageFile | undefined; ref: ChunkRef | undefined }> = [];
+    const m = await mount({
+      chunk: async (ref) => {
+        if (ref.hash === slow.hash) {
+          asked = true;
+          await held; // still fetching when the server dies
+        }
+        return chunks.get(ref.hash)!;
+      },
+      onFailure: async (err, file, ref) => {
+        failures.push({ err, file, ref });
+      },
+    });
+    const file = path.join(m.path, 'pages-1.img');
+    const waiting = ddRange(file, slow.offset + 100, 10);
+    await until(() => asked, 'the read to wait for its chunk here');
+    process.kill(m.serverPid, 'SIGKILL');
+
+    const dead = /Transport endpoint is not connected|Software caused connection abort/;
+    const r = await waiting;
+    assert.equal(r.signal, null, 'the reader hung (killed by run())');
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, dead);
+    await until(() => failures.length > 0, 'onFailure');
+    assert.equal(failures[0]!.file, undefined);
+    assert.equal(failures[0]!.ref, undefined);
+    assert.match(String(failures[0]!.err), new RegExp(`FUSE server .*\\(pid ${m.serverPid}\\)`));
+    const later = await ddRange(file, pagesRefs[2]!.offset, 10);
+    assert.notEqual(later.code, 0);
+    assert.match(later.stderr, dead);
+
+    release(); // its answer has nowhere to go
+    await closeMount(m);
+    assertGoneOrEmpty(m.path);
+    assert.equal(failures.length, 1);
+  });
+
+  it('survives 30 mount/unmount cycles while reads run and this process spawns children all along', async () => {
+    // The freeze this guards against: a SIGCHLD handled on a libfuse thread cancelled at unmount.
+    let spawning = true;
+    let spawned = 0;
+    const spawner = (async () => {
+      while (spawning) {
+        // several at once: exits pile up, and a signal pending on the main thread goes to another
+        await Promise.all(Array.from({ length: 5 }, () => run('true', [])));
+        spawned += 5;
+      }
+    })();
+    try {
+      for (let i = 0; i < 30; i++) {
+        const m = await mount();
+        const file = path.join(m.path, 'pages-1.img');
+        const at = pagesRefs[(i * 7) % pagesRefs.length]!.offset;
+        const r = await ddRange(file, at, 256 * KiB);
+        assert.equal(r.code, 0, r.stderr);
+        assert.ok(r.stdout.equals(pagesData.subarray(at, at + 256 * KiB)), `bytes at ${at}, cycle ${i}`);
+        // still reading (or about to) when close() begins: it may finish or fail, never hang
+        const racing = run('dd', [`if=${file}`, 'of=/dev/null', 'bs=128k']);
+        await closeMount(m);
+        assertGoneOrEmpty(m.path);
+        const rr = await racing;
+        assert.equal(rr.signal, null, `cycle ${i}: the racing reader hung`);
+      }
+    } finally {
+      spawning = false;
+      await spawner;
+    }
+    assert.ok(spawned >= 30, `only ${spawned} children spawned`);
   });
 
   it('measures sequential read throughput of the 20 MB file (dd bs=1M): reported, not asserted', async () => {

@@ -1,5 +1,5 @@
 /*
- * The part of fuse-native 2.2.6 (CommonJS) that pagestore/image-mount.ts uses. Result codes are
+ * The part of fuse-native 2.2.6 (CommonJS) that pagestore/fuse-server.ts uses. Result codes are
  * 0 or a negative errno (`Fuse.ENOENT`…); a read's result is the number of bytes it wrote.
  */
 declare module 'fuse-native' {

@@ -1,0 +1,243 @@
+/*
+ * The FUSE server of one image mount: a process of its own, started by fuse-child.ts with the
+ * mounting process's `node`. It mounts with fuse-native, answers getattr, readdir, access,
+ * statfs and open from the listing it got once (HELLO), and forwards every read to the mounting
+ * process over its channel (fd 3, fuse-wire.ts), reading the answer into libfuse's buffer from
+ * the window (fd 4) or the channel.
+ *
+ * Why a process of its own: libfuse 2 serves the mount on threads (fuse_loop_mt) that do not
+ * block signals, and cancels them (pthread_cancel) when the mount goes away. In a process where
+ * libuv has a signal handler installed — one that spawns children (SIGCHLD) or listens for a
+ * signal — that handler can run on a libfuse thread, take libuv's signal lock (a token read from
+ * a pipe) and be cancelled at the write that gives it back. The next signal then blocks the
+ * main thread forever. Hence the invariants of this process:
+ * - It never spawns a process and never listens for a signal, so libuv installs no signal
+ *   handler here. That rules out fuse-native's unmount (it runs `fusermount -uz`) and
+ *   `process.stdout`/`process.stderr` (on a TTY they listen for SIGWINCH): it writes to fd 2
+ *   with writeSync (a pipe the mounting process reads into its log).
+ * - It lives as long as its channel. When the mounting process closes it (after unmounting) or
+ *   dies, the server exits at once, without unmounting: after a crash of the mounting process
+ *   the mount is left dead (ENOTCONN) for cleanStaleMount (image-mount.ts) to remove.
+ * - A read waits for its answer however long it takes: the mounting process bounds it
+ *   (chunkTimeoutMs + failureTimeoutMs), and fuse-native's own deadline would answer ETIMEDOUT
+ *   without either.
+ * - Anything unexpected (a malformed frame, an answer to no request) ends the process: the
+ *   mounting process sees it gone and fails the mount, rather than serving wrong bytes.
+ */
+import { readSync, writeSync } from 'node:fs';
+import net from 'node:net';
+import Fuse from 'fuse-native';
+import { Frame, FrameReader, NO_SLOT, readRequest, WIRE_VERSION, WireError, frame, type FuseListing, type Hello } from './fuse-wire.js';
+
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const O_ACCMODE = 0o3;
+const O_RDONLY = 0;
+const O_TRUNC = 0o1000;
+const W_OK = 2;
+/** in seconds: the image never changes while mounted */
+const ATTR_CACHE_S = 3600;
+
+/** the window's file descriptor (fuse-wire.ts) */
+const WINDOW_FD = 4;
+
+interface PendingRead {
+  /** libfuse's buffer for the answer: valid until `done` is called, never after */
+  buf: Buffer;
+  /** lent to this read until it is answered, or NO_SLOT */
+  slot: number;
+  done(result: number): void;
+}
+
+const channel = new net.Socket({ fd: 3, readable: true, writable: true });
+const pending = new Map<number, PendingRead>();
+let nextId = 0;
+/** slots of the window no read holds */
+const freeSlots: number[] = [];
+let slotBytes = 0;
+let started = false;
+
+function say(line: string): void {
+  try {
+    writeSync(2, `${line}\n`);
+  } catch {
+    // nobody reads stderr any more: the mounting process is gone, and so is this one shortly
+  }
+}
+
+/** Exits now; the kernel answers whatever is still pending (ENOTCONN) once /dev/fuse closes. */
+function exit(code: number, why?: string): never {
+  if (why) say(why);
+  process.exit(code);
+}
+
+const reader = new FrameReader({
+  target(type, id, bytes) {
+    if (type !== Frame.DATA) return undefined;
+    const p = pending.get(id);
+    if (!p) throw new WireError(`DATA for request ${id}, which is not pending`);
+    if (bytes > p.buf.length) throw new WireError(`${bytes} bytes for a read of ${p.buf.length}`);
+    return p.buf;
+  },
+  frame(type, id, payload) {
+    if (type === Frame.HELLO) return start(id, payload);
+    const p = pending.get(id);
+    if (!p || (type !== Frame.DATA && type !== Frame.PLACED && type !== Frame.ERROR)) throw new WireError(`frame type ${type} for request ${id}`);
+    pending.delete(id);
+    let result: number;
+    if (type === Frame.DATA) result = payload.length;
+    else if (type === Frame.PLACED) result = fromWindow(p, payload);
+    else {
+      const errno = payload.length === 4 ? payload.readInt32LE(0) : 0;
+      result = errno < 0 ? errno : Fuse.EIO;
+    }
+    if (p.slot !== NO_SLOT) freeSlots.push(p.slot);
+    p.done(result);
+  },
+});
+
+channel.on('data', (chunk: Buffer) => {
+  try {
+    reader.push(chunk);
+  } catch (err) {
+    exit(1, `image mount server: ${(err as Error).message}`);
+  }
+});
+channel.on('error', (err: NodeJS.ErrnoException) => {
+  // ECONNRESET, EPIPE: the mounting process closed the channel (with requests of ours unread) or died
+  if (err.code === 'ECONNRESET' || err.code === 'EPIPE') exit(0);
+  exit(1, `image mount server: channel: ${err.message}`);
+});
+channel.on('end', () => exit(0));
+channel.on('close', () => exit(0));
+
+/** Reads a PLACED answer from the read's slot into libfuse's buffer; the byte count. */
+function fromWindow(p: PendingRead, payload: Buffer): number {
+  const bytes = payload.length === 4 ? payload.readUInt32LE(0) : -1;
+  if (p.slot === NO_SLOT || bytes < 0 || bytes > p.buf.length) throw new WireError(`PLACED ${bytes} bytes for a read of ${p.buf.length} in slot ${p.slot}`);
+  const got = bytes && readSync(WINDOW_FD, p.buf, 0, bytes, p.slot * slotBytes);
+  if (got !== bytes) throw new WireError(`${got} of ${bytes} bytes in slot ${p.slot}`);
+  return bytes;
+}
+
+function start(version: number, payload: Buffer): void {
+  if (started) throw new WireError('a second HELLO');
+  started = true;
+  if (version !== WIRE_VERSION) return fail(`wire version ${version}; this server speaks ${WIRE_VERSION}`);
+  let hello: Hello;
+  try {
+    hello = JSON.parse(payload.toString('utf8')) as Hello;
+  } catch (err) {
+    return fail(`unreadable HELLO: ${(err as Error).message}`);
+  }
+  const { listing, window } = hello;
+  if (window) {
+    slotBytes = window.slotBytes;
+    for (let i = window.slots - 1; i >= 0; i--) freeSlots.push(i);
+  }
+  const fuse = new Fuse(listing.mountpoint, operations(listing), {
+    timeout: false,
+    kernelCache: true,
+    entryTimeout: ATTR_CACHE_S,
+    attrTimeout: ATTR_CACHE_S,
+    fsname: 'picocenter',
+    subtype: 'image',
+    // Not `autoUnmount`: libfuse 2 would run a fusermount child for the mount's lifetime.
+  });
+  fuse.mount((err) => {
+    if (err) return fail(err.message);
+    channel.write(frame(Frame.READY, 0));
+  });
+}
+
+function fail(why: string): void {
+  channel.end(frame(Frame.FAILED, 0, Buffer.from(why, 'utf8')), () => exit(1));
+}
+
+function operations(listing: FuseListing): Fuse.Operations {
+  const files = new Map(listing.files.map((f, index) => [f.path, { ...f, index }]));
+  const dirs = new Map(listing.dirs);
+  const mtime = new Date(listing.mtimeMs);
+  const totalBytes = listing.files.reduce((n, f) => n + f.size, 0);
+  const dirStat = (): Fuse.Stat => ({ mode: S_IFDIR | 0o755, size: 4096, nlink: 2, uid: 0, gid: 0, mtime, atime: mtime, ctime: mtime });
+  const fileStat = (f: { size: number; mode: number }): Fuse.Stat => ({
+    mode: S_IFREG | (f.mode & 0o7777),
+    size: f.size,
+    nlink: 1,
+    uid: 0,
+    gid: 0,
+    blksize: 128 * 1024,
+    blocks: Math.ceil(f.size / 512),
+    mtime,
+    atime: mtime,
+    ctime: mtime,
+  });
+  const rofs = (...args: unknown[]) => (args[args.length - 1] as Fuse.Done)(Fuse.EROFS);
+
+  return {
+    getattr(p, cb) {
+      const f = files.get(p);
+      if (f) return cb(0, fileStat(f));
+      if (dirs.has(p)) return cb(0, dirStat());
+      cb(Fuse.ENOENT);
+    },
+    readdir(p, cb) {
+      const names = dirs.get(p);
+      if (names) return cb(0, ['.', '..', ...names]);
+      cb(files.has(p) ? Fuse.ENOTDIR : Fuse.ENOENT);
+    },
+    access(p, mode, cb) {
+      if (!files.has(p) && !dirs.has(p)) return cb(Fuse.ENOENT);
+      cb(mode & W_OK ? Fuse.EROFS : 0);
+    },
+    statfs(_p, cb) {
+      cb(0, {
+        bsize: 4096,
+        frsize: 4096,
+        blocks: Math.ceil(totalBytes / 4096),
+        bfree: 0,
+        bavail: 0,
+        files: files.size + dirs.size,
+        ffree: 0,
+        favail: 0,
+        fsid: 0,
+        flag: 1, // ST_RDONLY
+        namemax: 255,
+      });
+    },
+    open(p, flags, cb) {
+      const f = files.get(p);
+      if (!f) return cb(dirs.has(p) ? Fuse.EISDIR : Fuse.ENOENT);
+      if ((flags & O_ACCMODE) !== O_RDONLY || flags & O_TRUNC) return cb(Fuse.EROFS);
+      cb(0, f.index + 1); // the file handle names the file: reads need no lookup by path
+    },
+    release(_p, _fh, cb) {
+      cb(0);
+    },
+    read(p, fh, buf, len, pos, cb) {
+      const index = fh >= 1 && fh <= listing.files.length ? fh - 1 : files.get(p)?.index;
+      if (index === undefined) return cb(Fuse.EBADF);
+      const id = nextId;
+      nextId = (nextId + 1) >>> 0;
+      const slot = len <= slotBytes ? (freeSlots.pop() ?? NO_SLOT) : NO_SLOT;
+      pending.set(id, { buf, slot, done: cb });
+      channel.write(readRequest(id, index, pos, len, slot));
+    },
+    write: rofs,
+    create: rofs,
+    truncate: rofs,
+    ftruncate: rofs,
+    unlink: rofs,
+    rename: rofs,
+    link: rofs,
+    symlink: rofs,
+    mkdir: rofs,
+    rmdir: rofs,
+    mknod: rofs,
+    chmod: rofs,
+    chown: rofs,
+    utimens: rofs,
+    setxattr: rofs,
+    removexattr: rofs,
+  };
+}
