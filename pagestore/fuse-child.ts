@@ -2,7 +2,7 @@
  * The mounting process's side of an image mount's FUSE server (fuse-server.ts): starts it,
  * answers its reads over fuse-wire.ts, and ends it.
  *
- *   start()  spawns the server and sends it the listing; resolves once the kernel initialised
+ *   start()  takes the spare server (warmFuseServer) or spawns one, and sends it the listing; resolves once the kernel initialised
  *            the mount (READY). Rejects — with the server ended — on FAILED, an early exit or
  *            startTimeoutMs.
  *   (up)     each READ is passed to `read`; its slices are written into the READ's slot of the
@@ -88,13 +88,13 @@ export class FuseChild {
   private window: number | undefined;
 
   private constructor(private readonly o: FuseChildOptions) {
-    const env = { ...process.env };
-    delete env.NODE_OPTIONS;
-    this.window = openWindow(o.log);
-    this.child = spawn(process.execPath, [SERVER], { stdio: ['ignore', 'ignore', 'pipe', 'pipe', this.window ?? 'ignore'], detached: true, env });
+    const server = takeSpare() ?? spawnServer(o.log);
+    this.window = server.window;
+    this.child = server.child;
     this.pid = this.child.pid ?? -1;
     this.channel = this.child.stdio[3] as Socket;
     this.exited = new Promise((resolve) => this.child.once('exit', () => resolve()));
+    server.use();
 
     this.child.once('error', (err) => this.gone(`could not be started: ${err.message}`));
     this.child.once('exit', (code, signal) => {
@@ -144,6 +144,7 @@ export class FuseChild {
   async end(): Promise<void> {
     this.state = 'ending';
     this.channel.destroy();
+    warmFuseServer(this.o.log); // the next mount's
     if (await this.exitWithin(END_TIMEOUT_MS)) return this.closeWindow();
     this.o.log?.warn({ server: this.pid }, `image mount server did not exit within ${END_TIMEOUT_MS} ms of its channel closing; SIGKILL`);
     this.child.kill('SIGKILL');
@@ -261,6 +262,63 @@ export class FuseChild {
       clearTimeout(timer);
     }
   }
+}
+
+interface Server {
+  child: ChildProcess;
+  window: number | undefined;
+  /** holds the event loop from now on (a spare does not) */
+  use(): void;
+}
+
+/**
+ * A server started ahead and idle until its HELLO: starting `node` takes ~170 ms of CPU here,
+ * which a lazy restore should not wait for. It holds no reference on the event loop, and exits
+ * when this process goes (its channel closes).
+ */
+let spare: Server | undefined;
+
+/** Starts the spare server now, if there is none. */
+export function warmFuseServer(log?: Logger): void {
+  if (spare) return;
+  const s = spawnServer(log);
+  s.child.unref();
+  for (const stream of [s.child.stdio[2], s.child.stdio[3]]) (stream as Socket | null)?.unref();
+  const forget = (): void => {
+    if (spare !== s) return;
+    spare = undefined;
+    if (s.window !== undefined) closeSync(s.window);
+  };
+  s.child.once('exit', forget);
+  s.child.once('error', forget);
+  spare = s;
+}
+
+/** The spare, if it is still alive (it is then this caller's). */
+function takeSpare(): Server | undefined {
+  const s = spare;
+  spare = undefined;
+  if (!s) return undefined;
+  if (s.child.exitCode === null && s.child.signalCode === null) return s;
+  if (s.window !== undefined) closeSync(s.window);
+  return undefined;
+}
+
+function spawnServer(log: Logger | undefined): Server {
+  const env = { ...process.env };
+  delete env.NODE_OPTIONS;
+  const window = openWindow(log);
+  const child = spawn(process.execPath, [SERVER], { stdio: ['ignore', 'ignore', 'pipe', 'pipe', window ?? 'ignore'], detached: true, env });
+  // An 'error' (spawn failed) before a FuseChild listens must not be thrown: it sees the exit.
+  child.on('error', () => undefined);
+  return {
+    child,
+    window,
+    use() {
+      child.ref();
+      for (const stream of [child.stdio[2], child.stdio[3]]) (stream as Socket | null)?.ref();
+    },
+  };
 }
 
 /**

@@ -46,6 +46,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describeError, PicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+export { warmFuseServer } from './fuse-child.js';
 import { FuseChild } from './fuse-child.js';
 import type { FuseListing } from './fuse-wire.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';

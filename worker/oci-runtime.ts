@@ -3,7 +3,7 @@ import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { ActiveSetRecord, ActiveSetStore } from '../pagestore/activeset.js';
 import { ChunkCache } from '../pagestore/chunk-cache.js';
-import { cleanStaleMount } from '../pagestore/image-mount.js';
+import { cleanStaleMount, warmFuseServer } from '../pagestore/image-mount.js';
 import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
 import { describeError, isPicoError, PicoError, type ErrorCode } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
@@ -299,8 +299,10 @@ export class OciRuntime implements ContainerRuntime {
     });
     opts.log.info({ stateDir: runtime.stateDir, networkLock: runtime.networkLock }, host.message);
     await runtime.prepareCriu();
-    // Lazy restores need the relay; python3 starts slowly, so the first one is started now.
+    // Lazy restores need the relay (python3) and an image mount server (node): both start
+    // slowly, so the first ones are started now.
     LazyRelay.warm();
+    warmFuseServer(opts.log);
     const leftovers = await runtime.cleanLeftovers();
     return { runtime, host, leftovers };
   }
