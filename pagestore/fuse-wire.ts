@@ -96,20 +96,20 @@ export function parseReadRequest(payload: Buffer): { file: number; offset: numbe
 }
 
 export function placedReply(id: number, bytes: number): Buffer {
-  const b = Buffer.allocUnsafe(HEADER_BYTES + 4);
-  b.writeUInt32LE(5 + 4, 0);
-  b.writeUInt8(Frame.PLACED, 4);
-  b.writeUInt32LE(id, 5);
-  b.writeUInt32LE(bytes, 9);
-  return b;
+  return reply(Frame.PLACED, id, bytes);
 }
 
 export function errorReply(id: number, errno: number): Buffer {
+  return reply(Frame.ERROR, id, errno);
+}
+
+/** A frame of one 32-bit value (PLACED: bytes, ERROR: -errno). */
+function reply(type: number, id: number, value: number): Buffer {
   const b = Buffer.allocUnsafe(HEADER_BYTES + 4);
   b.writeUInt32LE(5 + 4, 0);
-  b.writeUInt8(Frame.ERROR, 4);
+  b.writeUInt8(type, 4);
   b.writeUInt32LE(id, 5);
-  b.writeInt32LE(errno, 9);
+  b.writeInt32LE(value, 9);
   return b;
 }
 

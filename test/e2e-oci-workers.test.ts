@@ -16,6 +16,7 @@ import { startCli, startPicocenter, type LogLine, type RunningPicocenter } from 
 import { ociTestHost } from './helpers/oci-host.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
+import { trackedSteps } from './helpers/steps.js';
 import { freePort } from './helpers/ports.js';
 import { startS3Server, type S3TestServer } from './helpers/s3-server.js';
 
@@ -75,7 +76,9 @@ describe('two oci workers on one S3 page store: one checkpoints, the other resto
   let s3: S3TestServer | undefined;
   const workers: RunningWorker[] = [];
   let px: RunningPicocenter | undefined;
-  let failed = false;
+  // A failed case makes after() print the system's logs.
+  const steps = trackedSteps();
+  const step = steps.step;
 
   before(async () => {
     assert.ok(host?.ok, host?.message);
@@ -124,7 +127,7 @@ apps:
   });
 
   after(async () => {
-    if (failed) {
+    if (steps.failed) {
       for (const [name, logs] of [['picocenter up', px?.logs ?? []], ...workers.map((w) => [`picocenter worker ${w.id}`, w.logs] as const)] as const) {
         const lines = logs.filter((l) => l.level >= 30).slice(-60);
         console.error(`--- ${name}, last log lines:\n${lines.map((l) => JSON.stringify(l)).join('\n')}`);
@@ -265,17 +268,6 @@ worker:
     return logged(w, msg);
   }
 
-  /** A case; a failure is remembered so that after() prints the processes' logs. */
-  function step(name: string, fn: () => Promise<void>): void {
-    it(name, async () => {
-      try {
-        await fn();
-      } catch (err) {
-        failed = true;
-        throw err;
-      }
-    });
-  }
 
   // ---- the case ----
 

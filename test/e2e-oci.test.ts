@@ -19,6 +19,7 @@ import { OciRuntime } from '../worker/oci-runtime.js';
 import { CLI, startPicocenter, type RunningPicocenter } from './helpers/picocenter.js';
 import { repoFile } from './helpers/paths.js';
 import { until } from './helpers/poll.js';
+import { trackedSteps } from './helpers/steps.js';
 import { freePort } from './helpers/ports.js';
 import { ociTestHost } from './helpers/oci-host.js';
 import { flipByte } from './helpers/files.js';
@@ -99,7 +100,9 @@ describe('picocenter up with the oci runtime: apps swap out and wake with their 
   let counterCount = 0;
   let counterGeneration = 0;
   let kvBoot = '';
-  let failed = false;
+  // A failed case makes after() print the system's logs.
+  const steps = trackedSteps();
+  const step = steps.step;
 
   before(async () => {
     assert.ok(host?.ok, host?.message);
@@ -174,7 +177,7 @@ apps:
   });
 
   after(async () => {
-    if (failed) {
+    if (steps.failed) {
       for (const [i, s] of systems.entries()) {
         const lines = s.logs.filter((l) => l.level >= 30).slice(-80);
         console.error(`--- picocenter up #${i + 1}, last log lines:\n${lines.map((l) => JSON.stringify(l)).join('\n')}`);
@@ -279,17 +282,6 @@ apps:
 
   // ---- the cases, in order ----
 
-  /** A case; a failure is remembered so that after() prints the systems' logs. */
-  function step(name: string, fn: () => Promise<void>): void {
-    it(name, async () => {
-      try {
-        await fn();
-      } catch (err) {
-        failed = true;
-        throw err;
-      }
-    });
-  }
 
   step('an HTTP counter keeps its count across three swap cycles, driven through DNS and the gateway', async () => {
     assert.equal((await status(APP.counter)).state, 'new');
