@@ -80,6 +80,8 @@ interface Wake {
   pagedInMs?: number;
   /** requests the proxy saw from the wake to the first byte: chunk GETs, all */
   chunkGetsToFirstByte: number;
+  /** of them, after the runtime reported the app ready */
+  chunkGetsAfterReady: number;
   requestsToFirstByte: number;
   /** the runtime's 'container restored' line */
   restored: Record<string, unknown>;
@@ -194,6 +196,7 @@ async function main(): Promise<void> {
       const t0 = performance.now();
       const restoredContainer = await r.restore(spec(PORT, mode));
       const readyAt = performance.now();
+      const seenAtReady = link.seen.length;
       const fb = await firstByte(restoredContainer.endpoints[PORT]!);
       const seen = link.seen.slice(seenFrom);
       r.served(APP);
@@ -220,6 +223,7 @@ async function main(): Promise<void> {
         readyMs: readyAt - t0,
         ...(pagedInMs !== undefined ? { pagedInMs } : {}),
         chunkGetsToFirstByte: seen.filter((q) => q.method === 'GET' && q.path.includes('/chunks/')).length,
+        chunkGetsAfterReady: seen.slice(seenAtReady - seenFrom).filter((q) => q.method === 'GET' && q.path.includes('/chunks/')).length,
         requestsToFirstByte: seen.length,
         restored,
         ...(outcome ? { outcome } : {}),
@@ -229,7 +233,7 @@ async function main(): Promise<void> {
       console.log(
         `  ${mode}${counted ? '' : ' (warm-up, not counted)'}: first byte ${w.ms.toFixed(0)} ms (ready ${w.readyMs.toFixed(0)} ms; ` +
           `fetch ${String(restored.fetchMs)} / prepare ${String(restored.prepareMs)} / restore ${String(restored.restoreMs)} (criu ${String(restored.criuMs)}) / ready ${String(restored.readyMs)} ms); ` +
-          `${w.chunkGetsToFirstByte} chunk GETs before the first byte` +
+          `${w.chunkGetsToFirstByte} chunk GETs before the first byte (${w.chunkGetsAfterReady} after ready)` +
           (o
             ? `; paged in after ${(pagedInMs! / 1000).toFixed(1)} s: store ${(o.image.storeBytes / 1e6).toFixed(1)} MB, prefetched ${o.image.prefetched} + ${o.image.eager} read by criu (${o.image.prefetchMs} ms, ${o.image.packed} from the restore pack), ` +
               `demand ${o.image.demand}, cache hits ${o.image.hits}, swept ${o.image.swept}; ActiveSet used ${o.used}, hits ${o.hits}, misses ${o.misses}`

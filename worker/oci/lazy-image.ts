@@ -10,7 +10,7 @@ import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { decodeRestorePack } from '../../pagestore/restore-pack.js';
 import { parsePagemap } from './pagemap.js';
-import { distinctChunks, eagerChunks, metadataChunks, pagemapLocator, PAGEMAP, PAGES, type TaskPagemap } from './restore-plan.js';
+import { distinctChunks, eagerChunks, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, type TaskPagemap } from './restore-plan.js';
 
 /*
  * The image of a lazy restore: a FUSE directory (pagestore/image-mount.ts) whose reads are
@@ -143,7 +143,11 @@ export class LazyImage {
     const second = this.pagemaps().then((maps) => {
       const eager = add(eagerChunks(this.o.manifest, maps));
       const byAddress = plan ? add(plan(pagemapLocator(maps))) : [];
-      return Promise.all([fetch(eager, 'eager'), fetch(byAddress, 'prefetched')]);
+      // Not warmed, not counted as prefetched: only there for the kernel's readahead.
+      const core = pages.length;
+      const ahead = add(readaheadChunks(this.o.manifest, pages));
+      pages.splice(core);
+      return Promise.all([fetch(eager, 'eager'), fetch(byAddress, 'prefetched'), this.each(ahead, (p) => this.chunk(p.file, p.ref).then(() => undefined))]);
     });
     await Promise.all([first, second]);
     this.prefetchedPages = pages;

@@ -60,6 +60,30 @@ export function pagemapLocator(maps: readonly TaskPagemap[]): PageLocator {
   };
 }
 
+/** in bytes: the most the kernel reads ahead of a read of a FUSE file (read_ahead_kb: 128) */
+const READAHEAD_BYTES = 128 * 1024;
+
+/**
+ * The chunks the kernel's readahead may ask for along with `chunks` (memory pages): those
+ * within READAHEAD_BYTES after the end of each run of them. A read of the mount waits for every
+ * chunk it covers, so a fault on a prefetched page would otherwise wait for the store to deliver
+ * the chunk after it.
+ */
+export function readaheadChunks(manifest: ImageManifest, chunks: readonly PlannedChunk[]): PlannedChunk[] {
+  const planned = new Set(chunks.map((p) => p.ref.hash));
+  const out: PlannedChunk[] = [];
+  for (const file of manifest.files) {
+    if (!PAGES.test(file.path)) continue;
+    const refs = fileChunks(manifest, file);
+    let until = -1;
+    for (const ref of refs) {
+      if (planned.has(ref.hash)) until = ref.offset + ref.size + READAHEAD_BYTES;
+      else if (ref.offset < until) out.push({ file, ref });
+    }
+  }
+  return out;
+}
+
 /** `lists` joined, each chunk (by hash) once, in first-seen order. */
 export function distinctChunks(...lists: ReadonlyArray<readonly PlannedChunk[]>): PlannedChunk[] {
   const seen = new Set<string>();
@@ -86,7 +110,8 @@ export async function writeRestorePack(manifest: ImageManifest, dir: string, act
     if (m) maps.push({ pid: Number(m[1]), map: parsePagemap(await readFile(path.join(dir, file.path))) });
   }
   const record = await activeSets.read(manifest.app);
-  const plan = distinctChunks(metadataChunks(manifest), eagerChunks(manifest, maps), activeSets.plan(manifest, record, pagemapLocator(maps)));
+  const pages = distinctChunks(eagerChunks(manifest, maps), activeSets.plan(manifest, record, pagemapLocator(maps)));
+  const plan = distinctChunks(metadataChunks(manifest), pages, readaheadChunks(manifest, pages));
   const chunks: PackedChunk[] = [];
   const files = new Map<string, FileHandle>();
   try {
