@@ -113,8 +113,9 @@ export class LazyImage {
    * Fetches what the restore reads before the process resumes, and the ActiveSet. In one go:
    * every file but the memory pages (`criu restore` reads them whole, one by one) and the chunks
    * of the ActiveSet known by hash. As soon as the pagemaps are in (they are among those files),
-   * also: the pages `criu restore` reads itself (the ones not marked lazy) and the ActiveSet's
-   * pages found by address (`plan`). Resolves when all of it is cached; rejects on the first
+   * also: the pages `criu restore` reads itself (the ones not marked lazy), the ActiveSet's
+   * pages found by address (`plan`), and the chunks the kernel reads ahead with all of those
+   * (restore-plan.ts: readaheadChunks). Resolves when all of it is cached; rejects on the first
    * chunk that cannot be had. The pagemaps are advice here: one that does not parse costs
    * prefetching, not the restore (CRIU reads it and fails visibly if it is really broken).
    */
