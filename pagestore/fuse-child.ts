@@ -26,6 +26,7 @@ import { closeSync, openSync, unlinkSync, writevSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { holdLoop } from '../shared/child-ref.js';
 import type { Logger } from '../shared/log.js';
 import { describeError } from '../shared/errors.js';
 import {
@@ -282,8 +283,7 @@ let spare: Server | undefined;
 export function warmFuseServer(log?: Logger): void {
   if (spare) return;
   const s = spawnServer(log);
-  s.child.unref();
-  for (const stream of [s.child.stdio[2], s.child.stdio[3]]) (stream as Socket | null)?.unref();
+  holdLoop(s.child, false);
   const forget = (): void => {
     if (spare !== s) return;
     spare = undefined;
@@ -314,10 +314,7 @@ function spawnServer(log: Logger | undefined): Server {
   return {
     child,
     window,
-    use() {
-      child.ref();
-      for (const stream of [child.stdio[2], child.stdio[3]]) (stream as Socket | null)?.ref();
-    },
+    use: () => holdLoop(child, true),
   };
 }
 

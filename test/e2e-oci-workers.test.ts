@@ -15,6 +15,7 @@ import { OciRuntime } from '../worker/oci-runtime.js';
 import { startCli, startPicocenter, type LogLine, type RunningPicocenter } from './helpers/picocenter.js';
 import { ociTestHost } from './helpers/oci-host.js';
 import { repoFile } from './helpers/paths.js';
+import type { CounterState } from './helpers/oci-client.js';
 import { until } from './helpers/poll.js';
 import { trackedSteps } from './helpers/steps.js';
 import { freePort } from './helpers/ports.js';
@@ -51,14 +52,6 @@ const WORKER_TOKEN = 'e2e-oci-workers-secret';
 // Container ids and netns names (`pico-APP`) are host-global: a per-run name.
 const APP = `relay-${randomBytes(3).toString('hex')}`;
 const HOST = 'relay.apps.test';
-
-interface CounterState {
-  count: number;
-  bootId: string;
-  pid: number;
-  ticks: number;
-  app: string;
-}
 
 interface RunningWorker {
   id: string;

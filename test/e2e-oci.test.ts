@@ -23,7 +23,7 @@ import { trackedSteps } from './helpers/steps.js';
 import { freePort } from './helpers/ports.js';
 import { ociTestHost } from './helpers/oci-host.js';
 import { flipByte } from './helpers/files.js';
-import { memoryLimit } from './helpers/oci-client.js';
+import { memoryLimit, type CounterState } from './helpers/oci-client.js';
 
 /*
  * The whole system with `worker.runtime: oci`, in CRIU's zdtm shape: `picocenter up` runs the
@@ -58,14 +58,6 @@ const HOST = {
   family: 'family.apps.test',
   fragile: 'fragile.apps.test',
 };
-
-interface CounterState {
-  count: number;
-  bootId: string;
-  pid: number;
-  ticks: number;
-  app: string;
-}
 
 interface Family {
   bootId: string;

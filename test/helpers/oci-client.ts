@@ -29,8 +29,17 @@ export async function request(ep: Endpoint, method: string, pathname: string): P
   });
 }
 
-/** The counter fixture's own view of its state (test/fixtures/oci/counter.mjs). */
-export async function state(ep: Endpoint): Promise<{ count: number; bootId: string; pid: number; ticks: number; app: string }> {
+/** The counter fixture's answer to GET /state (test/fixtures/oci/counter.mjs). */
+export interface CounterState {
+  count: number;
+  bootId: string;
+  pid: number;
+  ticks: number;
+  app: string;
+}
+
+/** The counter fixture's own view of its state. */
+export async function state(ep: Endpoint): Promise<CounterState> {
   const r = await request(ep, 'GET', '/state');
   assert.equal(r.status, 200, r.body);
   return JSON.parse(r.body);

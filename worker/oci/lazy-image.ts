@@ -4,11 +4,11 @@ import { PicoError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import type { PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { mapBounded } from '../../pagestore/bounded.js';
-import { sha256 } from '../../pagestore/chunked-image-store.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { decodeRestorePack } from '../../pagestore/restore-pack.js';
+import { readLocalChunk } from './local-image.js';
 import { parsePagemap } from './pagemap.js';
 import { distinctChunks, eagerChunks, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, type TaskPagemap } from './restore-plan.js';
 
@@ -79,7 +79,6 @@ export class LazyImage {
   readonly path: string;
   private mount: ImageMount | undefined;
   private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, eager: 0, packed: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
-  private prefetchedHashes: ReadonlySet<string> = new Set();
   private prefetchedPages: PlannedChunk[] = [];
   private warming: Promise<void> | undefined;
   private sweeping: Promise<void> | undefined;
@@ -152,7 +151,6 @@ export class LazyImage {
     });
     await Promise.all([first, second]);
     this.prefetchedPages = pages;
-    this.prefetchedHashes = new Set(pages.map((p) => p.ref.hash));
     this.counts.prefetchMs = Math.round(performance.now() - t0);
   }
 
@@ -184,7 +182,7 @@ export class LazyImage {
 
   /** The memory chunks prefetch() fetched (ActiveSet and the pages CRIU reads itself). */
   prefetchedChunks(): ReadonlySet<string> {
-    return this.prefetchedHashes;
+    return new Set(this.prefetchedPages.map((p) => p.ref.hash));
   }
 
   /**
@@ -287,7 +285,7 @@ export class LazyImage {
       ref.size,
       async () => {
         if (this.o.localDir) {
-          const local = await readLocal(this.o.localDir, file, ref).catch(() => null);
+          const local = await readLocalChunk(this.o.localDir, file, ref).catch(() => null);
           if (local) return local;
         }
         const buf = await this.o.store.getChunk(ref.hash, ref.size);
@@ -301,18 +299,6 @@ export class LazyImage {
   /** Runs `fn` over `items`, `concurrency` at a time, until closed; rejects with the first failure. */
   private each<T>(items: readonly T[], fn: (item: T) => Promise<void>): Promise<void> {
     return mapBounded(items, this.concurrency, (item) => (this.closed ? Promise.resolve() : fn(item)));
-  }
-}
-
-/** One chunk from the local copy of the image, or null when it is not there intact. */
-async function readLocal(dir: string, file: ImageFile, ref: ChunkRef): Promise<Buffer | null> {
-  const fh = await open(path.join(dir, ...file.path.split('/')), 'r');
-  try {
-    const buf = Buffer.allocUnsafe(ref.size);
-    const { bytesRead } = await fh.read(buf, 0, ref.size, ref.offset);
-    return bytesRead === ref.size && sha256(buf) === ref.hash ? buf : null;
-  } finally {
-    await fh.close();
   }
 }
 

@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { holdLoop } from '../../shared/child-ref.js';
 import { which } from './exec.js';
 import { LAZY_PAGES_SOCKET } from './lazy-pages.js';
 
@@ -15,8 +16,9 @@ const SCRIPT = fileURLToPath(new URL('../../../worker/oci/lazy-relay.py', import
  * page — until release(). Needs python3; `available()` says whether this host has it.
  *
  * python3 takes ~300 ms to start on these hosts, longer than the rest of a restore's set-up: one
- * relay process is kept started ahead, idle on its stdin, and start() hands it its sockets. The
- * spare holds no reference on the event loop and exits when this process goes (its stdin closes).
+ * relay process is kept started ahead, idle on its stdin, and start() hands it its sockets; the
+ * next one is started when that relay exits (after its restore). The spare holds no reference
+ * on the event loop and exits when this process goes (its stdin closes).
  */
 export class LazyRelay {
   private static spare: ChildProcess | undefined;
@@ -45,9 +47,7 @@ export class LazyRelay {
     };
     child.once('exit', forget);
     child.once('error', forget);
-    // Idle, it must not keep this process alive: unref it and its pipes (ref'd again when used).
-    child.unref();
-    for (const s of [child.stdin, child.stdout, child.stderr]) (s as unknown as { unref?(): void } | null)?.unref?.();
+    holdLoop(child, false);
     LazyRelay.spare = child;
   }
 
@@ -57,9 +57,10 @@ export class LazyRelay {
     const child = LazyRelay.spare;
     LazyRelay.spare = undefined;
     if (!child) throw new Error('the lazy-pages relay cannot start: no python3');
-    child.ref();
-    for (const s of [child.stdin, child.stdout, child.stderr]) (s as unknown as { ref?(): void } | null)?.ref?.();
+    holdLoop(child, true);
     const relay = new LazyRelay(child);
+    // The next restore's, once this one is over: starting python now would take CPU from it.
+    void relay.exit.then(() => LazyRelay.warm());
     const ready = new Promise<void>((resolve, reject) => {
       let out = '';
       child.stdout!.setEncoding('utf8').on('data', (d: string) => {
@@ -69,7 +70,6 @@ export class LazyRelay {
       void relay.exit.then((code) => reject(new Error(`the lazy-pages relay exited (${code}) before it listened: ${relay.stderr.trim() || 'no message'}`)));
     });
     child.stdin!.write(`${restoreWork}\t${LAZY_PAGES_SOCKET}\t${path.join(path.relative(restoreWork, daemonWork), LAZY_PAGES_SOCKET)}\n`);
-    LazyRelay.warm(); // the next restore's, starting while this one runs
     let timer: NodeJS.Timeout | undefined;
     try {
       await Promise.race([ready, new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`the lazy-pages relay did not listen within ${timeoutMs} ms`)), timeoutMs)))]);

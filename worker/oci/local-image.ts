@@ -1,10 +1,11 @@
 import type { createHash } from 'node:crypto';
 import { existsSync, readFileSync, renameSync, rmSync, writeFileSync, type closeSync, type openSync, type readSync } from 'node:fs';
-import { readdir, stat } from 'node:fs/promises';
+import { open, readdir, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { fileChunks, type ChunkRef, type ImageManifest } from '../../pagestore/image-store.js';
+import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from '../../pagestore/image-store.js';
+import { sha256 } from '../../pagestore/chunked-image-store.js';
 
 /*
  * The worker's local copy of an app's newest image: after the page store verified a checkpoint,
@@ -280,5 +281,17 @@ export function localImageIs(p: LocalImagePaths, manifest: ImageManifest): boole
     return r.app === manifest.app && r.generation === manifest.generation && r.checksum === manifest.checksum && existsSync(p.dir);
   } catch {
     return false;
+  }
+}
+
+/** One chunk of an image directory (a local copy, a dump), or null when it is not there intact. */
+export async function readLocalChunk(dir: string, file: ImageFile, ref: ChunkRef): Promise<Buffer | null> {
+  const fh = await open(path.join(dir, ...file.path.split('/')), 'r');
+  try {
+    const buf = Buffer.allocUnsafe(ref.size);
+    const { bytesRead } = await fh.read(buf, 0, ref.size, ref.offset);
+    return bytesRead === ref.size && sha256(buf) === ref.hash ? buf : null;
+  } finally {
+    await fh.close();
   }
 }

@@ -1,8 +1,9 @@
-import { open, readFile, type FileHandle } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { ActiveSetStore, PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { fileChunks, type ImageManifest } from '../../pagestore/image-store.js';
 import type { PackedChunk } from '../../pagestore/restore-pack.js';
+import { readLocalChunk } from './local-image.js';
 import { eagerRanges, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
 /*
@@ -113,18 +114,10 @@ export async function writeRestorePack(manifest: ImageManifest, dir: string, act
   const pages = distinctChunks(eagerChunks(manifest, maps), activeSets.plan(manifest, record, pagemapLocator(maps)));
   const plan = distinctChunks(metadataChunks(manifest), pages, readaheadChunks(manifest, pages));
   const chunks: PackedChunk[] = [];
-  const files = new Map<string, FileHandle>();
-  try {
-    for (const p of plan) {
-      let fh = files.get(p.file.path);
-      if (!fh) files.set(p.file.path, (fh = await open(path.join(dir, ...p.file.path.split('/')), 'r')));
-      const bytes = Buffer.allocUnsafe(p.ref.size);
-      const { bytesRead } = await fh.read(bytes, 0, p.ref.size, p.ref.offset);
-      if (bytesRead !== p.ref.size) throw new Error(`${p.file.path} is shorter than its manifest says`);
-      chunks.push({ hash: p.ref.hash, bytes });
-    }
-  } finally {
-    for (const fh of files.values()) await fh.close();
+  for (const p of plan) {
+    const bytes = await readLocalChunk(dir, p.file, p.ref);
+    if (!bytes) throw new Error(`${p.file.path} does not hold the chunk its manifest names at ${p.ref.offset}`);
+    chunks.push({ hash: p.ref.hash, bytes });
   }
   const bytes = await activeSets.putPack(manifest.app, manifest.generation, chunks);
   return { chunks: chunks.length, bytes };
