@@ -24,8 +24,8 @@
  *   mount never wait for this process, so stat'ing or walking the mount here is safe.
  * - The image is immutable, so the kernel page cache is kept across opens (`kernel_cache`) and
  *   attributes are cached long: a page read once is not asked for again while the mount lives.
- *   `onRead` therefore sees the first touch of each chunk, plus the kernel's readahead (reads
- *   arrive in pieces of up to 128 KiB, not pages).
+ *   `onRead` therefore sees the first touch of each chunk. The kernel reads ahead one page only
+ *   (pageReadahead): small reads arrive as asked, large ones in pieces of up to 128 KiB.
  * - A read is answered with data only when every chunk it touches was had and had the size the
  *   manifest says. Otherwise `onFailure` is awaited first (bounded by failureTimeoutMs) and only
  *   then the read gets EIO: the restore kills the half-restored container before the process
@@ -41,7 +41,7 @@
  *   not exit), so files still open on a lazily detached mount fail from then on (ENOTCONN).
  */
 import { execFile } from 'node:child_process';
-import { mkdir, readdir, realpath, rmdir, stat } from 'node:fs/promises';
+import { mkdir, readdir, readFile, realpath, rmdir, stat, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describeError, PicoError } from '../shared/errors.js';
@@ -86,6 +86,11 @@ export interface ImageMountOptions {
   /** each chunk a read touches, once per read, before it is fetched (the ActiveSet is recorded from this) */
   onRead?(file: ImageFile, ref: ChunkRef): void;
   /**
+   * Bytes held outside the chunks (a restore pack's page runs): a read they hold whole is
+   * answered from them, with no chunk and no onRead. May be filled after the mount.
+   */
+  pages?: { read(file: string, pos: number, end: number): Buffer | undefined };
+  /**
    * A chunk could not be had. Awaited (bounded by failureTimeoutMs, default 10 s) BEFORE the
    * failed read is answered with EIO: the restore uses it to kill the half-restored container
    * first, so the process never runs on with a page it could not get. Called once per failed
@@ -118,10 +123,10 @@ export interface ImageMount {
   readonly serverPid: number;
   /**
    * reads: read requests answered (with data, with 0 at EOF, or with EIO); bytes: bytes served;
-   * chunks: chunk fetches started (calls of chunk()); failures: fetches that failed (each passed
-   * to onFailure once)
+   * fromPages: reads answered by `pages`; chunks: chunk fetches started (calls of chunk());
+   * failures: fetches that failed (each passed to onFailure once)
    */
-  stats(): { reads: number; bytes: number; chunks: number; failures: number };
+  stats(): { reads: number; bytes: number; fromPages: number; chunks: number; failures: number };
   /**
    * unmounts (lazily if busy: `fusermount -uz` fallback), then ends the server process; idempotent;
    * never throws on an already-gone mount
@@ -175,6 +180,7 @@ export async function mountImage(opts: ImageMountOptions): Promise<ImageMount> {
     if (created) await rmdir(mnt).catch(() => {});
     throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', `cannot mount the image of ${opts.manifest.app} at ${mnt}: ${describeError(err)}`, { cause: err });
   }
+  await pageReadahead(mnt, log);
   const totalBytes = opts.manifest.files.reduce((n, f) => n + f.size, 0);
   log?.debug({ mountpoint: mnt, files: files.length, bytes: totalBytes, server: child.pid }, 'image mounted');
 
@@ -227,7 +233,7 @@ export async function cleanStaleMount(mountpoint: string, log?: Logger): Promise
 
 /** Serves reads of image files from chunks, with the fetch memo and the counters. */
 class ImageServer {
-  private readonly counters = { reads: 0, bytes: 0, chunks: 0, failures: 0 };
+  private readonly counters = { reads: 0, bytes: 0, fromPages: 0, chunks: 0, failures: 0 };
   /** by chunk hash: fetches in flight and recently had chunks (Map order = LRU order) */
   private readonly inFlight = new Map<string, Promise<Buffer>>();
   /** by chunk hash: fetches that failed (settled after their onFailure), until failedChunkTtlMs */
@@ -267,6 +273,12 @@ class ImageServer {
     try {
       const end = Math.min(e.file.size, pos + len);
       if (pos >= end) return [];
+      const held = this.opts.pages?.read(e.file.path, pos, end);
+      if (held) {
+        this.counters.fromPages++;
+        this.counters.bytes += end - pos;
+        return [held];
+      }
       const touched = e.refs.slice(firstChunk(e.refs, pos), lastChunk(e.refs, end) + 1);
       for (const ref of touched) {
         try {
@@ -468,7 +480,37 @@ function isMounted(mnt: string): boolean {
   } catch {
     return true; // cannot tell: assume it is, so the caller tries harder
   }
-  return text.split('\n').some((line) => unescapeMountPath(line.split(' ')[4] ?? '') === mnt);
+  return mountinfoLine(text, mnt) !== undefined;
+}
+
+/** The fields of the last mountinfo line (the mount on top) whose mount point is `mnt`. */
+function mountinfoLine(text: string, mnt: string): string[] | undefined {
+  let found: string[] | undefined;
+  for (const line of text.split('\n')) {
+    const fields = line.split(' ');
+    if (unescapeMountPath(fields[4] ?? '') === mnt) found = fields;
+  }
+  return found;
+}
+
+/**
+ * Shrinks the kernel's readahead for the mount to one page (its backing device's read_ahead_kb,
+ * root only): a small read then arrives as the reader asked — a page fault's page, not the
+ * 128 KiB around it — so a read of pages held in `pages` needs no chunk, and a miss waits for
+ * its own chunk only, not for its neighbours too. Large reads (CRIU's copy of the rest of memory,
+ * the page cache warming) still arrive in pieces of up to 128 KiB: the kernel lets a read as
+ * large as that through whole. Not 0: with readahead off, the kernel reads every page with a
+ * request of its own, large reads too. Best effort: without it reads are served all the same,
+ * only some wait for more chunks.
+ */
+async function pageReadahead(mnt: string, log: Logger | undefined): Promise<void> {
+  try {
+    const dev = mountinfoLine(await readFile('/proc/self/mountinfo', 'utf8'), mnt)?.[2];
+    if (!dev || !/^\d+:\d+$/.test(dev)) throw new Error(`no device of ${mnt} in mountinfo`);
+    await writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, '4');
+  } catch (err) {
+    log?.debug({ mountpoint: mnt, err: describeError(err) }, 'cannot shrink the readahead of the image mount');
+  }
 }
 
 function unescapeMountPath(s: string): string {

@@ -1,22 +1,32 @@
 /*
- * A restore pack: the chunks a restore of an app reads before its process resumes — every image
- * file but the memory pages, the pages `criu restore` reads itself, and the ActiveSet — in one
- * object, written when the image is stored. A restore fetches it with one request beside its
- * look-up of the manifest, instead of one request per chunk (~170 for the benchmark's app) after
- * it; against S3 that is the difference between one round trip and a dozen.
+ * A restore pack: what a restore of an app reads before its process resumes and the pages it is
+ * about to touch, in one object written when the image is stored. A restore fetches it with one
+ * request beside its look-up of the manifest, instead of one request per chunk after it; against
+ * S3 that is the difference between one round trip and a dozen.
  *
- * Layout (format 1), at apps/<app>/restore-pack.bin, the newest image's only:
+ * Two kinds of entries:
+ *   chunks  whole chunks, content-addressed (every image file but the memory pages, which
+ *           `criu restore` reads whole)
+ *   runs    byte ranges of the memory pages files, page-granular: the pages `criu restore` reads
+ *           itself and the ActiveSet's pages. A chunk holds ~20 pages on average of which a
+ *           restore touches a few; packing the pages alone makes the pack several times smaller
+ *           than packing their chunks.
  *
- *   "PCPK" | u32 format | u32 generation | u32 index length | index: JSON [[sha256, size], …]
- *   | the chunks' bytes, back to back in index order
+ * Layout (format 2), at apps/<app>/restore-pack.bin, the newest image's only:
+ *
+ *   "PCPK" | u32 format | u32 generation | u32 index length
+ *   | index: JSON { manifest: checksum, chunks: [[sha256, size], …], runs: [[file, offset, length, sha256], …] }
+ *   | the chunks' bytes, then the runs' bytes, back to back in index order
  *
  * The pack is advice, like the ActiveSet: a reader uses a chunk only when its sha256 is one the
- * manifest being restored names and the bytes hash to it, so a pack that is missing, damaged, of
- * another generation or half-written costs the requests it would have saved, never a restore.
+ * manifest being restored names and the bytes hash to it; a run only when the pack was written
+ * for that very manifest (its checksum: run offsets are positions in one image's files) and the
+ * bytes hash to the run's sha256. A pack that is missing, damaged, of another image or half-
+ * written costs the requests it would have saved, never a restore.
  */
 import { sha256 } from './chunked-image-store.js';
 
-export const RESTORE_PACK_FORMAT = 1;
+export const RESTORE_PACK_FORMAT = 2;
 const MAGIC = Buffer.from('PCPK');
 const HEADER = 16;
 const HASH = /^[0-9a-f]{64}$/;
@@ -26,52 +36,101 @@ export interface PackedChunk {
   bytes: Buffer;
 }
 
+/** Bytes of an image file at `offset`. */
+export interface PackedRun {
+  file: string;
+  offset: number;
+  bytes: Buffer;
+}
+
+export interface RestorePackContents {
+  /** the checksum of the manifest the runs were cut from */
+  manifest: string;
+  chunks: readonly PackedChunk[];
+  runs: readonly PackedRun[];
+}
+
+export interface DecodedRestorePack {
+  generation: number;
+  chunks: PackedChunk[];
+  /** whether the pack was written for the manifest being restored */
+  current: boolean;
+  /** empty unless `current` */
+  runs: PackedRun[];
+  /** entries whose bytes did not hash to what the index says */
+  bad: number;
+}
+
 export function restorePackKey(app: string): string {
   return `apps/${app}/restore-pack.bin`;
 }
 
-export function encodeRestorePack(generation: number, chunks: readonly PackedChunk[]): Buffer {
-  const index = Buffer.from(JSON.stringify(chunks.map((c) => [c.hash, c.bytes.length])));
+export function encodeRestorePack(generation: number, pack: RestorePackContents): Buffer {
+  const index = Buffer.from(
+    JSON.stringify({
+      manifest: pack.manifest,
+      chunks: pack.chunks.map((c) => [c.hash, c.bytes.length]),
+      runs: pack.runs.map((r) => [r.file, r.offset, r.bytes.length, sha256(r.bytes)]),
+    }),
+  );
   const head = Buffer.alloc(HEADER);
   MAGIC.copy(head, 0);
   head.writeUInt32LE(RESTORE_PACK_FORMAT, 4);
   head.writeUInt32LE(generation, 8);
   head.writeUInt32LE(index.length, 12);
-  return Buffer.concat([head, index, ...chunks.map((c) => c.bytes)]);
+  return Buffer.concat([head, index, ...pack.chunks.map((c) => c.bytes), ...pack.runs.map((r) => r.bytes)]);
 }
 
+const isSize = (n: unknown): n is number => Number.isSafeInteger(n) && (n as number) >= 0;
+
 /**
- * The chunks of a pack whose bytes hash to what the index says, restricted to `wanted` (the
- * hashes the caller may use); throws when the pack's frame is not one. Slices share `buf`.
+ * The entries of a pack that the restore of `manifest` may use: chunks restricted to `wanted`
+ * (the hashes it names), runs only when the pack was written for this manifest; each checked
+ * against its sha256. Throws when the pack's frame is not one. Slices share `buf`.
  */
-export function decodeRestorePack(buf: Buffer, wanted: ReadonlySet<string>): { generation: number; chunks: PackedChunk[]; bad: number } {
+export function decodeRestorePack(buf: Buffer, manifest: { checksum: string }, wanted: ReadonlySet<string>): DecodedRestorePack {
   if (buf.length < HEADER || !buf.subarray(0, 4).equals(MAGIC)) throw new Error('not a restore pack (bad magic)');
   const format = buf.readUInt32LE(4);
   if (format !== RESTORE_PACK_FORMAT) throw new Error(`restore pack format ${format} is not ${RESTORE_PACK_FORMAT}`);
   const generation = buf.readUInt32LE(8);
   const indexEnd = HEADER + buf.readUInt32LE(12);
   if (indexEnd > buf.length) throw new Error('restore pack: the index runs past the end');
-  let index: unknown;
+  let index: { manifest?: unknown; chunks?: unknown; runs?: unknown };
   try {
-    index = JSON.parse(buf.subarray(HEADER, indexEnd).toString('utf8'));
+    index = JSON.parse(buf.subarray(HEADER, indexEnd).toString('utf8')) as typeof index;
   } catch {
     throw new Error('restore pack: the index is not JSON');
   }
-  if (!Array.isArray(index) || !index.every((e) => Array.isArray(e) && typeof e[0] === 'string' && HASH.test(e[0]) && Number.isSafeInteger(e[1]) && e[1] >= 0)) {
+  const chunks = index?.chunks;
+  const runs = index?.runs;
+  if (
+    typeof index?.manifest !== 'string' ||
+    !Array.isArray(chunks) ||
+    !chunks.every((e) => Array.isArray(e) && e.length === 2 && typeof e[0] === 'string' && HASH.test(e[0]) && isSize(e[1])) ||
+    !Array.isArray(runs) ||
+    !runs.every((e) => Array.isArray(e) && e.length === 4 && typeof e[0] === 'string' && isSize(e[1]) && isSize(e[2]) && typeof e[3] === 'string' && HASH.test(e[3]))
+  ) {
     throw new Error('restore pack: malformed index');
   }
-  const entries = index as Array<[string, number]>;
-  const total = entries.reduce((n, [, size]) => n + size, 0);
+  const chunkEntries = chunks as Array<[string, number]>;
+  const runEntries = runs as Array<[string, number, number, string]>;
+  const total = chunkEntries.reduce((n, [, size]) => n + size, 0) + runEntries.reduce((n, [, , length]) => n + length, 0);
   if (indexEnd + total !== buf.length) throw new Error(`restore pack: the index names ${total} bytes, the pack holds ${buf.length - indexEnd}`);
-  const chunks: PackedChunk[] = [];
-  let bad = 0;
+  const out: DecodedRestorePack = { generation, current: index.manifest === manifest.checksum, chunks: [], runs: [], bad: 0 };
   let at = indexEnd;
-  for (const [hash, size] of entries) {
+  for (const [hash, size] of chunkEntries) {
     const bytes = buf.subarray(at, at + size);
     at += size;
     if (!wanted.has(hash)) continue;
-    if (sha256(bytes) === hash) chunks.push({ hash, bytes });
-    else bad++;
+    if (sha256(bytes) === hash) out.chunks.push({ hash, bytes });
+    else out.bad++;
   }
-  return { generation, chunks, bad };
+  if (!out.current) return out;
+  for (const [file, offset, length, hash] of runEntries) {
+    const bytes = buf.subarray(at, at + length);
+    at += length;
+    if (sha256(bytes) === hash) out.runs.push({ file, offset, bytes });
+    else out.bad++;
+  }
+  return out;
 }

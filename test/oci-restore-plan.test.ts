@@ -3,7 +3,7 @@ import { describe, it } from 'node:test';
 import type { PlannedChunk } from '../pagestore/activeset.js';
 import { fileChunks, type ImageFile, type ImageManifest } from '../pagestore/image-store.js';
 import { PE_LAZY, PE_PRESENT, type Pagemap } from '../worker/oci/pagemap.js';
-import { distinctChunks, eagerChunks, metadataChunks, pagemapLocator, readaheadChunks } from '../worker/oci/restore-plan.js';
+import { distinctChunks, eagerChunks, eagerPageRanges, joinRanges, metadataChunks, pagemapLocator, readaheadChunks } from '../worker/oci/restore-plan.js';
 
 /*
  * What a lazy restore reads before its process resumes: the plan the prefetch and the restore
@@ -45,6 +45,10 @@ describe('restore plan', () => {
       ],
     };
     assert.deepEqual(indexes(eagerChunks(manifest, [{ pid: 1, map }])), [0, 2, 3]);
+    assert.deepEqual(eagerPageRanges([{ pid: 1, map }]), [
+      { file: 'pages-1.img', offset: 0, length: 64 * KiB },
+      { file: 'pages-1.img', offset: 190 * KiB, length: 8 * KiB },
+    ]);
     assert.deepEqual(pagemapLocator([{ pid: 1, map }])(1, 0x90000 + 4096 + 5), { file: 'pages-1.img', offset: 194 * KiB });
     assert.equal(pagemapLocator([{ pid: 1, map }])(2, 0x90000), null, 'another task');
   });
@@ -53,6 +57,11 @@ describe('restore plan', () => {
     // runs: [1], [5, 6]; readahead takes 2 and 3 after the first, 7 and 8 after the second
     assert.deepEqual(indexes(readaheadChunks(manifest, [chunk(1), chunk(5), chunk(6)])), [2, 3, 7, 8]);
     assert.deepEqual(indexes(readaheadChunks(manifest, [chunk(9)])), [], 'nothing past the end');
+  });
+
+  it('ranges join when they overlap or touch, per file, in order', () => {
+    const r = (file: string, offset: number, length: number) => ({ file, offset, length });
+    assert.deepEqual(joinRanges([r('b', 0, 4), r('a', 8, 4), r('a', 0, 4), r('a', 4, 2), r('a', 20, 0), r('a', 9, 10)]), [r('a', 0, 6), r('a', 8, 11), r('b', 0, 4)]);
   });
 
   it('joined lists keep each chunk once, in first-seen order', () => {

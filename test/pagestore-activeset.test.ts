@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { ActiveSetStore, activeSetKey, planPrefetch, type RestoreUse } from '../pagestore/activeset.js';
+import { ActiveSetStore, activeSetKey, planPages, planPrefetch, type RestoreUse } from '../pagestore/activeset.js';
 import { canonicalJson, manifestChecksum } from '../pagestore/chunked-image-store.js';
 import type { ImageManifest } from '../pagestore/image-store.js';
 import { MemoryObjectStore } from '../pagestore/memory-store.js';
@@ -93,6 +93,26 @@ describe('ActiveSet', () => {
     assert.deepEqual(planPrefetch(m, record, undefined, moved).map((p) => p.ref.hash), [h(20), h(3)]);
     assert.deepEqual(planPrefetch(m, record).map((p) => p.ref.hash), [h(3)], 'by hash only, no position guess');
     assert.deepEqual(planPrefetch(m, record, undefined, () => null).map((p) => p.ref.hash), [h(3)], 'pages the image does not hold count for nothing');
+  });
+
+  it('pages: each used page brings its aligned block, found by address, k of n by block', () => {
+    // restore 1 used task 1's page 0x10000 + one page of block 0x20000; restore 2 the other page
+    // of that block and task 2's 0x10000 (another task: another block).
+    const r1 = { ...use([]), pages: [[1, 0x10000, 1], [1, 0x21000, 1]] as Array<[number, number, number]> };
+    const r2 = { ...use([]), pages: [[1, 0x23000, 1], [2, 0x10000, 1]] as Array<[number, number, number]> };
+    const record = { format: 1, app: 'kv', checksum: '', restores: [r1, r2] };
+    // Blocks of 4 pages here. Task 1's pages are at vaddr - 0x10000 in pages-1.img, but its page
+    // 0x12000 has no bytes; task 2's are likewise in pages-2.img.
+    const locate = (pid: number, vaddr: number) => (pid === 1 && vaddr === 0x12000 ? null : { file: `pages-${pid}.img`, offset: vaddr - 0x10000 });
+    const plan = (window: number, minUses: number) =>
+      planPages(record, { window, minUses }, locate, 4)
+        .map((p) => `${p.file}@${(p.offset / 4096).toString()}`)
+        .sort();
+    assert.deepEqual(plan(3, 1), ['pages-1.img@0', 'pages-1.img@1', 'pages-1.img@16', 'pages-1.img@17', 'pages-1.img@18', 'pages-1.img@19', 'pages-1.img@3', 'pages-2.img@0', 'pages-2.img@1', 'pages-2.img@2', 'pages-2.img@3']);
+    assert.deepEqual(plan(3, 2), ['pages-1.img@16', 'pages-1.img@17', 'pages-1.img@18', 'pages-1.img@19'], 'only block 0x20000 was used by both');
+    assert.deepEqual(plan(1, 1), ['pages-1.img@16', 'pages-1.img@17', 'pages-1.img@18', 'pages-1.img@19', 'pages-2.img@0', 'pages-2.img@1', 'pages-2.img@2', 'pages-2.img@3'], 'the last restore only');
+    assert.deepEqual(planPages(undefined, { window: 3, minUses: 1 }, locate), []);
+    assert.deepEqual(planPages({ ...record, restores: [use([[1, 0]])] }, { window: 3, minUses: 1 }, locate), [], 'restores without pages plan no pages');
   });
 
   it('a record with malformed pages is not trusted', async () => {

@@ -11,6 +11,7 @@ import { pathToFileURL } from 'node:url';
 import { isPicoError } from '../shared/errors.js';
 import type { ImageFile, ImageManifest } from '../pagestore/image-store.js';
 import { cleanStaleMount, mountImage, type ImageMount, type ImageMountOptions } from '../pagestore/image-mount.js';
+import { PageRuns } from '../pagestore/page-runs.js';
 import { fileChunks, type ChunkRef } from '../pagestore/image-store.js';
 import { until } from './helpers/poll.js';
 import { watchdog } from './helpers/watchdog.js';
@@ -291,6 +292,37 @@ describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
     for (const h of new Set(order.filter((o) => o.startsWith('fetch ')).map((o) => o.slice(6)))) {
       assert.ok(order.indexOf(`read ${h}`) < order.indexOf(`fetch ${h}`), `chunk ${h} fetched before onRead`);
     }
+    await closeMount(m);
+  });
+
+  it('answers reads that page runs hold whole from them, without a chunk; reads ahead one page only', async () => {
+    const runs = new PageRuns();
+    let fetched = 0;
+    const m = await mount({
+      pages: runs,
+      chunk: async (ref) => {
+        fetched++;
+        return chunks.get(ref.hash)!;
+      },
+    });
+    // Filled after the mount, as a restore does; bytes unlike the chunks', to tell them apart.
+    const at = pagesRefs[7]!.offset - (pagesRefs[7]!.offset % 4096) + 8 * 4096;
+    runs.add([{ file: 'pages-1.img', offset: at, bytes: Buffer.alloc(3 * 4096, 0xab) }]);
+    const file = path.join(m.path, 'pages-1.img');
+    const held = await ddRange(file, at + 4096, 4096);
+    assert.equal(held.code, 0, held.stderr);
+    assert.ok(held.stdout.equals(Buffer.alloc(4096, 0xab)), 'the run answered');
+    assert.equal(fetched, 0, 'no chunk for a read the run holds');
+    assert.ok(m.stats().fromPages >= 1);
+    const beyond = at + 16 * 4096;
+    const other = await ddRange(file, beyond, 4096);
+    assert.ok(other.stdout.equals(pagesData.subarray(beyond, beyond + 4096)), 'outside the run: the chunk');
+    assert.equal(fetched, 1);
+    const dev = readFileSync('/proc/self/mountinfo', 'utf8')
+      .split('\n')
+      .map((l) => l.split(' '))
+      .find((f) => f[4] === m.path)?.[2];
+    assert.equal(readFileSync(`/sys/class/bdi/${dev}/read_ahead_kb`, 'utf8').trim(), '4');
     await closeMount(m);
   });
 

@@ -7,10 +7,11 @@ import { mapBounded } from '../../pagestore/bounded.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
+import { PageRuns } from '../../pagestore/page-runs.js';
 import { decodeRestorePack } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
-import { parsePagemap } from './pagemap.js';
-import { distinctChunks, eagerChunks, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, type TaskPagemap } from './restore-plan.js';
+import { PAGE_SIZE, parsePagemap } from './pagemap.js';
+import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, type FileRange, type TaskPagemap } from './restore-plan.js';
 
 /*
  * The image of a lazy restore: a FUSE directory (pagestore/image-mount.ts) whose reads are
@@ -63,6 +64,8 @@ export interface LazyImageStats {
   eager: number;
   /** chunks taken from the app's restore pack (one request) rather than fetched one by one */
   packed: number;
+  /** memory pages taken from the pack's runs (the ActiveSet and the pages CRIU reads itself) */
+  packedPages: number;
   /** in ms */
   prefetchMs: number;
   /** chunks a read found in the cache (memory or disk) */
@@ -78,8 +81,11 @@ export interface LazyImageStats {
 export class LazyImage {
   readonly path: string;
   private mount: ImageMount | undefined;
-  private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, eager: 0, packed: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+  private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, eager: 0, packed: 0, packedPages: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+  /** memory chunks prefetched whole (without a pack for this image) */
   private prefetchedPages: PlannedChunk[] = [];
+  /** the pack's page runs, which the mount answers reads from */
+  private readonly runs = new PageRuns();
   private warming: Promise<void> | undefined;
   private sweeping: Promise<void> | undefined;
   private closed = false;
@@ -103,94 +109,110 @@ export class LazyImage {
         return got.buf;
       },
       onFailure: (err) => o.onFailure(err),
+      pages: img.runs,
       log: o.log,
     });
     return img;
   }
 
   /**
-   * Fetches what the restore reads before the process resumes, and the ActiveSet. In one go:
-   * every file but the memory pages (`criu restore` reads them whole, one by one) and the chunks
-   * of the ActiveSet known by hash. As soon as the pagemaps are in (they are among those files),
-   * also: the pages `criu restore` reads itself (the ones not marked lazy), the ActiveSet's
-   * pages found by address (`plan`), and the chunks the kernel reads ahead with all of those
-   * (restore-plan.ts: readaheadChunks). Resolves when all of it is cached; rejects on the first
-   * chunk that cannot be had. The pagemaps are advice here: one that does not parse costs
-   * prefetching, not the restore (CRIU reads it and fails visibly if it is really broken).
+   * Fetches what the restore reads before the process resumes, and the ActiveSet. With a restore
+   * pack written for this image (`pack`), that is the pack: every file but the memory pages as
+   * chunks, and as page runs the memory pages `criu restore` reads itself and the ActiveSet's
+   * pages; the mount answers reads of those pages from the runs. Otherwise chunk by chunk, in
+   * one go: every file but the memory pages (`criu restore` reads them whole, one by one) and the
+   * chunks of the ActiveSet known by hash; as soon as the pagemaps are in (they are among those
+   * files), also the chunks of the pages `criu restore` reads itself, of the ActiveSet's pages
+   * found by address (`plan`), and those the kernel would read ahead with them (restore-plan.ts:
+   * readaheadChunks). Resolves when all of it is here; rejects on the first chunk that cannot be
+   * had. The pagemaps are advice here: one that does not parse costs prefetching, not the
+   * restore (CRIU reads it and fails visibly if it is really broken).
    */
   async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[], pack?: Promise<Buffer | undefined>): Promise<void> {
     const t0 = performance.now();
-    if (pack) await this.unpack(pack);
+    const packed = pack ? await this.unpack(pack) : false;
     const metadata = metadataChunks(this.o.manifest);
     this.counts.metadata = metadata.length;
-    const wanted = new Set<string>();
-    const pages: PlannedChunk[] = [];
-    const add = (list: readonly PlannedChunk[]): PlannedChunk[] => {
-      const fresh = distinctChunks(list).filter((p) => !wanted.has(p.ref.hash));
-      for (const p of fresh) {
-        wanted.add(p.ref.hash);
-        if (PAGES.test(p.file.path)) pages.push(p);
-      }
-      return fresh;
-    };
     const fetch = (list: readonly PlannedChunk[], kind: 'prefetched' | 'eager'): Promise<void> =>
       this.each(list, async (p) => {
         await this.chunk(p.file, p.ref);
         if (PAGES.test(p.file.path)) this.counts[kind]++;
       });
-    // The pagemaps lead the first batch: the second waits for them.
-    const first = fetch(add([...metadata, ...this.o.prefetch]), 'prefetched');
-    const second = this.pagemaps().then((maps) => {
-      const eager = add(eagerChunks(this.o.manifest, maps));
-      const byAddress = plan ? add(plan(pagemapLocator(maps))) : [];
-      // Not warmed, not counted as prefetched: only there for the kernel's readahead.
-      const core = pages.length;
-      const ahead = add(readaheadChunks(this.o.manifest, pages));
-      pages.splice(core);
-      return Promise.all([fetch(eager, 'eager'), fetch(byAddress, 'prefetched'), this.each(ahead, (p) => this.chunk(p.file, p.ref).then(() => undefined))]);
-    });
-    await Promise.all([first, second]);
-    this.prefetchedPages = pages;
+    if (packed) {
+      await fetch(metadata, 'prefetched');
+    } else {
+      const wanted = new Set<string>();
+      const pages: PlannedChunk[] = [];
+      const add = (list: readonly PlannedChunk[]): PlannedChunk[] => {
+        const fresh = distinctChunks(list).filter((p) => !wanted.has(p.ref.hash));
+        for (const p of fresh) {
+          wanted.add(p.ref.hash);
+          if (PAGES.test(p.file.path)) pages.push(p);
+        }
+        return fresh;
+      };
+      // The pagemaps lead the first batch: the second waits for them.
+      const first = fetch(add([...metadata, ...this.o.prefetch]), 'prefetched');
+      const second = this.pagemaps().then((maps) => {
+        const eager = add(eagerChunks(this.o.manifest, maps));
+        const byAddress = plan ? add(plan(pagemapLocator(maps))) : [];
+        // Not warmed, not counted as prefetched: only there for the kernel's readahead.
+        const core = pages.length;
+        const ahead = add(readaheadChunks(this.o.manifest, pages));
+        pages.splice(core);
+        return Promise.all([fetch(eager, 'eager'), fetch(byAddress, 'prefetched'), this.each(ahead, (p) => this.chunk(p.file, p.ref).then(() => undefined))]);
+      });
+      await Promise.all([first, second]);
+      this.prefetchedPages = pages;
+    }
     this.counts.prefetchMs = Math.round(performance.now() - t0);
   }
 
   /**
-   * Puts the chunks of the app's restore pack that this image names into the cache (each one
-   * checked against its hash); the prefetch then finds them there. A pack that cannot be had or
-   * read costs only that: the prefetch fetches chunk by chunk.
+   * Puts the chunks of the app's restore pack that this image names into the cache and its page
+   * runs into the mount (each entry checked against its hash). True when the pack was written
+   * for this very image (its runs are then the whole plan for the memory pages). A pack that
+   * cannot be had or read costs only that: the prefetch goes chunk by chunk.
    */
-  private async unpack(pack: Promise<Buffer | undefined>): Promise<void> {
+  private async unpack(pack: Promise<Buffer | undefined>): Promise<boolean> {
     let buf: Buffer | undefined;
     try {
       buf = await pack;
     } catch (err) {
       this.o.log.warn({ err: (err as Error).message }, 'cannot fetch the restore pack; prefetching chunk by chunk');
-      return;
+      return false;
     }
-    if (!buf) return;
+    if (!buf) return false;
     const names = new Set<string>();
     for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) names.add(ref.hash);
     try {
-      const { chunks, bad } = decodeRestorePack(buf, names);
+      const { chunks, runs, current, bad } = decodeRestorePack(buf, this.o.manifest, names);
       for (const c of chunks) if (!this.o.cache.has(c.hash)) this.o.cache.put(c.hash, Buffer.from(c.bytes));
+      // Copied out of the pack: the runs live as long as the mount, the pack's other bytes need not.
+      this.runs.add(runs.map((r) => ({ ...r, bytes: Buffer.from(r.bytes) })));
       this.counts.packed = chunks.length;
-      if (bad > 0) this.o.log.warn({ bad }, 'chunks of the restore pack failed their checksum; they are fetched one by one');
+      this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
+      if (bad > 0) this.o.log.warn({ bad }, 'entries of the restore pack failed their checksum; their pages are fetched by chunk');
+      return current && bad === 0;
     } catch (err) {
       this.o.log.warn({ err: (err as Error).message }, 'the restore pack is unreadable; prefetching chunk by chunk');
+      return false;
     }
   }
 
-  /** The memory chunks prefetch() fetched (ActiveSet and the pages CRIU reads itself). */
-  prefetchedChunks(): ReadonlySet<string> {
-    return new Set(this.prefetchedPages.map((p) => p.ref.hash));
+  /** Whether the page at `offset` of `file` was prefetched (held in a run, or its chunk fetched whole). */
+  prefetchedPage(file: string, offset: number): boolean {
+    if (this.runs.has(file, offset)) return true;
+    return this.prefetchedPages.some((p) => p.file.path === file && p.ref.offset <= offset && offset < p.ref.offset + p.ref.size);
   }
 
   /**
-   * Reads the prefetched memory chunks through the mount, so that they are in the kernel's page
-   * cache (the mount keeps it across opens) when the process faults on them: a fault is then
-   * answered by CRIU's daemon from the page cache instead of a FUSE round trip to this process
-   * per page (~1,600 of them for the first request of the benchmark's app). Runs beside
-   * `criu restore`; never fails (a page not warmed is read through FUSE as before).
+   * Reads what was prefetched through the mount, so that it is in the kernel's page cache (the
+   * mount keeps it across opens) when it is read: the image's other files first (CRIU reads them
+   * in small pieces, and the mount does no readahead), then the prefetched memory pages. A page
+   * fault is then answered by CRIU's daemon from the page cache instead of a FUSE round trip to
+   * this process per page (~650 of them for the first request of the benchmark's app). Runs
+   * beside `criu restore`; never fails (a page not warmed is read through FUSE as before).
    *
    * Async reads of the mount use libuv's thread pool while the mount's answers may need it too
    * (the chunk cache's disk tier): at most WARM_READERS reads are in flight, so the pool (4) is
@@ -201,17 +223,11 @@ export class LazyImage {
   }
 
   private async warm(): Promise<void> {
-    const runs = new Map<string, Array<{ offset: number; end: number }>>();
-    for (const p of [...this.prefetchedPages].sort((a, b) => a.file.path.localeCompare(b.file.path) || a.ref.offset - b.ref.offset)) {
-      const list = runs.get(p.file.path) ?? [];
-      const last = list[list.length - 1];
-      if (last && last.end === p.ref.offset) last.end += p.ref.size;
-      else list.push({ offset: p.ref.offset, end: p.ref.offset + p.ref.size });
-      runs.set(p.file.path, list);
-    }
-    const reads: Array<{ file: string; offset: number; length: number }> = [];
-    for (const [file, list] of runs) {
-      for (const r of list) for (let at = r.offset; at < r.end; at += WARM_READ) reads.push({ file, offset: at, length: Math.min(WARM_READ, r.end - at) });
+    const metadata = this.o.manifest.files.filter((f) => !PAGES.test(f.path)).map((f) => ({ file: f.path, offset: 0, length: f.size }));
+    const pages = joinRanges([...this.runs.ranges(), ...this.prefetchedPages.map((p) => ({ file: p.file.path, offset: p.ref.offset, length: p.ref.size }))]);
+    const reads: FileRange[] = [];
+    for (const r of [...metadata, ...pages]) {
+      for (let at = r.offset; at < r.offset + r.length; at += WARM_READ) reads.push({ file: r.file, offset: at, length: Math.min(WARM_READ, r.offset + r.length - at) });
     }
     const files = new Map<string, Promise<FileHandle>>();
     const scratch = Array.from({ length: WARM_READERS }, () => Buffer.allocUnsafe(WARM_READ));

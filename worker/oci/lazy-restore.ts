@@ -84,7 +84,6 @@ export class LazyRestore {
   readonly finished: Promise<LazyOutcome>;
   private image: LazyImage | undefined;
   private daemon: LazyPagesDaemon | undefined;
-  private prefetched: ReadonlySet<string> = new Set();
   private windowEnd = Infinity;
   private readonly startedAt = performance.now();
   private resolveFinished!: (o: LazyOutcome) => void;
@@ -141,7 +140,6 @@ export class LazyRestore {
       await r.abort();
       throw p.status === 'rejected' ? p.reason : (d as PromiseRejectedResult).reason;
     }
-    r.prefetched = image.prefetchedChunks();
     void image.warmPageCache(); // beside `criu restore`, which does not read those pages
     return r;
   }
@@ -172,9 +170,9 @@ export class LazyRestore {
   }
 
   /** What was fetched before the process resumed (for the restore's log line). */
-  prefetchStats(): { metadata: number; prefetched: number; eager: number; ms: number } {
+  prefetchStats(): { metadata: number; prefetched: number; eager: number; packedPages: number; ms: number } {
     const s = this.image?.stats();
-    return { metadata: s?.metadata ?? 0, prefetched: s?.prefetched ?? 0, eager: s?.eager ?? 0, ms: s?.prefetchMs ?? 0 };
+    return { metadata: s?.metadata ?? 0, prefetched: s?.prefetched ?? 0, eager: s?.eager ?? 0, packedPages: s?.packedPages ?? 0, ms: s?.prefetchMs ?? 0 };
   }
 
   /**
@@ -224,15 +222,14 @@ export class LazyRestore {
     clearTimeout(this.sweepTimer);
     this.relay?.kill();
     await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
-    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, eager: 0, packed: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, eager: 0, packed: 0, packedPages: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
     let error = this.failure;
     if (!error && !this.aborted && exit && exit.code !== 0) {
       const why = this.daemon!.errors().slice(-2).join(' | ');
       error = new Error(`criu lazy-pages exited ${exit.signal ? `on ${exit.signal}` : `with code ${exit.code}`}${why ? `: ${why}` : ''}`);
     }
     const faults = error || this.aborted ? [] : (this.daemon?.faults() ?? []).filter((f) => f.at <= this.windowEnd);
-    const used = this.usedChunks(faults);
-    const hits = used.filter((u) => this.prefetched.has(u.hash)).length;
+    const { used, hits } = this.usedChunks(faults);
     if (used.length > 0 && this.o.activeSets) {
       await this.o.activeSets
         .add(this.o.app, { at: new Date().toISOString(), generation: this.o.manifest.generation, chunks: used, pages: pageRanges(faults) })
@@ -243,16 +240,24 @@ export class LazyRestore {
     this.resolveFinished(outcome);
   }
 
-  /** The chunks holding the pages faulted on, each once. */
-  private usedChunks(faults: PageFault[]): UsedChunk[] {
+  /**
+   * The chunks holding the pages faulted on, each once, and how many of them were hits: every
+   * page faulted on in them had been prefetched.
+   */
+  private usedChunks(faults: PageFault[]): { used: UsedChunk[]; hits: number } {
     const byFile = new Map<string, PlannedChunk[]>();
     for (const file of this.o.manifest.files) byFile.set(file.path, fileChunks(this.o.manifest, file).map((ref) => ({ file, ref })));
-    const out = new Map<string, UsedChunk>();
+    const out = new Map<string, { chunk: UsedChunk; hit: boolean }>();
     for (const f of faults) {
       const p = covering(byFile.get(f.file), f.offset);
-      if (p && !out.has(p.ref.hash)) out.set(p.ref.hash, { file: p.file.path, offset: p.ref.offset, hash: p.ref.hash });
+      if (!p) continue;
+      const hit = this.image?.prefetchedPage(f.file, f.offset) ?? false;
+      const u = out.get(p.ref.hash);
+      if (u) u.hit &&= hit;
+      else out.set(p.ref.hash, { chunk: { file: p.file.path, offset: p.ref.offset, hash: p.ref.hash }, hit });
     }
-    return [...out.values()];
+    const used = [...out.values()];
+    return { used: used.map((u) => u.chunk), hits: used.filter((u) => u.hit).length };
   }
 }
 

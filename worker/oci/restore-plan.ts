@@ -2,9 +2,9 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { ActiveSetStore, PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { fileChunks, type ImageManifest } from '../../pagestore/image-store.js';
-import type { PackedChunk } from '../../pagestore/restore-pack.js';
+import type { PackedChunk, PackedRun } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
-import { eagerRanges, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
+import { eagerRanges, PAGE_SIZE, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
 /*
  * What a lazy restore of an image reads before its process resumes, chunk by chunk: the restore
@@ -99,26 +99,68 @@ export function distinctChunks(...lists: ReadonlyArray<readonly PlannedChunk[]>)
   return out;
 }
 
+/** A byte range of an image file. */
+export interface FileRange {
+  file: string;
+  offset: number;
+  length: number;
+}
+
+/** The byte ranges of the pages files that `criu restore` reads itself (see eagerChunks). */
+export function eagerPageRanges(maps: readonly TaskPagemap[]): FileRange[] {
+  return maps.flatMap(({ map }) => eagerRanges(map).map((r) => ({ file: `pages-${map.pagesId}.img`, ...r })));
+}
+
+/** `ranges` as the fewest ranges covering the same bytes: sorted, overlapping and touching ones joined. */
+export function joinRanges(ranges: readonly FileRange[]): FileRange[] {
+  const sorted = ranges.filter((r) => r.length > 0).sort((a, b) => (a.file < b.file ? -1 : a.file > b.file ? 1 : a.offset - b.offset));
+  const out: FileRange[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last && last.file === r.file && r.offset <= last.offset + last.length) last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    else out.push({ ...r });
+  }
+  return out;
+}
+
+/** The bytes of `r` in the image at `dir`, read chunk by chunk, each checked against its sha256. */
+async function readRange(manifest: ImageManifest, dir: string, r: FileRange): Promise<Buffer> {
+  const file = manifest.files.find((f) => f.path === r.file);
+  if (!file || r.offset + r.length > file.size) throw new Error(`${r.file} has no bytes at [${r.offset}, ${r.offset + r.length})`);
+  const end = r.offset + r.length;
+  const parts: Buffer[] = [];
+  for (const ref of fileChunks(manifest, file)) {
+    if (ref.offset + ref.size <= r.offset || ref.offset >= end) continue;
+    const bytes = await readLocalChunk(dir, file, ref);
+    if (!bytes) throw new Error(`${file.path} does not hold the chunk its manifest names at ${ref.offset}`);
+    parts.push(bytes.subarray(Math.max(0, r.offset - ref.offset), Math.min(ref.size, end - ref.offset)));
+  }
+  return Buffer.concat(parts);
+}
+
 /**
- * Writes the app's restore pack for `manifest`: what a restore of it will prefetch (metadata,
- * eager pages, the ActiveSet as the app's record plans it for this image), read from `dir`, the
- * directory the image was stored from. Returns the chunks and bytes packed.
+ * Writes the app's restore pack for `manifest` (pagestore/restore-pack.ts): the metadata chunks,
+ * and as page runs the pages `criu restore` reads itself and the ActiveSet's pages as the app's
+ * record plans them for this image; read from `dir`, the directory the image was stored from.
+ * Returns what was packed.
  */
-export async function writeRestorePack(manifest: ImageManifest, dir: string, activeSets: ActiveSetStore): Promise<{ chunks: number; bytes: number }> {
+export async function writeRestorePack(manifest: ImageManifest, dir: string, activeSets: ActiveSetStore): Promise<{ chunks: number; runs: number; bytes: number }> {
   const maps: TaskPagemap[] = [];
   for (const file of manifest.files) {
     const m = PAGEMAP.exec(file.path);
     if (m) maps.push({ pid: Number(m[1]), map: parsePagemap(await readFile(path.join(dir, file.path))) });
   }
   const record = await activeSets.read(manifest.app);
-  const pages = distinctChunks(eagerChunks(manifest, maps), activeSets.plan(manifest, record, pagemapLocator(maps)));
-  const plan = distinctChunks(metadataChunks(manifest), pages, readaheadChunks(manifest, pages));
+  const activePages = activeSets.planPages(record, pagemapLocator(maps)).map((p) => ({ ...p, length: PAGE_SIZE }));
+  const ranges = joinRanges([...eagerPageRanges(maps), ...activePages]);
   const chunks: PackedChunk[] = [];
-  for (const p of plan) {
+  for (const p of metadataChunks(manifest)) {
     const bytes = await readLocalChunk(dir, p.file, p.ref);
     if (!bytes) throw new Error(`${p.file.path} does not hold the chunk its manifest names at ${p.ref.offset}`);
     chunks.push({ hash: p.ref.hash, bytes });
   }
-  const bytes = await activeSets.putPack(manifest.app, manifest.generation, chunks);
-  return { chunks: chunks.length, bytes };
+  const runs: PackedRun[] = [];
+  for (const r of ranges) runs.push({ file: r.file, offset: r.offset, bytes: await readRange(manifest, dir, r) });
+  const bytes = await activeSets.putPack(manifest.app, manifest.generation, { manifest: manifest.checksum, chunks, runs });
+  return { chunks: chunks.length, runs: runs.length, bytes };
 }

@@ -1,0 +1,40 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { PageRuns } from '../pagestore/page-runs.js';
+
+/* Page runs: a read is answered only when one run holds all of it. */
+
+const run = (file: string, offset: number, length: number, fill: number) => ({ file, offset, bytes: Buffer.alloc(length, fill) });
+
+describe('page runs', () => {
+  const runs = new PageRuns();
+  runs.add([run('pages-1.img', 8192, 8192, 1), run('pages-1.img', 0, 4096, 2), run('pages-2.img', 4096, 4096, 3)]);
+
+  it('answers reads wholly inside one run, from its bytes', () => {
+    assert.deepEqual(runs.read('pages-1.img', 8192, 16384), Buffer.alloc(8192, 1));
+    assert.deepEqual(runs.read('pages-1.img', 12288, 12290), Buffer.alloc(2, 1));
+    assert.deepEqual(runs.read('pages-1.img', 0, 4096), Buffer.alloc(4096, 2));
+    assert.deepEqual(runs.read('pages-2.img', 4096, 8192), Buffer.alloc(4096, 3));
+  });
+
+  it('leaves every other read to the chunks', () => {
+    assert.equal(runs.read('pages-1.img', 4096, 8192), undefined, 'a gap');
+    assert.equal(runs.read('pages-1.img', 0, 8192), undefined, 'a run and a gap');
+    assert.equal(runs.read('pages-1.img', 12288, 20480), undefined, 'past the end of a run');
+    assert.equal(runs.read('pages-1.img', 4000, 4200), undefined, 'straddling a run start');
+    assert.equal(runs.read('pages-3.img', 0, 4096), undefined, 'another file');
+    assert.equal(runs.read('pages-1.img', 8192, 8192), undefined, 'nothing asked');
+  });
+
+  it('knows which bytes it holds, their total and ranges; overlapping runs are not added twice', () => {
+    assert.equal(runs.has('pages-1.img', 16383), true);
+    assert.equal(runs.has('pages-1.img', 16384), false);
+    runs.add([run('pages-1.img', 12288, 8192, 9), run('pages-1.img', 4096, 8192, 9), run('pages-1.img', 24576, 0, 9)]);
+    assert.equal(runs.bytes, 16384);
+    assert.deepEqual([...runs.ranges()], [
+      { file: 'pages-1.img', offset: 0, length: 4096 },
+      { file: 'pages-1.img', offset: 8192, length: 8192 },
+      { file: 'pages-2.img', offset: 4096, length: 4096 },
+    ]);
+  });
+});
