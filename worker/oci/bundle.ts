@@ -93,6 +93,16 @@ export interface BundleSpec {
   annotations?: Record<string, string>;
 }
 
+/** Host directories that stand in for tmpfs mounts; prepareHostDirs() (host-dirs.ts) makes them. */
+export interface HostDirs {
+  /** the container's /dev: device nodes, symlinks and mount points */
+  dev: string;
+  /** an empty directory, bound over /sys/firmware */
+  empty: string;
+  /** the rootfs layout's /run: LOG_MOUNT's mount point and nothing else */
+  run: string;
+}
+
 /** The part of the OCI runtime spec (1.0.2) that the bundles use. */
 export interface OciConfig {
   ociVersion: string;
