@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
-import { bundleConfig, LOG_FILE, LOG_MOUNT, pathInside, resolveInRootfs, writeBundle, type BundleSpec, type HostFacts } from '../worker/oci/bundle.js';
+import { bundleConfig, hasOlderLayout, LOG_FILE, LOG_MOUNT, pathInside, resolveInRootfs, writeBundle, type BundleSpec, type HostFacts } from '../worker/oci/bundle.js';
 import { defaultSeccomp } from '../worker/oci/seccomp.js';
 import { adaptUserBundle, checkUserConfig, readUserBundle, type UserBundle } from '../worker/oci/user-bundle.js';
 import { compareVersions, isNoise } from '../worker/oci/criu.js';
@@ -80,6 +80,16 @@ describe('oci bundle config', () => {
       assert.ok(c.linux.maskedPaths.includes('/proc/kcore'));
     }
     assert.throws(() => bundleConfig(spec({ dirs: { dev: 'dev', empty: '/e', run: '/r' } }), merged), /dev directory dev is not absolute/);
+  });
+
+  it('tells a container of the older layout (tmpfs /dev) by its init\'s mountinfo', () => {
+    const line = (id: number, point: string, type: string) => `${id} 70 0:${id} / ${point} rw,nosuid - ${type} ${type} rw`;
+    const older = [line(71, '/', 'ext4'), line(72, '/dev', 'tmpfs'), line(73, '/dev/shm', 'tmpfs'), line(74, '/tmp', 'tmpfs')].join('\n');
+    const current = [line(71, '/', 'ext4'), line(72, '/dev', 'ext4'), line(73, '/dev/pts', 'devpts'), line(74, '/tmp', 'tmpfs')].join('\n');
+    assert.equal(hasOlderLayout(older), true);
+    assert.equal(hasOlderLayout(current), false);
+    assert.equal(hasOlderLayout(`${current}\n${line(80, '/dev', 'tmpfs')}\n`), true, 'the mount on top counts');
+    assert.equal(hasOlderLayout(''), false);
   });
 
   it('gives the container its own namespaces and joins the app\'s network namespace by path', () => {

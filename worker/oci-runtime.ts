@@ -9,7 +9,7 @@ import { describeError, isPicoError, PicoError, type ErrorCode } from '../shared
 import type { Logger } from '../shared/log.js';
 import type { AppSpec, Endpoints } from '../shared/protocol.js';
 import { AppRecords, DEFAULT_PREFIX, DEFAULT_SLOTS, type AppRecord, type SlotRange } from './oci/app-records.js';
-import { hostFacts, LOG_FILE, writeBundle, type HostDirs, type HostFacts } from './oci/bundle.js';
+import { hasOlderLayout, hostFacts, LOG_FILE, writeBundle, type HostDirs, type HostFacts } from './oci/bundle.js';
 import { prepareHostDirs } from './oci/host-dirs.js';
 import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
@@ -412,6 +412,15 @@ export class OciRuntime implements ContainerRuntime {
       const p = this.records.paths(c.app);
       const tcpEstablished = this.appOptions(c.app).tcpEstablished ?? true;
       const inc = c.incarnation;
+      if (c.spec.bundle === undefined && olderLayout(c.pid)) {
+        log.warn('not checkpointed: the container has the mounts of an older layout (tmpfs /dev)');
+        throw new PicoError(
+          'PICO_ERR_CHECKPOINT_FAILED',
+          `app ${c.app}: the container keeps running: it was restored from an image of an older container layout (a tmpfs /dev), ` +
+            'and an image of it would not restore with this version. To move the app to the current layout, stop it, delete its ' +
+            'images from the page store and start it afresh (its memory state is lost)',
+        );
+      }
       // CRIU cannot dump memory that is still being paged in: wait until every page is in.
       if (c.lazy) {
         const o = await c.lazy.finished;
@@ -1083,6 +1092,15 @@ function dumpFinished(imageDir: string, workDir: string): boolean {
   if (!existsSync(path.join(imageDir, 'inventory.img'))) return false;
   try {
     return /Dumping finished successfully/.test(readFileSync(path.join(workDir, 'dump.log'), 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+/** Whether the init `pid` has an older layout's mounts (bundle.ts); false when it cannot be read (gone). */
+function olderLayout(pid: number): boolean {
+  try {
+    return hasOlderLayout(readFileSync(`/proc/${pid}/mountinfo`, 'utf8'));
   } catch {
     return false;
   }

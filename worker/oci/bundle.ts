@@ -62,6 +62,9 @@ import { defaultSeccomp, type SeccompProfile } from './seccomp.js';
  *                  longer hides is what its files show when read.
  * The other masked paths are files, which runc covers with /dev/null. (A host with /proc/asound or
  * /proc/scsi directories still gets a tmpfs over each: none of the project's machines has them.)
+ * An image carries the mounts it was dumped with, and CRIU restores those whatever the bundle
+ * says (only bind sources come from the bundle): an image of an older layout restores, but an
+ * image of what it restored would not (hasOlderLayout).
  *
  * Namespaces: PID, mount, IPC, UTS of its own; network: the app's namespace by path (netns.ts),
  * which runc then declares external to CRIU, so it is neither dumped nor restored — it must exist
@@ -276,6 +279,23 @@ function standardMounts(dirs: HostDirs): OciMount[] {
 
 /** The /run tmpfs of an operator's own bundle (user-bundle.ts): LOG_MOUNT's mount point lives in it. */
 export const RUN_TMPFS: OciMount = { destination: '/run', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=755', `size=${RUN_BYTES}`] };
+
+/**
+ * Whether a host- or rootfs-layout container, by its init's /proc/PID/mountinfo, still has the
+ * mounts of the layout before /dev became a bind (a tmpfs /dev). Such a container was restored
+ * from an image of that layout: CRIU restores the mounts an image has, whatever the bundle says.
+ * It runs, but an image of it does not restore with the current bundle (CRIU: "Failed to move
+ * mount … /dev/shm"), so it must not be checkpointed.
+ */
+export function hasOlderLayout(mountinfo: string): boolean {
+  let devType: string | undefined;
+  for (const line of mountinfo.split('\n')) {
+    const [before, after] = line.split(' - ');
+    // mount ID, parent ID, major:minor, root, mount point, …  -  fs type, source, …
+    if (before?.split(' ')[4] === '/dev' && after) devType = after.split(' ')[0]; // the last one is on top
+  }
+  return devType === 'tmpfs';
+}
 
 /**
  * The app's command, run by /bin/sh, which points stdin at /dev/null and stdout and stderr at the
