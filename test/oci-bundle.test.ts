@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
-import { bundleConfig, LOG_FILE, LOG_MOUNT, pathInside, resolveInRootfs, writeBundle, type BundleSpec, type HostFacts } from '../worker/oci/bundle.js';
+import { bundleConfig, hasOlderLayout, LOG_FILE, LOG_MOUNT, pathInside, resolveInRootfs, writeBundle, type BundleSpec, type HostFacts } from '../worker/oci/bundle.js';
 import { defaultSeccomp } from '../worker/oci/seccomp.js';
 import { adaptUserBundle, checkUserConfig, readUserBundle, type UserBundle } from '../worker/oci/user-bundle.js';
 import { compareVersions, isNoise } from '../worker/oci/criu.js';
@@ -23,6 +23,7 @@ function spec(over: Partial<BundleSpec> = {}): BundleSpec {
     appDir: '/tmp/apps/hello',
     logDir: '/var/lib/picocenter/logs/hello',
     netnsPath: '/var/run/netns/pico-hello',
+    dirs: { dev: '/var/lib/picocenter/oci/dev', empty: '/var/lib/picocenter/oci/empty', run: '/var/lib/picocenter/oci/run' },
     ...over,
   };
 }
@@ -60,6 +61,37 @@ describe('oci bundle config', () => {
     assert.equal(s.mounts.find((m) => m.destination === '/bin')?.options?.includes('ro'), true, 'a real /bin directory is bound read-only');
   });
 
+  it('has no tmpfs but /tmp: /dev and the /sys/firmware mask are read-only binds of the worker\'s directories', () => {
+    for (const c of [bundleConfig(spec(), merged), bundleConfig(spec({ rootfs: '/srv/rootfs' }), merged)]) {
+      const byDest = new Map(c.mounts.map((m) => [m.destination, m]));
+      assert.deepEqual(c.mounts.filter((m) => m.type === 'tmpfs').map((m) => m.destination), ['/tmp']);
+      // A bind at /dev: runc makes no device nodes of its own. Not nodev, or the nodes would not open.
+      assert.deepEqual(byDest.get('/dev'), { destination: '/dev', type: 'bind', source: '/var/lib/picocenter/oci/dev', options: ['bind', 'ro', 'nosuid', 'noexec'] });
+      assert.equal(byDest.has('/dev/shm'), false, '/dev/shm is a symlink to /tmp in the /dev directory');
+      assert.equal(byDest.get('/dev/pts')?.type, 'devpts');
+      assert.equal(byDest.get('/dev/mqueue')?.type, 'mqueue');
+      assert.deepEqual(byDest.get('/sys/firmware'), { destination: '/sys/firmware', type: 'bind', source: '/var/lib/picocenter/oci/empty', options: ['bind', 'ro', 'nosuid', 'nodev', 'noexec'] });
+      const order = c.mounts.map((m) => m.destination);
+      assert.ok(order.indexOf('/dev') < order.indexOf('/dev/pts') && order.indexOf('/sys') < order.indexOf('/sys/firmware'));
+      // runc masks a masked directory with a tmpfs: none is left. /proc/acpi cannot be a bind (it is under /proc).
+      assert.equal(c.linux.maskedPaths.includes('/proc/acpi'), false);
+      assert.equal(c.linux.maskedPaths.includes('/sys/firmware'), false);
+      assert.ok(c.linux.readonlyPaths.includes('/proc/acpi'));
+      assert.ok(c.linux.maskedPaths.includes('/proc/kcore'));
+    }
+    assert.throws(() => bundleConfig(spec({ dirs: { dev: 'dev', empty: '/e', run: '/r' } }), merged), /dev directory dev is not absolute/);
+  });
+
+  it('tells a container of the older layout (tmpfs /dev) by its init\'s mountinfo', () => {
+    const line = (id: number, point: string, type: string) => `${id} 70 0:${id} / ${point} rw,nosuid - ${type} ${type} rw`;
+    const older = [line(71, '/', 'ext4'), line(72, '/dev', 'tmpfs'), line(73, '/dev/shm', 'tmpfs'), line(74, '/tmp', 'tmpfs')].join('\n');
+    const current = [line(71, '/', 'ext4'), line(72, '/dev', 'ext4'), line(73, '/dev/pts', 'devpts'), line(74, '/tmp', 'tmpfs')].join('\n');
+    assert.equal(hasOlderLayout(older), true);
+    assert.equal(hasOlderLayout(current), false);
+    assert.equal(hasOlderLayout(`${current}\n${line(80, '/dev', 'tmpfs')}\n`), true, 'the mount on top counts');
+    assert.equal(hasOlderLayout(''), false);
+  });
+
   it('gives the container its own namespaces and joins the app\'s network namespace by path', () => {
     const c = bundleConfig(spec({ memoryLimit: 256 * 1024 * 1024 }), merged);
     assert.deepEqual(c.linux.namespaces.map((n) => n.type).sort(), ['ipc', 'mount', 'network', 'pid', 'uts']);
@@ -95,13 +127,14 @@ describe('oci bundle config', () => {
 });
 
 describe('oci bundle config: rootfs layout', () => {
-  it('uses the given directory as a read-only root, with /tmp and /run tmpfs and no host system mounts', () => {
+  it('uses the given directory as a read-only root, with a /tmp tmpfs, a read-only /run and no host system mounts', () => {
     const c = bundleConfig(spec({ rootfs: '/srv/rootfs', cwd: '/tmp/apps/hello', readOnlyPaths: ['/opt/node'] }), merged);
     assert.deepEqual(c.root, { path: '/srv/rootfs', readonly: true });
     const byDest = new Map(c.mounts.map((m) => [m.destination, m]));
     for (const p of ['/usr', '/etc', '/opt/node']) assert.equal(byDest.has(p), false, `${p} is a host path: not in a rootfs container`);
     assert.equal(byDest.get('/tmp')?.type, 'tmpfs');
-    assert.equal(byDest.get('/run')?.type, 'tmpfs');
+    // /run only holds the log's mount point: a read-only bind of the worker's directory, not a tmpfs.
+    assert.deepEqual(byDest.get('/run'), { destination: '/run', type: 'bind', source: '/var/lib/picocenter/oci/run', options: ['bind', 'ro', 'nosuid', 'nodev', 'noexec'] });
     assert.equal(byDest.get(LOG_MOUNT)?.source, '/var/lib/picocenter/logs/hello');
     // A cwd outside the rootfs is the app's directory: mounted read-write at the same path.
     assert.deepEqual(byDest.get('/tmp/apps/hello')?.options, ['bind', 'rw', 'nosuid', 'nodev']);

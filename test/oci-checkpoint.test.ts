@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { writeBundle, type Bundle } from '../worker/oci/bundle.js';
+import { prepareHostDirs } from '../worker/oci/host-dirs.js';
 import { checkHost } from '../worker/oci/host-check.js';
 import { createNetwork, destroyNetwork, networkFor, routesToContainer, type AppNetwork } from '../worker/oci/netns.js';
 import { Runc, RuncError, type Timing } from '../worker/oci/runc.js';
@@ -69,6 +70,7 @@ describe('oci: an app in a runc container survives checkpoint and restore', { sk
       memoryLimit: MEMORY_LIMIT,
       // Node lives under /usr on the project machines; anywhere else, show its directory too.
       readOnlyPaths: node.startsWith('/usr/') ? [] : [path.dirname(node)],
+      dirs: await prepareHostDirs(path.join(work, 'state')),
     });
     initPid = (await runc.run(id, bundle.dir)).pid;
     await until(() => get('/state').then(() => true, () => false), `the app answering on ${net.containerAddress}:${PORT}`, 20_000);

@@ -220,7 +220,7 @@ function makeRootfs(dir: string): string {
   const layout = hostFacts().layout;
   mkdirSync(dir, { recursive: true });
   for (const [p, v] of Object.entries(layout)) if (v !== 'dir') symlinkSync(v.link, path.join(dir, p));
-  for (const d of ['proc', 'dev', 'sys', 'tmp', 'run']) mkdirSync(path.join(dir, d));
+  for (const d of ['proc', 'dev', 'sys', 'sys/firmware', 'tmp', 'run']) mkdirSync(path.join(dir, d));
   const dash = realpathSync('/bin/sh');
   const node = realpathSync(process.execPath);
   const files = new Set<string>([dash, node]);

@@ -9,7 +9,8 @@ import { describeError, isPicoError, PicoError, type ErrorCode } from '../shared
 import type { Logger } from '../shared/log.js';
 import type { AppSpec, Endpoints } from '../shared/protocol.js';
 import { AppRecords, DEFAULT_PREFIX, DEFAULT_SLOTS, type AppRecord, type SlotRange } from './oci/app-records.js';
-import { hostFacts, LOG_FILE, writeBundle, type HostFacts } from './oci/bundle.js';
+import { hasOlderLayout, hostFacts, LOG_FILE, writeBundle, type HostDirs, type HostFacts } from './oci/bundle.js';
+import { prepareHostDirs } from './oci/host-dirs.js';
 import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
 import { ensureKdatCache, type KdatState } from './oci/kdat.js';
@@ -256,6 +257,7 @@ export class OciRuntime implements ContainerRuntime {
   /** annotations every container's config.json carries (the CRIU config file, when one is used) */
   private readonly annotations: Record<string, string> = {};
   private kdatState: KdatState | null = null;
+  private hostDirs: Promise<HostDirs> | undefined;
   private cache: Promise<ChunkCache> | undefined;
 
   /**
@@ -285,8 +287,9 @@ export class OciRuntime implements ContainerRuntime {
 
   /**
    * The runtime a worker uses: checks the host (PICO_ERR_HOST_UNSUPPORTED with the report's
-   * plain-English message when it cannot run containers and checkpoint them — never a silent
-   * fallback), then cleans up what a previous worker on the same state directory left behind.
+   * plain-English message when it cannot run containers and checkpoint them, or when device nodes
+   * do not work in its state directory — never a silent fallback), then cleans up what a previous
+   * worker on the same state directory left behind.
    */
   static async create(opts: OciCreateOptions): Promise<{ runtime: OciRuntime; host: HostReport; leftovers: LeftoverReport }> {
     const host = opts.hostReport ?? (await checkHost());
@@ -297,6 +300,7 @@ export class OciRuntime implements ContainerRuntime {
       runc: opts.runc ?? host.runc?.path,
       networkLock: opts.networkLock ?? (host.nftablesLock ? 'nftables' : 'iptables'),
     });
+    await runtime.dirs();
     opts.log.info({ stateDir: runtime.stateDir, networkLock: runtime.networkLock }, host.message);
     await runtime.prepareCriu();
     // Lazy restores need the relay (python3) and an image mount server (node): both start
@@ -323,6 +327,19 @@ export class OciRuntime implements ContainerRuntime {
     if (k.state === 'made') this.log.info('made CRIU\'s kernel probe cache on /dev/shm (/run is not a tmpfs)');
     else if (k.state === 'unavailable') this.log.warn({ reason: k.reason }, 'no CRIU kernel probe cache: every dump and restore probes the kernel');
     this.kdatState = k.state;
+  }
+
+  /**
+   * The host directories every container binds read-only (worker/oci/host-dirs.ts): made or
+   * repaired once per runtime, by create() or else the first start or restore.
+   * PICO_ERR_HOST_UNSUPPORTED when they cannot work there (a state directory mounted nodev).
+   */
+  private dirs(): Promise<HostDirs> {
+    this.hostDirs ??= prepareHostDirs(this.stateDir).catch((err: unknown) => {
+      this.hostDirs = undefined;
+      throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', `the oci runtime's state directory ${this.stateDir}: ${describeError(err)}`, { cause: err });
+    });
+    return this.hostDirs;
   }
 
   /** The app's stdout and stderr, on the host (`picocenter logs APP`). */
@@ -354,7 +371,7 @@ export class OciRuntime implements ContainerRuntime {
       const started = performance.now();
       await this.prepare(spec, record, net, 'start', async () => {
         await this.removeStale(record);
-        this.writeBundle(spec, record, net);
+        await this.writeBundle(spec, record, net);
         await createNetwork(net);
       });
       const logFrom = fileSize(this.logFile(spec.name));
@@ -395,6 +412,15 @@ export class OciRuntime implements ContainerRuntime {
       const p = this.records.paths(c.app);
       const tcpEstablished = this.appOptions(c.app).tcpEstablished ?? true;
       const inc = c.incarnation;
+      if (c.spec.bundle === undefined && olderLayout(c.pid)) {
+        log.warn('not checkpointed: the container has the mounts of an older layout (tmpfs /dev)');
+        throw new PicoError(
+          'PICO_ERR_CHECKPOINT_FAILED',
+          `app ${c.app}: the container keeps running: it was restored from an image of an older container layout (a tmpfs /dev), ` +
+            'and an image of it would not restore with this version. To move the app to the current layout, stop it, delete its ' +
+            'images from the page store and start it afresh (its memory state is lost)',
+        );
+      }
       // CRIU cannot dump memory that is still being paged in: wait until every page is in.
       if (c.lazy) {
         const o = await c.lazy.finished;
@@ -511,7 +537,7 @@ export class OciRuntime implements ContainerRuntime {
       const keptNetwork = networkExists(net);
       await this.prepare(spec, record, net, 'restore', async () => {
         await this.removeStale(record);
-        this.writeBundle(spec, record, net);
+        await this.writeBundle(spec, record, net);
         // The app's stdout and stderr are this file: CRIU reopens it by path. A worker that did
         // not run the app before has none yet.
         closeSync(openSync(this.logFile(spec.name), 'a'));
@@ -968,7 +994,7 @@ export class OciRuntime implements ContainerRuntime {
    * and restore; a restore needs the same mounts as the dump, so a bundle's config.json or a
    * rootfs should not change its mounts while the app is stored.
    */
-  private writeBundle(spec: AppSpec, record: AppRecord, net: AppNetwork): void {
+  private async writeBundle(spec: AppSpec, record: AppRecord, net: AppNetwork): Promise<void> {
     const o = this.appOptions(spec.name);
     const env: Record<string, string> = {};
     if (spec.bundle === undefined) for (const k of PASSED_ENV) if (process.env[k] !== undefined) env[k] = process.env[k]!;
@@ -1001,6 +1027,7 @@ export class OciRuntime implements ContainerRuntime {
         annotations: this.annotations,
         ...(o.readOnlyPaths ? { readOnlyPaths: o.readOnlyPaths } : {}),
         ...(o.tmpBytes !== undefined ? { tmpBytes: o.tmpBytes } : {}),
+        dirs: await this.dirs(),
       },
       this.host,
     );
@@ -1065,6 +1092,15 @@ function dumpFinished(imageDir: string, workDir: string): boolean {
   if (!existsSync(path.join(imageDir, 'inventory.img'))) return false;
   try {
     return /Dumping finished successfully/.test(readFileSync(path.join(workDir, 'dump.log'), 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+/** Whether the init `pid` has an older layout's mounts (bundle.ts); false when it cannot be read (gone). */
+function olderLayout(pid: number): boolean {
+  try {
+    return hasOlderLayout(readFileSync(`/proc/${pid}/mountinfo`, 'utf8'));
   } catch {
     return false;
   }

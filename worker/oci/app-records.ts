@@ -10,6 +10,8 @@ import { MAX_SLOT, networkFor, type AppNetwork } from './netns.js';
  *   STATE/runc/                  runc's state root (--root): only Picocenter's containers
  *   STATE/runc-logs/             runc's own logs and PID files, per container and operation
  *   STATE/criu.conf              the CRIU config file runc hands to CRIU (org.criu.config)
+ *   STATE/dev/, empty/, run/     what every container binds read-only at /dev, /sys/firmware
+ *                                and (rootfs layout) /run: host-dirs.ts
  *   STATE/apps/APP/app.json      { app, id, slot }: written once, before anything else exists
  *   STATE/apps/APP/bundle/       config.json + rootfs skeleton (rewritten on every start/restore)
  *   STATE/apps/APP/log/app.log   the app's stdout and stderr, across checkpoints

@@ -11,6 +11,10 @@ import { defaultSeccomp, type SeccompProfile } from './seccomp.js';
  *
  * Host layout, inside a container:
  *   /            an empty skeleton directory of the bundle, read-only
+ *   /proc, /sys  runc's, with its masked and read-only paths (see "Only /tmp is a tmpfs")
+ *   /dev         the worker's prepared directory (HostDirs.dev, host-dirs.ts), read-only: the
+ *                device nodes and symlinks of runc's own /dev, devpts at /dev/pts, mqueue at
+ *                /dev/mqueue, and /dev/shm a symlink to /tmp
  *   /usr, /etc   the host's, bind-mounted read-only; /bin, /lib, /lib64, /sbin are the host's
  *                symlinks into /usr (merged-/usr hosts) or read-only binds of their own
  *   /tmp         a tmpfs (its contents are part of the image: CRIU dumps tmpfs)
@@ -28,7 +32,9 @@ import { defaultSeccomp, type SeccompProfile } from './seccomp.js';
  *   /            the given directory, read-only (mounted as it is: no copy, no overlay)
  *   /proc, /dev, /sys   as in the host layout
  *   /tmp         a tmpfs, as in the host layout
- *   /run         a small tmpfs (so the log mount below needs nothing in the rootfs)
+ *   /run         an empty directory of the worker (HostDirs.run), read-only, that holds only the
+ *                log's mount point, so the log mount needs nothing in the rootfs. As in the host
+ *                layout, the app cannot write /run.
  *   /run/picocenter/app.log   the app's log, as in the host layout
  *   APP DIR      only when the app's cwd lies OUTSIDE the rootfs: that directory, read-write, at
  *                the same path (as in the host layout: the app's own writable directory). A cwd
@@ -38,7 +44,27 @@ import { defaultSeccomp, type SeccompProfile } from './seccomp.js';
  *   The command, env and cwd come from the app's spec; the stdio redirection needs /bin/sh in
  *   the rootfs (checked by writeBundle). Nothing in the rootfs is written, except that runc
  *   creates a mount point (an empty directory) that the rootfs lacks: /proc, /dev, /sys, /tmp,
- *   /run, and the app directory's path when it is outside the rootfs and not under /tmp.
+ *   /run, the app directory's path when it is outside the rootfs and not under /tmp, and at a
+ *   restore /sys/firmware (runc makes the restore's mount points before sysfs is mounted).
+ *
+ * Only /tmp is a tmpfs. CRIU dumps and restores every tmpfs by running `tar` (and gzip), ~15 ms
+ * each way even when it is empty, at every checkpoint and restore. So where runc would put a
+ * tmpfs, these layouts put something CRIU restores without one:
+ *   /dev           a read-only bind of HostDirs.dev. With /dev a bind, runc makes no device nodes
+ *                  of its own; its device cgroup still allows only its default devices.
+ *   /dev/shm       a symlink to /tmp: glibc's shm_open and sem_open work through it, so POSIX
+ *                  shared memory is part of the image, and shares /tmp's size.
+ *   /sys/firmware  masked by a read-only bind of an empty directory (HostDirs.empty) instead of
+ *                  runc's read-only tmpfs.
+ *   /proc/acpi     runc refuses bind mounts inside /proc, so only a tmpfs could mask it: it is
+ *                  read-only instead (runc binds it onto itself). The mask is there against writes
+ *                  (ACPI wake-up settings and the like), which read-only prevents too; what it no
+ *                  longer hides is what its files show when read.
+ * The other masked paths are files, which runc covers with /dev/null. (A host with /proc/asound or
+ * /proc/scsi directories still gets a tmpfs over each: none of the project's machines has them.)
+ * An image carries the mounts it was dumped with, and CRIU restores those whatever the bundle
+ * says (only bind sources come from the bundle): an image of an older layout restores, but an
+ * image of what it restored would not (hasOlderLayout).
  *
  * Namespaces: PID, mount, IPC, UTS of its own; network: the app's namespace by path (netns.ts),
  * which runc then declares external to CRIU, so it is neither dumped nor restored — it must exist
@@ -54,7 +80,7 @@ export const LOG_FILE = 'app.log';
 
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const DEFAULT_TMP_BYTES = 64 * 1024 * 1024;
-/** size of the rootfs layout's /run tmpfs: it only holds the log mount point */
+/** size of an operator's bundle's /run tmpfs: it only holds the log mount point */
 const RUN_BYTES = 1024 * 1024;
 /** open files an app may have, capped by the worker's own hard limit (see hostFacts) */
 const NOFILE = 65536;
@@ -91,6 +117,18 @@ export interface BundleSpec {
   rootfs?: string;
   /** config.json annotations, e.g. org.criu.config (the CRIU config file runc hands to CRIU) */
   annotations?: Record<string, string>;
+  /** the worker's host directories mounted read-only in every container (host-dirs.ts) */
+  dirs: HostDirs;
+}
+
+/** Host directories that stand in for tmpfs mounts; prepareHostDirs() (host-dirs.ts) makes them. */
+export interface HostDirs {
+  /** the container's /dev: device nodes, symlinks and mount points */
+  dev: string;
+  /** an empty directory, bound over /sys/firmware */
+  empty: string;
+  /** the rootfs layout's /run: LOG_MOUNT's mount point and nothing else */
+  run: string;
 }
 
 /** The part of the OCI runtime spec (1.0.2) that the bundles use. */
@@ -171,8 +209,7 @@ export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): O
   // app's own directory, mounted at the same path.
   const inside = spec.rootfs !== undefined ? pathInside(spec.rootfs, spec.cwd ?? spec.appDir) : null;
   const mounts: OciMount[] = [
-    // runc's defaults, less /sys/fs/cgroup (apps need no cgroup tree; one less mount to dump)
-    ...STANDARD_MOUNTS,
+    ...standardMounts(spec.dirs),
     ...(spec.rootfs === undefined
       ? [
           ro('/usr'),
@@ -187,7 +224,7 @@ export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): O
         ]
       : [
           tmp,
-          RUN_TMPFS,
+          { destination: '/run', type: 'bind', source: spec.dirs.run, options: ['bind', 'ro', 'nosuid', 'nodev', 'noexec'] },
           ...(inside === null ? [rw(spec.appDir, spec.appDir)] : []),
         ]),
     rw(spec.logDir, LOG_MOUNT),
@@ -215,29 +252,50 @@ export function bundleConfig(spec: BundleSpec, host: HostFacts = hostFacts()): O
         ...(spec.memoryLimit !== undefined ? { memory: { limit: spec.memoryLimit } } : {}),
       },
       namespaces: [{ type: 'pid' }, { type: 'network', path: spec.netnsPath }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }],
-      maskedPaths: [
-        '/proc/acpi', '/proc/asound', '/proc/kcore', '/proc/keys', '/proc/latency_stats', '/proc/timer_list',
-        '/proc/timer_stats', '/proc/sched_debug', '/sys/firmware', '/proc/scsi',
-      ],
-      readonlyPaths: ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
+      // runc's defaults, less /proc/acpi and /sys/firmware ("Only /tmp is a tmpfs", at the top).
+      maskedPaths: ['/proc/asound', '/proc/kcore', '/proc/keys', '/proc/latency_stats', '/proc/timer_list', '/proc/timer_stats', '/proc/sched_debug', '/proc/scsi'],
+      readonlyPaths: ['/proc/acpi', '/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'],
       seccomp: defaultSeccomp(),
     },
     ...(spec.annotations && Object.keys(spec.annotations).length > 0 ? { annotations: { ...spec.annotations } } : {}),
   };
 }
 
-/** /proc, /dev and /sys as runc's own `runc spec` has them, less /sys/fs/cgroup. */
-const STANDARD_MOUNTS: readonly OciMount[] = [
-  { destination: '/proc', type: 'proc', source: 'proc' },
-  { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
-  { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },
-  { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
-  { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
-  { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
-];
+/**
+ * /proc, /dev and /sys as runc's own `runc spec` has them, less /sys/fs/cgroup (apps need no
+ * cgroup tree; one less mount to dump) and with no tmpfs ("Only /tmp is a tmpfs", above). /dev
+ * must not be nodev: its device nodes must open.
+ */
+function standardMounts(dirs: HostDirs): OciMount[] {
+  return [
+    { destination: '/proc', type: 'proc', source: 'proc' },
+    { destination: '/dev', type: 'bind', source: dirs.dev, options: ['bind', 'ro', 'nosuid', 'noexec'] },
+    { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },
+    { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
+    { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+    { destination: '/sys/firmware', type: 'bind', source: dirs.empty, options: ['bind', 'ro', 'nosuid', 'nodev', 'noexec'] },
+  ];
+}
 
-/** The /run tmpfs of layouts whose root is not ours: LOG_MOUNT's mount point lives in it. */
+/** The /run tmpfs of an operator's own bundle (user-bundle.ts): LOG_MOUNT's mount point lives in it. */
 export const RUN_TMPFS: OciMount = { destination: '/run', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=755', `size=${RUN_BYTES}`] };
+
+/**
+ * Whether a host- or rootfs-layout container, by its init's /proc/PID/mountinfo, still has the
+ * mounts of the layout before /dev became a bind (a tmpfs /dev). Such a container was restored
+ * from an image of that layout: CRIU restores the mounts an image has, whatever the bundle says.
+ * It runs, but an image of it does not restore with the current bundle (CRIU: "Failed to move
+ * mount … /dev/shm"), so it must not be checkpointed.
+ */
+export function hasOlderLayout(mountinfo: string): boolean {
+  let devType: string | undefined;
+  for (const line of mountinfo.split('\n')) {
+    const [before, after] = line.split(' - ');
+    // mount ID, parent ID, major:minor, root, mount point, …  -  fs type, source, …
+    if (before?.split(' ')[4] === '/dev' && after) devType = after.split(' ')[0]; // the last one is on top
+  }
+  return devType === 'tmpfs';
+}
 
 /**
  * The app's command, run by /bin/sh, which points stdin at /dev/null and stdout and stderr at the
@@ -364,7 +422,13 @@ function isDirectory(p: string): boolean {
 function validate(spec: BundleSpec): void {
   if (!CONTAINER_ID.test(spec.id)) throw new Error(`container id ${JSON.stringify(spec.id)} is not [A-Za-z0-9][A-Za-z0-9_.-]{0,63}`);
   if (spec.args.length === 0) throw new Error(`container ${spec.id}: empty command`);
-  const paths = [['app directory', spec.appDir], ['log directory', spec.logDir], ['netns path', spec.netnsPath], ...(spec.readOnlyPaths ?? []).map((r) => ['read-only path', r])];
+  const paths = [
+    ['app directory', spec.appDir],
+    ['log directory', spec.logDir],
+    ['netns path', spec.netnsPath],
+    ...(spec.readOnlyPaths ?? []).map((r) => ['read-only path', r]),
+    ...Object.entries(spec.dirs).map(([k, v]) => [`${k} directory`, v]),
+  ];
   if (spec.rootfs !== undefined) paths.push(['rootfs', spec.rootfs]);
   if (spec.cwd !== undefined) paths.push(['working directory', spec.cwd]);
   for (const [what, p] of paths as [string, string][]) {
