@@ -66,7 +66,7 @@ const APP = 'heavy';
 /** how long a lazy restore may take to page every page in before the benchmark gives up */
 const PAGED_IN_TIMEOUT_MS = 300_000;
 
-const { log, logged } = capturedLogger();
+const { log, logged } = capturedLogger(arg('log-level', 'info'));
 
 /** One wake of the oci runtime, as measured and as the runtime logged it. */
 interface Wake {

@@ -36,9 +36,10 @@ import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator
  * with a page it could not get).
  */
 
-/** warmPageCache(): reads in flight, and bytes per read */
+/** warmPageCache(): reads in flight, and bytes per read (of memory pages: the kernel's largest FUSE read) */
 const WARM_READERS = 2;
 const WARM_READ = 1024 * 1024;
+const WARM_PAGES_READ = 128 * 1024;
 
 export interface LazyImageOptions {
   manifest: ImageManifest;
@@ -104,8 +105,10 @@ export class LazyImage {
       manifest: o.manifest,
       chunk: async (ref, file) => {
         const got = await img.chunk(file, ref);
-        if (got.from === 'fetch') img.counts.demand++;
-        else img.counts.hits++;
+        if (got.from === 'fetch') {
+          img.counts.demand++;
+          o.log.trace({ file: file.path, offset: ref.offset, size: ref.size }, 'a read of the mount fetched a chunk');
+        } else img.counts.hits++;
         return got.buf;
       },
       onFailure: (err) => o.onFailure(err),
@@ -192,6 +195,7 @@ export class LazyImage {
       this.runs.add(runs.map((r) => ({ ...r, bytes: Buffer.from(r.bytes) })));
       this.counts.packed = chunks.length;
       this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
+      this.o.log.trace({ runs: [...this.runs.ranges()] }, 'the page runs of the restore pack');
       if (bad > 0) this.o.log.warn({ bad }, 'entries of the restore pack failed their checksum; their pages are fetched by chunk');
       return current && bad === 0;
     } catch (err) {
@@ -223,12 +227,18 @@ export class LazyImage {
   }
 
   private async warm(): Promise<void> {
-    const metadata = this.o.manifest.files.filter((f) => !PAGES.test(f.path)).map((f) => ({ file: f.path, offset: 0, length: f.size }));
-    const pages = joinRanges([...this.runs.ranges(), ...this.prefetchedPages.map((p) => ({ file: p.file.path, offset: p.ref.offset, length: p.ref.size }))]);
-    const reads: FileRange[] = [];
-    for (const r of [...metadata, ...pages]) {
-      for (let at = r.offset; at < r.offset + r.length; at += WARM_READ) reads.push({ file: r.file, offset: at, length: Math.min(WARM_READ, r.offset + r.length - at) });
-    }
+    const pieces = (r: FileRange, size: number): FileRange[] => {
+      const out: FileRange[] = [];
+      for (let at = r.offset; at < r.offset + r.length; at += size) out.push({ file: r.file, offset: at, length: Math.min(size, r.offset + r.length - at) });
+      return out;
+    };
+    const metadata = this.o.manifest.files.filter((f) => !PAGES.test(f.path)).flatMap((f) => pieces({ file: f.path, offset: 0, length: f.size }, WARM_READ));
+    // Memory pages last to first, in pieces the kernel reads whole: read forward, the kernel
+    // reads ahead past the end of each range, into chunks nobody asked for (a fetch each).
+    const pages = joinRanges([...this.runs.ranges(), ...this.prefetchedPages.map((p) => ({ file: p.file.path, offset: p.ref.offset, length: p.ref.size }))])
+      .flatMap((r) => pieces(r, WARM_PAGES_READ))
+      .reverse();
+    const reads = [...metadata, ...pages];
     const files = new Map<string, Promise<FileHandle>>();
     const scratch = Array.from({ length: WARM_READERS }, () => Buffer.allocUnsafe(WARM_READ));
     let next = 0;

@@ -1,0 +1,140 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { ChunkCache } from '../pagestore/chunk-cache.js';
+import { manifestChecksum, sha256 } from '../pagestore/chunked-image-store.js';
+import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
+import { encodeRestorePack } from '../pagestore/restore-pack.js';
+import { silentLogger } from '../shared/log.js';
+import { LazyImage } from '../worker/oci/lazy-image.js';
+import { watchdog } from './helpers/watchdog.js';
+
+/*
+ * The lazy image of an activeset restore with a restore pack: the pack alone brings what the
+ * restore reads before the process resumes, and the mount answers reads of its page runs; the
+ * page cache warming reads them without making the kernel read ahead into chunks nobody asked
+ * for. A real FUSE mount, read by a child process (this one serves it).
+ */
+watchdog(120_000, 'test/oci-lazy-image.test.js');
+
+const skipReason =
+  process.getuid?.() !== 0 ? 'FUSE mount tests need root (mount(2) of a fuse filesystem)'
+  : !existsSync('/dev/fuse') ? 'FUSE mount tests need /dev/fuse'
+  : undefined;
+
+const KiB = 1024;
+const CHUNK = 64 * KiB;
+const work = mkdtempSync(path.join(tmpdir(), 'pico-lazy-image-'));
+after(() => rmSync(work, { recursive: true, force: true }));
+
+// pages-1.img: 64 chunks of 64 KiB, chunk i filled with byte i; core-1.img: one small chunk.
+const chunks = new Map<string, Buffer>();
+const addChunk = (b: Buffer): string => {
+  const h = sha256(b);
+  chunks.set(h, b);
+  return h;
+};
+const pageHashes = Array.from({ length: 64 }, (_, i) => addChunk(Buffer.alloc(CHUNK, i)));
+const core = Buffer.from('core image bytes');
+const draft = {
+  format: 2,
+  app: 'kv',
+  generation: 3,
+  createdAt: '2026-12-01T00:00:00.000Z',
+  chunkSize: CHUNK,
+  files: [
+    { path: 'core-1.img', size: core.length, mode: 0o600, chunks: [addChunk(core)], sizes: [core.length] },
+    { path: 'pages-1.img', size: 64 * CHUNK, mode: 0o600, chunks: pageHashes, sizes: pageHashes.map(() => CHUNK) },
+  ],
+};
+const manifest = { ...draft, checksum: manifestChecksum(draft as unknown as ImageManifest) } as ImageManifest;
+
+// Runs as a restore pack carries them: the bytes of the image at their offsets. One is longer
+// than the kernel's largest read, and most end inside a chunk.
+const runs = [
+  [3 * CHUNK + 8192, 16],
+  [10 * CHUNK, 5],
+  [20 * CHUNK + 4096, 40],
+  [30 * CHUNK, 1],
+  [40 * CHUNK + 4096, 100],
+].map(([offset, pages]) => ({ file: 'pages-1.img', offset: offset!, bytes: Buffer.alloc(pages! * 4096, Math.floor(offset! / CHUNK)) }));
+
+/** A store that counts what it is asked for. */
+function countingStore(): ImageStore & { asked: number[] } {
+  const asked: number[] = [];
+  return {
+    asked,
+    getChunk: async (hash: string) => {
+      asked.push(pageHashes.indexOf(hash));
+      return chunks.get(hash)!;
+    },
+  } as unknown as ImageStore & { asked: number[] };
+}
+
+function dd(file: string, skip: number, count: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('dd', [`if=${file}`, 'bs=4096', 'iflag=skip_bytes,count_bytes', `skip=${skip}`, `count=${count}`, 'status=none'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const out: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve(Buffer.concat(out)) : reject(new Error(`dd exited ${code}`))));
+  });
+}
+
+async function open(store: ImageStore, name: string): Promise<LazyImage> {
+  return LazyImage.open({
+    manifest,
+    mountpoint: path.join(work, name),
+    store,
+    cache: await ChunkCache.open({ memoryBytes: 64 * 1024 * 1024 }),
+    prefetch: [],
+    onFailure: async () => undefined,
+    log: silentLogger(),
+  });
+}
+
+describe('lazy image with a restore pack', { skip: skipReason }, () => {
+  it('takes metadata and pages from the pack, serves the runs, and warms them without reading ahead into chunks', async () => {
+    const store = countingStore();
+    const img = await open(store, 'a');
+    try {
+      const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs });
+      await img.prefetch(undefined, Promise.resolve(pack));
+      const s = img.stats();
+      assert.equal(s.packed, 1);
+      assert.equal(s.packedPages, 162);
+      assert.equal(s.prefetched + s.eager, 0, 'no memory chunk fetched whole');
+      assert.deepEqual(store.asked, [], 'nothing fetched from the store');
+      await img.warmPageCache();
+      assert.deepEqual(store.asked, [], 'warming read no chunk');
+      const file = path.join(img.path, 'pages-1.img');
+      assert.deepEqual(await dd(file, 20 * CHUNK + 8192, 4096), Buffer.alloc(4096, 20), 'a run page, as the pack has it');
+      assert.deepEqual(await dd(path.join(img.path, 'core-1.img'), 0, core.length), core);
+      assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK + 4096), true);
+      assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK + 5 * 4096), false, 'just past a run');
+      assert.deepEqual(store.asked, []);
+      assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12), 'elsewhere: the chunk');
+      assert.deepEqual(store.asked, [12]);
+    } finally {
+      await img.close();
+    }
+  });
+
+  it('a pack of another image: its chunks are used, its runs are not; memory is prefetched by chunk', async () => {
+    const store = countingStore();
+    const img = await open(store, 'b');
+    try {
+      const pack = encodeRestorePack(2, { manifest: 'f'.repeat(64), chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs });
+      await img.prefetch(undefined, Promise.resolve(pack));
+      assert.equal(img.stats().packed, 1);
+      assert.equal(img.stats().packedPages, 0);
+      assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK), false);
+      assert.deepEqual(await dd(path.join(img.path, 'pages-1.img'), 10 * CHUNK, 4096), Buffer.alloc(4096, 10), 'the chunk, not the foreign run');
+    } finally {
+      await img.close();
+    }
+  });
+});
