@@ -15,11 +15,19 @@ const SCRIPT = fileURLToPath(new URL('../../../worker/oci/lazy-relay.py', import
  * `daemonWork`, and holds back "restore finished" — the daemon's signal to copy every remaining
  * page — until release(). Needs python3; `available()` says whether this host has it.
  *
- * python3 takes ~300 ms to start on these hosts, longer than the rest of a restore's set-up: one
- * relay process is kept started ahead, idle on its stdin, and start() hands it its sockets; the
+ * The relay runs on the system's python3 (/usr/bin/python3, which install-oci.sh installs), else
+ * the first on PATH: a python3 on PATH may be a version manager's shim (pyenv's takes ~300 ms and
+ * a dozen processes to start one). Even so, starting python3 takes longer than the rest of a
+ * restore's set-up: one relay process is kept started ahead, idle on its stdin, and start() hands it its sockets; the
  * next one is started when that relay exits (after its restore). The spare holds no reference
  * on the event loop and exits when this process goes (its stdin closes).
  */
+const SYSTEM_PYTHON = '/usr/bin/python3';
+
+function python3(): string | null {
+  return existsSync(SYSTEM_PYTHON) ? SYSTEM_PYTHON : which('python3');
+}
+
 export class LazyRelay {
   private static spare: ChildProcess | undefined;
   private readonly exit: Promise<number | null>;
@@ -35,13 +43,13 @@ export class LazyRelay {
   }
 
   static available(): boolean {
-    return existsSync(SCRIPT) && which('python3') !== null;
+    return existsSync(SCRIPT) && python3() !== null;
   }
 
   /** Starts the spare relay process now, if there is none. */
   static warm(): void {
     if (LazyRelay.spare || !LazyRelay.available()) return;
-    const child = spawn(which('python3')!, [SCRIPT], { cwd: '/', stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn(python3()!, [SCRIPT], { cwd: '/', stdio: ['pipe', 'pipe', 'pipe'] });
     const forget = (): void => {
       if (LazyRelay.spare === child) LazyRelay.spare = undefined;
     };
