@@ -17,8 +17,9 @@
  * prefetch is every chunk of the manifest being restored that was used in at least `minUses` of
  * the last `window` restores (the original system's "k of the last n" policy).
  *
- * Beside it, apps/<app>/restore-pack.bin holds the bytes a restore prefetches, in one object
- * (restore-pack.ts).
+ * Beside it, apps/<app>/restore-pack.bin and activeset-pack.bin hold the bytes a restore
+ * prefetches, in two objects (restore-pack.ts); the ActiveSet's pages in them are planned by
+ * planPages, in blocks of ACTIVESET_BLOCK_PAGES.
  *
  * An ActiveSet is advice: a missing, damaged or stale record costs prefetching, never a restore.
  * Writes race only between two restores of one app on two workers; the last one wins.
@@ -26,7 +27,7 @@
 import { isNotFound, type ObjectStore } from './object-store.js';
 import { canonicalJson, sha256 } from './chunked-image-store.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
-import { encodeRestorePack, restorePackKey, type RestorePackContents } from './restore-pack.js';
+import { encodeRestorePack, PACK_PARTS, restorePackKey, type PackPart, type RestorePackContents, type RestorePacks } from './restore-pack.js';
 
 export const ACTIVESET_FORMAT_VERSION = 1;
 const PAGE_SIZE = 4096;
@@ -113,24 +114,35 @@ export class ActiveSetStore {
   }
 
   /**
-   * Replaces the app's restore pack (restore-pack.ts) with these entries of `generation`.
+   * Replaces one of the app's restore packs (restore-pack.ts) with these entries of `generation`.
    * Written after the image is stored; a reader checks every entry, and runs against the
-   * manifest too, so no ordering with the manifest is needed.
+   * manifest too, so no ordering with the manifest (or the other pack) is needed.
    */
-  async putPack(app: string, generation: number, contents: RestorePackContents): Promise<number> {
+  async putPack(app: string, part: PackPart, generation: number, contents: RestorePackContents): Promise<number> {
     const body = encodeRestorePack(generation, contents);
-    await this.store.put(restorePackKey(app), body);
+    await this.store.put(restorePackKey(app, part), body);
     return body.length;
   }
 
-  /** The app's restore pack as stored, or undefined when it has none. Store failures reject. */
-  async readPack(app: string): Promise<Buffer | undefined> {
+  /** One of the app's restore packs as stored, or undefined when it has none. Store failures reject. */
+  async readPack(app: string, part: PackPart = 'restore'): Promise<Buffer | undefined> {
     try {
-      return await this.store.get(restorePackKey(app));
+      return await this.store.get(restorePackKey(app, part));
     } catch (err) {
       if (isNotFound(err)) return undefined;
       throw err;
     }
+  }
+
+  /** Both of the app's restore packs, fetched side by side; each promise is already caught (unhandled rejections: none). */
+  readPacks(app: string): RestorePacks {
+    const packs: RestorePacks = {};
+    for (const part of PACK_PARTS) {
+      const p = this.readPack(app, part);
+      p.catch(() => undefined);
+      packs[part] = p;
+    }
+    return packs;
   }
 
   /** The chunks of `manifest` to prefetch, by the policy; empty without a record. See planPrefetch. */

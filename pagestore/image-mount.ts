@@ -91,6 +91,11 @@ export interface ImageMountOptions {
    */
   pages?: { read(file: string, pos: number, end: number): Buffer | undefined };
   /**
+   * Awaited before a read of `file` is served, when it returns a promise (e.g. `pages` still being
+   * filled); its outcome is ignored. Must settle.
+   */
+  beforeRead?(file: ImageFile): Promise<unknown> | undefined;
+  /**
    * A chunk could not be had. Awaited (bounded by failureTimeoutMs, default 10 s) BEFORE the
    * failed read is answered with EIO: the restore uses it to kill the half-restored container
    * first, so the process never runs on with a page it could not get. Called once per failed
@@ -273,6 +278,8 @@ class ImageServer {
     try {
       const end = Math.min(e.file.size, pos + len);
       if (pos >= end) return [];
+      const wait = this.opts.beforeRead?.(e.file);
+      if (wait) await wait.catch(() => undefined);
       const held = this.opts.pages?.read(e.file.path, pos, end);
       if (held) {
         this.counters.fromPages++;

@@ -12,7 +12,16 @@
  *           restore touches a few; packing the pages alone makes the pack several times smaller
  *           than packing their chunks.
  *
- * Layout (format 2), at apps/<app>/restore-pack.bin, the newest image's only:
+ * Each image has two, written side by side and fetched side by side, so that the restore can
+ * start on the first while the second is still on its way:
+ *   restore    apps/<app>/restore-pack.bin: every image file but the memory pages (chunks) and
+ *              the pages `criu restore` reads itself (runs): what the restore reads before the
+ *              process resumes; small (~0.7 MB for the benchmark's app)
+ *   activeset  apps/<app>/activeset-pack.bin: the ActiveSet's pages (runs), which the process
+ *              faults on once it runs (~7 MB)
+ * Only the newest image's are kept.
+ *
+ * Layout (format 2):
  *
  *   "PCPK" | u32 format | u32 generation | u32 index length
  *   | index: JSON { manifest: checksum, chunks: [[sha256, size], …], runs: [[file, offset, length, sha256], …] }
@@ -61,9 +70,16 @@ export interface DecodedRestorePack {
   bad: number;
 }
 
-export function restorePackKey(app: string): string {
-  return `apps/${app}/restore-pack.bin`;
+/** Which of an image's two packs (see the top of this file). */
+export type PackPart = 'restore' | 'activeset';
+export const PACK_PARTS: readonly PackPart[] = ['restore', 'activeset'];
+
+export function restorePackKey(app: string, part: PackPart = 'restore'): string {
+  return part === 'restore' ? `apps/${app}/restore-pack.bin` : `apps/${app}/activeset-pack.bin`;
 }
+
+/** An image's two packs as a restore reads them: each may be missing (undefined) or fail. */
+export type RestorePacks = Partial<Record<PackPart, Promise<Buffer | undefined>>>;
 
 export function encodeRestorePack(generation: number, pack: RestorePackContents): Buffer {
   const index = Buffer.from(

@@ -102,7 +102,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
     const img = await open(store, 'a');
     try {
       const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs });
-      await img.prefetch(undefined, Promise.resolve(pack));
+      await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
       const s = img.stats();
       assert.equal(s.packed, 1);
       assert.equal(s.packedPages, 162);
@@ -123,12 +123,36 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
     }
   });
 
+  it('reads wait for the packs that may carry their bytes, then are served from them', async () => {
+    const store = countingStore();
+    const img = await open(store, 'c');
+    try {
+      let deliver!: (b: Buffer) => void;
+      const late = new Promise<Buffer>((resolve) => (deliver = resolve));
+      const restorePack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs: [] });
+      const prefetched = img.prefetch(undefined, { restore: Promise.resolve(restorePack), activeset: late });
+      const file = path.join(img.path, 'pages-1.img');
+      const reading = dd(file, 10 * CHUNK, 4096);
+      const metadata = await dd(path.join(img.path, 'core-1.img'), 0, core.length);
+      assert.deepEqual(metadata, core, 'a metadata read needs only the restore pack');
+      await new Promise((r) => setTimeout(r, 200));
+      assert.deepEqual(store.asked, [], 'the page read waits for the ActiveSet pack instead of fetching its chunk');
+      deliver(encodeRestorePack(3, { manifest: manifest.checksum, chunks: [], runs }));
+      assert.deepEqual(await reading, Buffer.alloc(4096, 10));
+      await prefetched;
+      assert.deepEqual(store.asked, [], 'answered from the run');
+      assert.equal(img.stats().packedPages, 162);
+    } finally {
+      await img.close();
+    }
+  });
+
   it('a pack of another image: its chunks are used, its runs are not; memory is prefetched by chunk', async () => {
     const store = countingStore();
     const img = await open(store, 'b');
     try {
       const pack = encodeRestorePack(2, { manifest: 'f'.repeat(64), chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs });
-      await img.prefetch(undefined, Promise.resolve(pack));
+      await img.prefetch(undefined, { restore: Promise.resolve(pack) });
       assert.equal(img.stats().packed, 1);
       assert.equal(img.stats().packedPages, 0);
       assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK), false);

@@ -117,8 +117,8 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
   });
 
   for (const mode of ['full', 'lazy', 'activeset'] as const) {
-    // activeset: restore 1 has no ActiveSet yet, 2 prefetches it from the restore pack's page
-    // runs, 3 finds the pack damaged and prefetches chunk by chunk instead.
+    // activeset: restore 1 has no ActiveSet yet, 2 prefetches it from the restore packs' page
+    // runs, 3 finds the packs damaged and prefetches chunk by chunk instead.
     const cycles = mode === 'activeset' ? 3 : 2;
     it(`${mode}: the app comes back with its memory, ${cycles} times`, async (t) => {
       const r = await runtime(`w-${mode}`, { full: 0, lazy: 40, activeset: 80 }[mode]!);
@@ -131,10 +131,12 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
       for (let cycle = 1; cycle <= cycles; cycle++) {
         await r.checkpoint(c);
         if (mode === 'activeset' && cycle === 3) {
-          // A damaged restore pack costs its damaged entry, never the restore.
-          const pack = await objects.get(restorePackKey(app));
-          pack[pack.length - 1]! ^= 0xff;
-          await objects.put(restorePackKey(app), pack);
+          // Damaged restore packs cost their damaged entries, never the restore.
+          for (const part of ['restore', 'activeset'] as const) {
+            const pack = await objects.get(restorePackKey(app, part));
+            pack[pack.length - 1]! ^= 0xff;
+            await objects.put(restorePackKey(app, part), pack);
+          }
         }
         const t0 = performance.now();
         c = await r.restore(s);
@@ -156,7 +158,7 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
               assert.ok(o.image.packedPages > 0, 'the pages criu restore reads itself (and the ActiveSet) came as page runs');
               assert.equal(o.image.prefetched + o.image.eager, 0, 'no memory chunk was prefetched whole beside the runs');
             } else {
-              assert.ok(o.image.eager > 0 && o.image.prefetched > 0, 'a damaged pack: memory prefetched chunk by chunk');
+              assert.ok(o.image.eager > 0 && o.image.prefetched > 0, 'damaged packs: memory prefetched chunk by chunk');
             }
             if (cycle === 1) assert.equal(o.hits, 0, 'no ActiveSet before the first restore');
             else assert.ok(o.hits > 0, `restore ${cycle}: pages faulted on were prefetched`);

@@ -16,6 +16,7 @@ import { checkHost, type HostReport } from './oci/host-check.js';
 import { ensureKdatCache, type KdatState } from './oci/kdat.js';
 import { LazyRelay } from './oci/lazy-relay.js';
 import { writeRestorePack } from './oci/restore-plan.js';
+import type { RestorePacks } from '../pagestore/restore-pack.js';
 import { LazyRestore, type LazyOutcome } from './oci/lazy-restore.js';
 import { dropLocalImage, keepLocalImage, localImageGeneration, localImageIs, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
@@ -469,8 +470,8 @@ export class OciRuntime implements ContainerRuntime {
       if ((c.spec.restore ?? 'activeset') === 'activeset' && this.opts.activeSets) {
         // Advice for the next restore, never a reason to fail this checkpoint.
         await writeRestorePack(stored.manifest, p.staging, this.opts.activeSets).then(
-          (r) => log.debug(r, 'restore pack stored'),
-          (err: unknown) => log.warn({ err: describeError(err) }, 'cannot store the restore pack; the next restore fetches chunk by chunk'),
+          (r) => log.debug(r, 'restore packs stored'),
+          (err: unknown) => log.warn({ err: describeError(err) }, 'cannot store the restore packs; the next restore fetches chunk by chunk'),
         );
       }
 
@@ -515,9 +516,8 @@ export class OciRuntime implements ContainerRuntime {
       const mode = spec.restore ?? 'activeset';
       // Read beside the manifest's look-up; a failure is the lazy restore's to report.
       const activeSet = mode === 'activeset' ? this.opts.activeSets?.read(spec.name) : undefined;
-      const pack = mode === 'activeset' ? this.opts.activeSets?.readPack(spec.name) : undefined;
+      const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name) : undefined;
       activeSet?.catch(() => undefined);
-      pack?.catch(() => undefined);
       const manifest = await this.store.latest(spec.name).catch((err: unknown) => {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
       });
@@ -527,7 +527,7 @@ export class OciRuntime implements ContainerRuntime {
       const p = this.records.paths(spec.name);
       rmSync(p.restore, { recursive: true, force: true });
       rmSync(p.restoreWork, { recursive: true, force: true });
-      const img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log, { activeSet, pack });
+      const img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log, { activeSet, packs });
       const fetchedMs = performance.now() - t0;
       if (signal?.aborted) {
         await img.release(false);
@@ -646,7 +646,7 @@ export class OciRuntime implements ContainerRuntime {
     mode: 'lazy' | 'activeset',
     record: AppRecord,
     log: Logger,
-    early: { activeSet?: Promise<ActiveSetRecord | undefined>; pack?: Promise<Buffer | undefined> },
+    early: { activeSet?: Promise<ActiveSetRecord | undefined>; packs?: RestorePacks | undefined },
   ): Promise<RestoreImage> {
     const p = this.records.paths(spec.name);
     const local = (this.opts.localImages ?? true) && localImageIs(p.local, manifest);
@@ -662,7 +662,7 @@ export class OciRuntime implements ContainerRuntime {
       cache: await this.chunkCache(),
       ...(this.opts.activeSets ? { activeSets: this.opts.activeSets } : {}),
       ...(early.activeSet ? { activeSet: early.activeSet } : {}),
-      ...(early.pack ? { pack: early.pack } : {}),
+      ...(early.packs ? { packs: early.packs } : {}),
       ...(local ? { localDir: p.local.dir } : {}),
       ...(this.opts.activeSetGraceMs !== undefined ? { graceMs: this.opts.activeSetGraceMs } : {}),
       ...(this.opts.sweepAfterMs !== undefined ? { sweepAfterMs: this.opts.sweepAfterMs } : {}),

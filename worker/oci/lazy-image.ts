@@ -8,7 +8,7 @@ import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { PageRuns } from '../../pagestore/page-runs.js';
-import { decodeRestorePack } from '../../pagestore/restore-pack.js';
+import { decodeRestorePack, type PackPart, type RestorePacks } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
 import { PAGE_SIZE, parsePagemap } from './pagemap.js';
 import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, type FileRange, type TaskPagemap } from './restore-plan.js';
@@ -20,10 +20,11 @@ import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator
  *
  * Timeline of one restore:
  *   open()        mount
- *   prefetch()    fetch into the cache, all in parallel, every file but the memory pages (CRIU
- *                 reads them whole, one by one, before the process resumes), the memory pages
- *                 `criu restore` reads itself, and the ActiveSet (awaited: the process must not
- *                 resume before the chunks it is about to touch are here)
+ *   prefetch()    bring in, all in parallel, every file but the memory pages (CRIU reads them
+ *                 whole, one by one, before the process resumes), the memory pages `criu
+ *                 restore` reads itself, and the ActiveSet: from the restore packs, else chunk
+ *                 by chunk. Reads of the mount wait for the packs that may carry their bytes, so
+ *                 the process never faults on a page it is about to touch before it is here
  *   (meanwhile the caller starts `criu lazy-pages` on `path`; then `runc restore --lazy-pages`)
  *   sweep()       fetch every other chunk in file order, `concurrency` at a time: CRIU's daemon
  *                 copies the pages nobody faulted on in about that order, and it is single-
@@ -40,6 +41,8 @@ import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator
 const WARM_READERS = 2;
 const WARM_READ = 1024 * 1024;
 const WARM_PAGES_READ = 128 * 1024;
+/** in ms: how long reads of the mount wait for a restore pack before they fetch chunk by chunk */
+const PACK_WAIT_MS = 5000;
 
 export interface LazyImageOptions {
   manifest: ImageManifest;
@@ -85,8 +88,10 @@ export class LazyImage {
   private readonly counts: LazyImageStats = { metadata: 0, prefetched: 0, eager: 0, packed: 0, packedPages: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
   /** memory chunks prefetched whole (without a pack for this image) */
   private prefetchedPages: PlannedChunk[] = [];
-  /** the pack's page runs, which the mount answers reads from */
+  /** the packs' page runs, which the mount answers reads from */
   private readonly runs = new PageRuns();
+  /** each pack, settled once unpacked (true: for this image and whole); set by prefetch() */
+  private readonly packsIn: Partial<Record<PackPart, Promise<boolean>>> = {};
   private warming: Promise<void> | undefined;
   private sweeping: Promise<void> | undefined;
   private closed = false;
@@ -113,79 +118,105 @@ export class LazyImage {
       },
       onFailure: (err) => o.onFailure(err),
       pages: img.runs,
+      beforeRead: (file) => img.packsFor(file),
       log: o.log,
     });
     return img;
   }
 
   /**
-   * Fetches what the restore reads before the process resumes, and the ActiveSet. With a restore
-   * pack written for this image (`pack`), that is the pack: every file but the memory pages as
-   * chunks, and as page runs the memory pages `criu restore` reads itself and the ActiveSet's
-   * pages; the mount answers reads of those pages from the runs. Otherwise chunk by chunk, in
-   * one go: every file but the memory pages (`criu restore` reads them whole, one by one) and the
-   * chunks of the ActiveSet known by hash; as soon as the pagemaps are in (they are among those
-   * files), also the chunks of the pages `criu restore` reads itself, of the ActiveSet's pages
-   * found by address (`plan`), and those the kernel would read ahead with them (restore-plan.ts:
-   * readaheadChunks). Resolves when all of it is here; rejects on the first chunk that cannot be
-   * had. The pagemaps are advice here: one that does not parse costs prefetching, not the
-   * restore (CRIU reads it and fails visibly if it is really broken).
+   * Fetches what the restore reads before the process resumes, and the ActiveSet. From the
+   * app's restore packs (`packs`, pagestore/restore-pack.ts) when they were written for this
+   * image: the restore pack brings every file but the memory pages (chunks) and the pages
+   * `criu restore` reads itself (runs), the ActiveSet pack the ActiveSet's pages (runs); the
+   * mount answers reads of those pages from the runs, and a read waits for the pack that may
+   * carry it (so the restore need not wait for this). What no pack brought goes chunk by chunk,
+   * in one go: every file but the memory pages (`criu restore` reads them whole, one by one) and
+   * the chunks of the ActiveSet known by hash; as soon as the pagemaps are in (they are among
+   * those files), also the chunks of the pages `criu restore` reads itself, of the ActiveSet's
+   * pages found by address (`plan`), and those the kernel would read ahead with them
+   * (restore-plan.ts: readaheadChunks). Resolves when all of it is here; rejects on the first
+   * chunk that cannot be had. The pagemaps are advice here: one that does not parse costs
+   * prefetching, not the restore (CRIU reads it and fails visibly if it is really broken).
    */
-  async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[], pack?: Promise<Buffer | undefined>): Promise<void> {
+  async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[], packs: RestorePacks = {}): Promise<void> {
     const t0 = performance.now();
-    const packed = pack ? await this.unpack(pack) : false;
+    this.packsIn.restore = packs.restore ? this.unpack(packs.restore, 'restore') : Promise.resolve(false);
+    this.packsIn.activeset = packs.activeset ? this.unpack(packs.activeset, 'activeset') : Promise.resolve(false);
     const metadata = metadataChunks(this.o.manifest);
     this.counts.metadata = metadata.length;
+    const wanted = new Set<string>();
+    const pages: PlannedChunk[] = [];
+    const add = (list: readonly PlannedChunk[]): PlannedChunk[] => {
+      const fresh = distinctChunks(list).filter((p) => !wanted.has(p.ref.hash));
+      for (const p of fresh) {
+        wanted.add(p.ref.hash);
+        if (PAGES.test(p.file.path)) pages.push(p);
+      }
+      return fresh;
+    };
     const fetch = (list: readonly PlannedChunk[], kind: 'prefetched' | 'eager'): Promise<void> =>
       this.each(list, async (p) => {
         await this.chunk(p.file, p.ref);
         if (PAGES.test(p.file.path)) this.counts[kind]++;
       });
-    if (packed) {
-      await fetch(metadata, 'prefetched');
-    } else {
-      const wanted = new Set<string>();
-      const pages: PlannedChunk[] = [];
-      const add = (list: readonly PlannedChunk[]): PlannedChunk[] => {
-        const fresh = distinctChunks(list).filter((p) => !wanted.has(p.ref.hash));
-        for (const p of fresh) {
-          wanted.add(p.ref.hash);
-          if (PAGES.test(p.file.path)) pages.push(p);
-        }
-        return fresh;
-      };
-      // The pagemaps lead the first batch: the second waits for them.
-      const first = fetch(add([...metadata, ...this.o.prefetch]), 'prefetched');
-      const second = this.pagemaps().then((maps) => {
-        const eager = add(eagerChunks(this.o.manifest, maps));
-        const byAddress = plan ? add(plan(pagemapLocator(maps))) : [];
-        // Not warmed, not counted as prefetched: only there for the kernel's readahead.
-        const core = pages.length;
-        const ahead = add(readaheadChunks(this.o.manifest, pages));
-        pages.splice(core);
-        return Promise.all([fetch(eager, 'eager'), fetch(byAddress, 'prefetched'), this.each(ahead, (p) => this.chunk(p.file, p.ref).then(() => undefined))]);
-      });
-      await Promise.all([first, second]);
-      this.prefetchedPages = pages;
-    }
+    // What a pack brought is in the cache (chunks) or the mount's runs (pages): chunk by chunk
+    // only what no pack for this image brought. The pagemaps lead the first batch: the second
+    // waits for them.
+    const restorePacked = await this.packsIn.restore;
+    const activeSetPacked = this.packsIn.activeset;
+    const first = fetch(add(metadata), 'prefetched');
+    const second = activeSetPacked.then(async (activeSetOk) => {
+      if (restorePacked && activeSetOk) return;
+      const byHash = activeSetOk ? [] : add(this.o.prefetch);
+      const maps = await this.pagemaps();
+      const eager = restorePacked ? [] : add(eagerChunks(this.o.manifest, maps));
+      const byAddress = !activeSetOk && plan ? add(plan(pagemapLocator(maps))) : [];
+      // Not warmed, not counted as prefetched: only there for the kernel's readahead.
+      const core = pages.length;
+      const ahead = add(readaheadChunks(this.o.manifest, pages));
+      pages.splice(core);
+      await Promise.all([fetch(byHash, 'prefetched'), fetch(eager, 'eager'), fetch(byAddress, 'prefetched'), this.each(ahead, (p) => this.chunk(p.file, p.ref).then(() => undefined))]);
+    });
+    await Promise.all([first, second]);
+    this.prefetchedPages = pages;
     this.counts.prefetchMs = Math.round(performance.now() - t0);
   }
 
   /**
-   * Puts the chunks of the app's restore pack that this image names into the cache and its page
-   * runs into the mount (each entry checked against its hash). True when the pack was written
-   * for this very image (its runs are then the whole plan for the memory pages). A pack that
-   * cannot be had or read costs only that: the prefetch goes chunk by chunk.
+   * What a read of `file` waits for before it is served: the packs that may carry its bytes
+   * (settled within PACK_WAIT_MS, whatever the store does), so that it is answered from them
+   * rather than fetched chunk by chunk beside them. Undefined once they are in.
    */
-  private async unpack(pack: Promise<Buffer | undefined>): Promise<boolean> {
+  private packsFor(file: ImageFile): Promise<unknown> | undefined {
+    const { restore, activeset } = this.packsIn;
+    return PAGES.test(file.path) ? (restore && activeset ? Promise.all([restore, activeset]) : restore) : restore;
+  }
+
+  /**
+   * Puts the chunks of one of the app's restore packs that this image names into the cache and
+   * its page runs into the mount (each entry checked against its hash). True when the pack was
+   * written for this very image and all of it was good (then its part of the plan needs nothing
+   * else). A pack that cannot be had (or not within PACK_WAIT_MS) or read costs only that: the
+   * prefetch fetches its part chunk by chunk.
+   */
+  private async unpack(pack: Promise<Buffer | undefined>, part: PackPart): Promise<boolean> {
     let buf: Buffer | undefined;
+    let timer: NodeJS.Timeout | undefined;
     try {
-      buf = await pack;
+      buf = await Promise.race([
+        pack,
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new Error(`not fetched within ${PACK_WAIT_MS} ms`)), PACK_WAIT_MS);
+        }),
+      ]);
     } catch (err) {
-      this.o.log.warn({ err: (err as Error).message }, 'cannot fetch the restore pack; prefetching chunk by chunk');
+      this.o.log.warn({ part, err: (err as Error).message }, 'cannot fetch a restore pack; prefetching its part chunk by chunk');
       return false;
+    } finally {
+      clearTimeout(timer);
     }
-    if (!buf) return false;
+    if (!buf || this.closed) return false;
     const names = new Set<string>();
     for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) names.add(ref.hash);
     try {
@@ -193,13 +224,13 @@ export class LazyImage {
       for (const c of chunks) if (!this.o.cache.has(c.hash)) this.o.cache.put(c.hash, Buffer.from(c.bytes));
       // Copied out of the pack: the runs live as long as the mount, the pack's other bytes need not.
       this.runs.add(runs.map((r) => ({ ...r, bytes: Buffer.from(r.bytes) })));
-      this.counts.packed = chunks.length;
+      this.counts.packed += chunks.length;
       this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
-      this.o.log.trace({ runs: [...this.runs.ranges()] }, 'the page runs of the restore pack');
-      if (bad > 0) this.o.log.warn({ bad }, 'entries of the restore pack failed their checksum; their pages are fetched by chunk');
+      this.o.log.trace({ part, runs: runs.map((r) => [r.file, r.offset, r.bytes.length]) }, 'the page runs of a restore pack');
+      if (bad > 0) this.o.log.warn({ part, bad }, 'entries of a restore pack failed their checksum; its part is prefetched chunk by chunk');
       return current && bad === 0;
     } catch (err) {
-      this.o.log.warn({ err: (err as Error).message }, 'the restore pack is unreadable; prefetching chunk by chunk');
+      this.o.log.warn({ part, err: (err as Error).message }, 'a restore pack is unreadable; prefetching its part chunk by chunk');
       return false;
     }
   }

@@ -2,6 +2,7 @@ import { mkdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from '../../shared/log.js';
 import type { RestoreMode } from '../../shared/protocol.js';
+import type { RestorePacks } from '../../pagestore/restore-pack.js';
 import { covering, type ActiveSetRecord, type ActiveSetStore, type PageRange, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { fileChunks, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
@@ -14,7 +15,8 @@ import { PAGE_SIZE } from './pagemap.js';
  * One lazy restore (modes `lazy` and `activeset`), from the mount to the last page:
  *
  *   prepare()      FUSE mount, then at once: the prefetch (the ActiveSet in activeset mode)
- *                  and `criu lazy-pages` on the mount with the relay in front of it  [awaited]
+ *                  and `criu lazy-pages` on the mount with the relay in front of it  [the
+ *                  daemon awaited; reads of the mount wait for the packs they need]
  *   (the runtime: `runc restore --lazy-pages`; the process resumes at once, faults are served)
  *   restored()     arms the fallback: the rest of memory follows after sweepAfterMs
  *   served()       the app answered its first traffic: after a grace the ActiveSet window
@@ -49,8 +51,8 @@ export interface LazyRestoreOptions {
    * of the manifest: one round trip to the store less); else prepare() reads it
    */
   activeSet?: Promise<ActiveSetRecord | undefined>;
-  /** the app's restore pack (pagestore/restore-pack.ts), read likewise; activeset mode only */
-  pack?: Promise<Buffer | undefined>;
+  /** the app's restore packs (pagestore/restore-pack.ts), read likewise; activeset mode only */
+  packs?: RestorePacks;
   /** a local copy of this very image, read before the store */
   localDir?: string;
   /** in ms: the ActiveSet window stays open this long after served(); default 500 */
@@ -101,9 +103,9 @@ export class LazyRestore {
   }
 
   /**
-   * Mounts the image, then prefetches and starts the daemon (with its relay) side by side: the
-   * daemon's own start-up reads of the image join the prefetch's fetches. Throws with nothing
-   * left mounted or running.
+   * Mounts the image, then starts the prefetch and the daemon (with its relay) side by side: the
+   * daemon's own start-up reads of the image join the prefetch's fetches. Resolves once the
+   * daemon listens; the prefetch goes on. Throws with nothing left mounted or running.
    */
   static async prepare(o: LazyRestoreOptions): Promise<LazyRestore> {
     const r = new LazyRestore(o);
@@ -131,16 +133,23 @@ export class LazyRestore {
       throw imageUnreadable(o.app, o.manifest.generation, err);
     });
     r.image = image;
-    const prefetched = image.prefetch(sets ? (locate) => sets.plan(o.manifest, record, locate) : undefined, o.mode === 'activeset' ? o.pack : undefined).catch((err: unknown) => {
-      throw imageUnreadable(o.app, o.manifest.generation, err);
-    });
-    const started = r.startDaemon();
-    const [p, d] = await Promise.allSettled([prefetched, started]);
-    if (p.status === 'rejected' || d.status === 'rejected') {
+    // Not awaited: the daemon and `runc restore` start at once, and their reads of the mount wait
+    // for the packs that carry what they read (lazy-image.ts). A chunk that cannot be had fails
+    // the read that needs it (after onFailure): the restore fails visibly there.
+    void image.prefetch(sets ? (locate) => sets.plan(o.manifest, record, locate) : undefined, o.mode === 'activeset' ? o.packs : undefined).then(
+      () => {
+        if (!r.aborted) void image.warmPageCache(); // beside `criu restore`, which does not read those pages
+      },
+      (err: unknown) => {
+        if (!r.aborted) o.log.warn({ err: (err as Error).message }, 'the prefetch stopped; reads fetch what they need');
+      },
+    );
+    try {
+      await r.startDaemon();
+    } catch (err) {
       await r.abort();
-      throw p.status === 'rejected' ? p.reason : (d as PromiseRejectedResult).reason;
+      throw r.failure ?? err;
     }
-    void image.warmPageCache(); // beside `criu restore`, which does not read those pages
     return r;
   }
 

@@ -3,6 +3,7 @@ import path from 'node:path';
 import type { ActiveSetStore, PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { fileChunks, type ImageManifest } from '../../pagestore/image-store.js';
 import type { PackedChunk, PackedRun } from '../../pagestore/restore-pack.js';
+import { PageRuns } from '../../pagestore/page-runs.js';
 import { readLocalChunk } from './local-image.js';
 import { eagerRanges, PAGE_SIZE, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
@@ -139,28 +140,42 @@ async function readRange(manifest: ImageManifest, dir: string, r: FileRange): Pr
 }
 
 /**
- * Writes the app's restore pack for `manifest` (pagestore/restore-pack.ts): the metadata chunks,
- * and as page runs the pages `criu restore` reads itself and the ActiveSet's pages as the app's
- * record plans them for this image; read from `dir`, the directory the image was stored from.
+ * Writes the app's two restore packs for `manifest` (pagestore/restore-pack.ts), read from `dir`,
+ * the directory the image was stored from: the restore pack (the metadata chunks, and as runs
+ * the pages `criu restore` reads itself) and the ActiveSet pack (as runs, the ActiveSet's pages
+ * as the app's record plans them for this image, less those already in the restore pack).
  * Returns what was packed.
  */
-export async function writeRestorePack(manifest: ImageManifest, dir: string, activeSets: ActiveSetStore): Promise<{ chunks: number; runs: number; bytes: number }> {
+export async function writeRestorePack(manifest: ImageManifest, dir: string, activeSets: ActiveSetStore): Promise<{ chunks: number; runs: number; activeSetRuns: number; bytes: number }> {
   const maps: TaskPagemap[] = [];
   for (const file of manifest.files) {
     const m = PAGEMAP.exec(file.path);
     if (m) maps.push({ pid: Number(m[1]), map: parsePagemap(await readFile(path.join(dir, file.path))) });
   }
   const record = await activeSets.read(manifest.app);
-  const activePages = activeSets.planPages(record, pagemapLocator(maps)).map((p) => ({ ...p, length: PAGE_SIZE }));
-  const ranges = joinRanges([...eagerPageRanges(maps), ...activePages]);
+  const eager = joinRanges(eagerPageRanges(maps));
+  const inEager = new PageRuns();
+  inEager.add(eager.map((r) => ({ file: r.file, offset: r.offset, bytes: Buffer.alloc(r.length) })));
+  const active = joinRanges(
+    activeSets
+      .planPages(record, pagemapLocator(maps))
+      .filter((p) => !inEager.has(p.file, p.offset))
+      .map((p) => ({ ...p, length: PAGE_SIZE })),
+  );
   const chunks: PackedChunk[] = [];
   for (const p of metadataChunks(manifest)) {
     const bytes = await readLocalChunk(dir, p.file, p.ref);
     if (!bytes) throw new Error(`${p.file.path} does not hold the chunk its manifest names at ${p.ref.offset}`);
     chunks.push({ hash: p.ref.hash, bytes });
   }
-  const runs: PackedRun[] = [];
-  for (const r of ranges) runs.push({ file: r.file, offset: r.offset, bytes: await readRange(manifest, dir, r) });
-  const bytes = await activeSets.putPack(manifest.app, manifest.generation, { manifest: manifest.checksum, chunks, runs });
-  return { chunks: chunks.length, runs: runs.length, bytes };
+  const runs = async (ranges: FileRange[]): Promise<PackedRun[]> => {
+    const out: PackedRun[] = [];
+    for (const r of ranges) out.push({ file: r.file, offset: r.offset, bytes: await readRange(manifest, dir, r) });
+    return out;
+  };
+  const [restoreBytes, activeSetBytes] = await Promise.all([
+    activeSets.putPack(manifest.app, 'restore', manifest.generation, { manifest: manifest.checksum, chunks, runs: await runs(eager) }),
+    runs(active).then((r) => activeSets.putPack(manifest.app, 'activeset', manifest.generation, { manifest: manifest.checksum, chunks: [], runs: r })),
+  ]);
+  return { chunks: chunks.length, runs: eager.length, activeSetRuns: active.length, bytes: restoreBytes + activeSetBytes };
 }
