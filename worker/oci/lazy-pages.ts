@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
+import { FileWait } from './file-wait.js';
 import { isNoise } from './criu.js';
 
 /** The name CRIU gives the daemon's socket in its work directory (criu/uffd.c). */
@@ -54,15 +54,19 @@ export class LazyPagesDaemon {
   static async start(criu: string, imagesDir: string, workDir: string, timeoutMs = 10_000): Promise<LazyPagesDaemon> {
     const d = new LazyPagesDaemon(criu, imagesDir, workDir);
     const deadline = performance.now() + timeoutMs;
-    let wait = 1;
-    while (!existsSync(path.join(workDir, LAZY_PAGES_SOCKET))) {
-      if (d.exited) throw new Error(`criu lazy-pages exited ${describe(d.exited)} before it listened: ${d.errors().join(' | ') || 'no error logged'}`);
-      if (performance.now() > deadline) {
-        d.kill();
-        throw new Error(`criu lazy-pages did not listen within ${timeoutMs} ms`);
+    const socket = path.join(workDir, LAZY_PAGES_SOCKET);
+    const appears = new FileWait(socket, 20);
+    try {
+      while (!existsSync(socket)) {
+        if (d.exited) throw new Error(`criu lazy-pages exited ${describe(d.exited)} before it listened: ${d.errors().join(' | ') || 'no error logged'}`);
+        if (performance.now() > deadline) {
+          d.kill();
+          throw new Error(`criu lazy-pages did not listen within ${timeoutMs} ms`);
+        }
+        await Promise.race([appears.next(), d.exit]);
       }
-      await delay(wait);
-      wait = Math.min(wait * 2, 20);
+    } finally {
+      appears.close();
     }
     return d;
   }

@@ -171,6 +171,7 @@ export class LazyRestore {
       void this.daemon.exit.then(() => this.settleOnce());
     }
     if (relay.status === 'fulfilled') this.relay = relay.value;
+    this.o.log.debug({ ms: Math.round(performance.now() - this.startedAt) }, 'the lazy-pages daemon listens');
     if (daemon.status === 'rejected') throw daemon.reason;
     if (relay.status === 'rejected') throw relay.reason;
     void this.relay?.failure().then((why) => {

@@ -1,9 +1,9 @@
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync, watch, type FSWatcher } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { isNoise } from './criu.js';
+import { FileWait } from './file-wait.js';
 import { run, which, type RunResult } from './exec.js';
 
 /**
@@ -73,21 +73,6 @@ export interface Timing {
 }
 
 const TIMEOUT_MS = 120_000;
-/** in ms: how often a PID file is looked for besides the directory watch */
-const PID_POLL_MS = 20;
-
-/** Calls `onName` whenever an entry named `name` appears or changes in `dir`; null when it cannot watch. */
-function watchDir(dir: string, name: string, onName: () => void): FSWatcher | null {
-  try {
-    const w = watch(dir, (_event, file) => {
-      if (file === name) onName();
-    });
-    w.on('error', () => undefined);
-    return w;
-  } catch {
-    return null;
-  }
-}
 
 /** How an attached runc (and so the container's init) ended. */
 export interface RuncExit {
@@ -256,11 +241,9 @@ export class Runc {
       });
     });
     // runc writes the PID file (write + rename) once the init exists: after create for `run`,
-    // after CRIU's restore for `restore`. Watched (the rename wakes this at once), and polled
-    // too: a watch can miss nothing here that the poll would not catch a little later.
+    // after CRIU's restore for `restore`.
     const deadline = started + TIMEOUT_MS;
-    let wake: () => void = () => undefined;
-    const watcher = watchDir(path.dirname(pidFile), path.basename(pidFile), () => wake());
+    const appears = new FileWait(pidFile, 20);
     try {
       while (!existsSync(pidFile)) {
         if (exited) {
@@ -272,12 +255,10 @@ export class Runc {
           child.kill('SIGKILL');
           throw new RuncError(op, id, `no container process after ${TIMEOUT_MS} ms`, criuLog ? criuErrors(criuLog) : []);
         }
-        const tick = new AbortController();
-        await Promise.race([delay(PID_POLL_MS, undefined, { signal: tick.signal }).catch(() => undefined), new Promise<void>((resolve) => (wake = resolve)), exit]);
-        tick.abort();
+        await Promise.race([appears.next(), exit]);
       }
     } finally {
-      watcher?.close();
+      appears.close();
     }
     const ms = performance.now() - started;
     return { pid: readPid(pidFile), runcPid: child.pid ?? 0, exit, timing: { ms, criuMs: criuLog ? criuDuration(criuLog) : null } };
