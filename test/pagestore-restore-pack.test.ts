@@ -21,54 +21,54 @@ const run2 = { file: 'pages-1.img', offset: 40960, bytes: Buffer.alloc(8192, 2) 
 const pack = (chunks: Array<{ hash: string; bytes: Buffer }>, runs = [run1, run2]) => ({ manifest: image.checksum, chunks, runs });
 
 describe('restore pack', () => {
-  it('round-trips the chunks the reader may use, in order, and nothing else, and the runs', () => {
+  it('round-trips the chunks the reader may use, in order, and nothing else, and the runs', async () => {
     const buf = encodeRestorePack(7, pack([a, b, empty]));
-    const all = decodeRestorePack(buf, image, new Set([a.hash, b.hash, empty.hash]));
+    const all = await decodeRestorePack(buf, image, new Set([a.hash, b.hash, empty.hash]));
     assert.equal(all.generation, 7);
     assert.equal(all.current, true);
     assert.deepEqual(all.chunks.map((c) => c.bytes.toString()), ['first chunk', 'second, longer chunk of bytes', '']);
     assert.deepEqual(all.runs.map((r) => [r.file, r.offset, r.bytes.length, r.bytes[0]]), [['pages-1.img', 8192, 4096, 1], ['pages-1.img', 40960, 8192, 2]]);
     assert.equal(all.bad, 0);
-    assert.deepEqual(decodeRestorePack(buf, image, new Set([b.hash])).chunks.map((c) => c.hash), [b.hash], 'chunks this image does not name are left');
+    assert.deepEqual((await decodeRestorePack(buf, image, new Set([b.hash]))).chunks.map((c) => c.hash), [b.hash], 'chunks this image does not name are left');
   });
 
-  it('runs are for the image they were cut from only; its chunks still serve any image naming them', () => {
-    const r = decodeRestorePack(encodeRestorePack(7, pack([a])), other, new Set([a.hash]));
+  it('runs are for the image they were cut from only; its chunks still serve any image naming them', async () => {
+    const r = await decodeRestorePack(encodeRestorePack(7, pack([a])), other, new Set([a.hash]));
     assert.equal(r.current, false);
     assert.deepEqual(r.runs, []);
     assert.deepEqual(r.chunks.map((c) => c.hash), [a.hash]);
   });
 
-  it('a damaged chunk or run is dropped and counted; the others stay usable', () => {
+  it('a damaged chunk or run is dropped and counted; the others stay usable', async () => {
     const buf = encodeRestorePack(1, pack([a, b], [run1]));
     buf[buf.length - 4097]! ^= 0xff; // the last byte of b
     buf[buf.length - 1]! ^= 0xff; // run1
-    const r = decodeRestorePack(buf, image, new Set([a.hash, b.hash]));
+    const r = await decodeRestorePack(buf, image, new Set([a.hash, b.hash]));
     assert.deepEqual(r.chunks.map((c) => c.hash), [a.hash]);
     assert.deepEqual(r.runs, []);
     assert.equal(r.bad, 2);
   });
 
-  it('a frame that is not a pack is refused with a reason', () => {
+  it('a frame that is not a pack is refused with a reason', async () => {
     const buf = encodeRestorePack(1, pack([a, b]));
     const wanted = new Set([a.hash]);
-    assert.throws(() => decodeRestorePack(Buffer.from('garbage'), image, wanted), /bad magic/);
-    assert.throws(() => decodeRestorePack(buf.subarray(0, buf.length - 1), image, wanted), /holds/);
+    await assert.rejects(() => decodeRestorePack(Buffer.from('garbage'), image, wanted), /bad magic/);
+    await assert.rejects(() => decodeRestorePack(buf.subarray(0, buf.length - 1), image, wanted), /holds/);
     const future = Buffer.from(buf);
     future.writeUInt32LE(99, 4);
-    assert.throws(() => decodeRestorePack(future, image, wanted), /format 99/);
+    await assert.rejects(() => decodeRestorePack(future, image, wanted), /format 99/);
     const longIndex = Buffer.from(buf);
     longIndex.writeUInt32LE(buf.length, 12);
-    assert.throws(() => decodeRestorePack(longIndex, image, wanted), /runs past the end/);
+    await assert.rejects(() => decodeRestorePack(longIndex, image, wanted), /runs past the end/);
     const index = (json: string) => {
       const body = Buffer.from(json);
       const head = Buffer.from(buf.subarray(0, 16));
       head.writeUInt32LE(body.length, 12);
       return Buffer.concat([head, body]);
     };
-    assert.throws(() => decodeRestorePack(index('{"manifest":"x","chunks":[],"runs":[["pages-1.img",-1,0,"' + 'a'.repeat(64) + '"]]}'), image, wanted), /malformed/);
-    assert.throws(() => decodeRestorePack(index('[]'), image, wanted), /malformed/, 'a format-1 index');
-    assert.throws(() => decodeRestorePack(index('{'), image, wanted), /not JSON/);
+    await assert.rejects(() => decodeRestorePack(index('{"manifest":"x","chunks":[],"runs":[["pages-1.img",-1,0,"' + 'a'.repeat(64) + '"]]}'), image, wanted), /malformed/);
+    await assert.rejects(() => decodeRestorePack(index('[]'), image, wanted), /malformed/, 'a format-1 index');
+    await assert.rejects(() => decodeRestorePack(index('{'), image, wanted), /not JSON/);
   });
 
   it('is kept per app, replaced by the next one, and absent until written', async () => {
@@ -77,15 +77,15 @@ describe('restore pack', () => {
     assert.equal(await sets.readPack('kv'), undefined);
     await sets.putPack('kv', 'restore', 1, pack([a]));
     await sets.putPack('kv', 'restore', 2, pack([b]));
-    const got = decodeRestorePack((await sets.readPack('kv'))!, image, new Set([a.hash, b.hash]));
+    const got = await decodeRestorePack((await sets.readPack('kv'))!, image, new Set([a.hash, b.hash]));
     assert.equal(got.generation, 2);
     assert.deepEqual(got.chunks.map((c) => c.hash), [b.hash]);
     assert.ok(await objects.get(restorePackKey('kv')));
     assert.equal(await sets.readPack('kv', 'activeset'), undefined, 'the other part is an object of its own');
     await sets.putPack('kv', 'activeset', 2, pack([], [run2]));
     const packs = sets.readPacks('kv');
-    assert.equal(decodeRestorePack((await packs.activeset)!, image, new Set()).runs[0]?.offset, run2.offset);
-    assert.equal(decodeRestorePack((await packs.restore)!, image, new Set()).runs.length, 2);
+    assert.equal((await decodeRestorePack((await packs.activeset)!, image, new Set())).runs[0]?.offset, run2.offset);
+    assert.equal((await decodeRestorePack((await packs.restore)!, image, new Set())).runs.length, 2);
     assert.notEqual(restorePackKey('kv', 'activeset'), restorePackKey('kv', 'restore'));
   });
 });

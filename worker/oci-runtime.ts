@@ -522,6 +522,7 @@ export class OciRuntime implements ContainerRuntime {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
       });
       if (!manifest) throw new PicoError('PICO_ERR_IMAGE_MISSING', `app ${spec.name} has no stored image to restore`);
+      const manifestMs = performance.now() - t0;
       const record = this.record(spec.name);
       const net = this.records.network(record);
       const p = this.records.paths(spec.name);
@@ -597,6 +598,7 @@ export class OciRuntime implements ContainerRuntime {
           pid: c.pid,
           mode,
           image: img.source,
+          manifestMs: Math.round(manifestMs),
           fetchMs: Math.round(fetchedMs),
           prepareMs: Math.round(preparedMs - fetchedMs),
           keptNetwork,

@@ -220,10 +220,12 @@ export class LazyImage {
     const names = new Set<string>();
     for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) names.add(ref.hash);
     try {
-      const { chunks, runs, current, bad } = decodeRestorePack(buf, this.o.manifest, names);
+      const { chunks, runs, current, bad } = await decodeRestorePack(buf, this.o.manifest, names);
       for (const c of chunks) if (!this.o.cache.has(c.hash)) this.o.cache.put(c.hash, Buffer.from(c.bytes));
-      // Copied out of the pack: the runs live as long as the mount, the pack's other bytes need not.
-      this.runs.add(runs.map((r) => ({ ...r, bytes: Buffer.from(r.bytes) })));
+      // The runs stay slices of the pack (they are most of it): a copy costs a page fault per
+      // page of fresh memory, ~13 µs each on these hosts. The cache's chunks are copied: the
+      // cache outlives the pack.
+      this.runs.add(runs);
       this.counts.packed += chunks.length;
       this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
       this.o.log.trace({ part, runs: runs.map((r) => [r.file, r.offset, r.bytes.length]) }, 'the page runs of a restore pack');

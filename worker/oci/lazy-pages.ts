@@ -21,7 +21,8 @@ export interface LazyPagesExit {
  * kill the container (never let it run on).
  *
  * Ordering: start() resolves once the daemon listens, which must happen before
- * `runc restore --lazy-pages` (same work directory) connects to it.
+ * `runc restore --lazy-pages` (same work directory) connects to it — unless the restore connects
+ * to the relay (lazy-relay.ts) instead, which waits for the daemon itself.
  */
 export class LazyPagesDaemon {
   readonly exit: Promise<LazyPagesExit>;
@@ -51,24 +52,35 @@ export class LazyPagesDaemon {
     });
   }
 
+  /** Spawns the daemon; `listening()` says when it accepts connections. */
+  static spawn(criu: string, imagesDir: string, workDir: string): LazyPagesDaemon {
+    return new LazyPagesDaemon(criu, imagesDir, workDir);
+  }
+
+  /** Spawns the daemon and resolves once it listens. */
   static async start(criu: string, imagesDir: string, workDir: string, timeoutMs = 10_000): Promise<LazyPagesDaemon> {
-    const d = new LazyPagesDaemon(criu, imagesDir, workDir);
+    const d = LazyPagesDaemon.spawn(criu, imagesDir, workDir);
+    await d.listening(timeoutMs);
+    return d;
+  }
+
+  /** Resolves once the daemon listens; rejects (and kills it) when it exits first or does not listen within `timeoutMs`. */
+  async listening(timeoutMs = 10_000): Promise<void> {
     const deadline = performance.now() + timeoutMs;
-    const socket = path.join(workDir, LAZY_PAGES_SOCKET);
+    const socket = path.join(this.workDir, LAZY_PAGES_SOCKET);
     const appears = new FileWait(socket, 20);
     try {
       while (!existsSync(socket)) {
-        if (d.exited) throw new Error(`criu lazy-pages exited ${describe(d.exited)} before it listened: ${d.errors().join(' | ') || 'no error logged'}`);
+        if (this.exited) throw new Error(`criu lazy-pages exited ${describe(this.exited)} before it listened: ${this.errors().join(' | ') || 'no error logged'}`);
         if (performance.now() > deadline) {
-          d.kill();
+          this.kill();
           throw new Error(`criu lazy-pages did not listen within ${timeoutMs} ms`);
         }
-        await Promise.race([appears.next(), d.exit]);
+        await Promise.race([appears.next(), this.exit]);
       }
     } finally {
       appears.close();
     }
-    return d;
   }
 
   get running(): boolean {

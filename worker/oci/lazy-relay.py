@@ -15,16 +15,35 @@
 #                     waits for one line "DIR<TAB>LISTEN<TAB>DAEMON" on stdin: the working
 #                     directory and the socket paths relative to it (sun_path is short, work
 #                     directories may not be). stdin closing first (the worker is gone): exit 0.
-# Prints "ready" once it listens. Forwards everything, the fds too, except a trailing marker;
+# Prints "ready" once it listens. Connects to the daemon when the restore connects, waiting up to
+# DAEMON_WAIT_S for it to listen (the worker starts the restore beside the daemon). Forwards everything, the fds too, except a trailing marker;
 # when the restore closed the socket and a line arrives on stdin (or stdin closes), sends the
 # marker and exits 0. Any error: exits 1 with the reason on stderr (the daemon then never
 # starts its background copy; the worker kills the container and the daemon).
 import os
 import socket
 import sys
+import time
 
 FIN = (0x52535446).to_bytes(4, "little")  # LAZY_PAGES_RESTORE_FINISHED ("FTSR"); no pid is this large
 MAX_FDS = 64
+DAEMON_WAIT_S = 10
+
+
+def connect(path: str) -> socket.socket:
+    # The daemon may still be starting (the worker starts the restore beside it): the restore
+    # waits here meanwhile, its process not yet resumed.
+    deadline = time.monotonic() + DAEMON_WAIT_S
+    while True:
+        daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            daemon.connect(path)
+            return daemon
+        except (FileNotFoundError, ConnectionRefusedError):
+            daemon.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
 
 
 def main() -> int:
@@ -43,8 +62,7 @@ def main() -> int:
     print("ready", flush=True)
     restore, _ = srv.accept()
     srv.close()
-    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    daemon.connect(daemon_path)
+    daemon = connect(daemon_path)
     held = b""
     while True:
         data, fds, _flags, _addr = socket.recv_fds(restore, 65536, MAX_FDS)

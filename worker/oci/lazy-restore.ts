@@ -157,7 +157,10 @@ export class LazyRestore {
    * Starts `criu lazy-pages` and, where python3 is there, the relay in front of it (in the
    * restore's work directory, the daemon in a directory of its own inside it): until release(),
    * the daemon serves page faults only. Without the relay it starts copying all of memory as
-   * soon as the process resumes.
+   * soon as the process resumes. Resolves once the restore may connect: to the relay once it
+   * listens (the relay waits for the daemon, so `runc restore` starts beside the daemon's own
+   * start-up), else to the daemon once it listens. A daemon that fails to start after that kills
+   * the container (onPageFailure) and fails the restore.
    */
   private async startDaemon(): Promise<void> {
     rmSync(this.o.workDir, { recursive: true, force: true });
@@ -165,16 +168,17 @@ export class LazyRestore {
     const relayed = LazyRelay.available();
     if (!relayed) this.o.log.warn('no python3: the lazy-pages relay cannot run, so CRIU copies all memory while the app serves its first traffic');
     const daemonDir = relayed ? path.join(this.o.workDir, 'daemon') : this.o.workDir;
-    const [daemon, relay] = await Promise.allSettled([LazyPagesDaemon.start(this.o.criu, this.o.mountpoint, daemonDir), relayed ? LazyRelay.start(this.o.workDir, daemonDir) : Promise.resolve(undefined)]);
-    if (daemon.status === 'fulfilled') {
-      this.daemon = daemon.value;
-      void this.daemon.exit.then(() => this.settleOnce());
-    }
-    if (relay.status === 'fulfilled') this.relay = relay.value;
-    this.o.log.debug({ ms: Math.round(performance.now() - this.startedAt) }, 'the lazy-pages daemon listens');
-    if (daemon.status === 'rejected') throw daemon.reason;
-    if (relay.status === 'rejected') throw relay.reason;
-    void this.relay?.failure().then((why) => {
+    const daemon = (this.daemon = LazyPagesDaemon.spawn(this.o.criu, this.o.mountpoint, daemonDir));
+    void daemon.exit.then(() => this.settleOnce());
+    const listening = daemon.listening().then(() => this.o.log.debug({ ms: Math.round(performance.now() - this.startedAt) }, 'the lazy-pages daemon listens'));
+    if (!relayed) return listening;
+    listening.catch((err: unknown) => {
+      if (this.aborted) return;
+      this.failure ??= new Error(`app ${this.o.app}: criu lazy-pages did not start: ${(err as Error).message}`);
+      void this.o.onPageFailure(this.failure);
+    });
+    this.relay = await LazyRelay.start(this.o.workDir, daemonDir);
+    void this.relay.failure().then((why) => {
       if (why && !this.aborted) this.o.log.error({ err: why }, 'the lazy-pages relay failed');
     });
   }
