@@ -86,15 +86,12 @@ export interface ImageMountOptions {
   /** each chunk a read touches, once per read, before it is fetched (the ActiveSet is recorded from this) */
   onRead?(file: ImageFile, ref: ChunkRef): void;
   /**
-   * Bytes held outside the chunks (a restore pack's page runs): a read they hold whole is
-   * answered from them, with no chunk and no onRead. May be filled after the mount.
+   * Bytes held outside the chunks (a restore pack's page runs): the bytes [pos, end) of `file`
+   * when they are held whole, answered with no chunk and no onRead; else undefined, and the
+   * chunks answer. May wait for them to arrive (a promise; it must settle, and a rejection
+   * counts as undefined).
    */
-  pages?: { read(file: string, pos: number, end: number): Buffer | undefined };
-  /**
-   * Awaited before a read of `file` is served, when it returns a promise (e.g. `pages` still being
-   * filled); its outcome is ignored. Must settle.
-   */
-  beforeRead?(file: ImageFile): Promise<unknown> | undefined;
+  held?(file: ImageFile, pos: number, end: number): Buffer | undefined | Promise<Buffer | undefined>;
   /**
    * A chunk could not be had. Awaited (bounded by failureTimeoutMs, default 10 s) BEFORE the
    * failed read is answered with EIO: the restore uses it to kill the half-restored container
@@ -128,7 +125,7 @@ export interface ImageMount {
   readonly serverPid: number;
   /**
    * reads: read requests answered (with data, with 0 at EOF, or with EIO); bytes: bytes served;
-   * fromPages: reads answered by `pages`; chunks: chunk fetches started (calls of chunk());
+   * fromPages: reads answered by `held`; chunks: chunk fetches started (calls of chunk());
    * failures: fetches that failed (each passed to onFailure once)
    */
   stats(): { reads: number; bytes: number; fromPages: number; chunks: number; failures: number };
@@ -278,9 +275,7 @@ class ImageServer {
     try {
       const end = Math.min(e.file.size, pos + len);
       if (pos >= end) return [];
-      const wait = this.opts.beforeRead?.(e.file);
-      if (wait) await wait.catch(() => undefined);
-      const held = this.opts.pages?.read(e.file.path, pos, end);
+      const held = await Promise.resolve(this.opts.held?.(e.file, pos, end)).catch(() => undefined);
       if (held) {
         this.counters.fromPages++;
         this.counters.bytes += end - pos;
@@ -503,7 +498,7 @@ function mountinfoLine(text: string, mnt: string): string[] | undefined {
 /**
  * Shrinks the kernel's readahead for the mount to one page (its backing device's read_ahead_kb,
  * root only): a small read then arrives as the reader asked — a page fault's page, not the
- * 128 KiB around it — so a read of pages held in `pages` needs no chunk, and a miss waits for
+ * 128 KiB around it — so a read of pages that `held` has needs no chunk, and a miss waits for
  * its own chunk only, not for its neighbours too. Large reads (CRIU's copy of the rest of memory,
  * the page cache warming) still arrive in pieces of up to 128 KiB: the kernel lets a read as
  * large as that through whole. Not 0: with readahead off, the kernel reads every page with a

@@ -129,19 +129,22 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
     try {
       let deliver!: (b: Buffer) => void;
       const late = new Promise<Buffer>((resolve) => (deliver = resolve));
-      const restorePack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs: [] });
+      // The restore pack carries the page at 50 chunks (as it carries the pages criu restore reads).
+      const eager = { file: 'pages-1.img', offset: 50 * CHUNK, bytes: Buffer.alloc(4096, 50) };
+      const restorePack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs: [eager] });
       const prefetched = img.prefetch(undefined, { restore: Promise.resolve(restorePack), activeset: late });
       const file = path.join(img.path, 'pages-1.img');
       const reading = dd(file, 10 * CHUNK, 4096);
       const metadata = await dd(path.join(img.path, 'core-1.img'), 0, core.length);
       assert.deepEqual(metadata, core, 'a metadata read needs only the restore pack');
+      assert.deepEqual(await dd(file, 50 * CHUNK, 4096), eager.bytes, 'so does a page it carries');
       await new Promise((r) => setTimeout(r, 200));
       assert.deepEqual(store.asked, [], 'the page read waits for the ActiveSet pack instead of fetching its chunk');
       deliver(encodeRestorePack(3, { manifest: manifest.checksum, chunks: [], runs }));
       assert.deepEqual(await reading, Buffer.alloc(4096, 10));
       await prefetched;
       assert.deepEqual(store.asked, [], 'answered from the run');
-      assert.equal(img.stats().packedPages, 162);
+      assert.equal(img.stats().packedPages, 163);
     } finally {
       await img.close();
     }

@@ -299,7 +299,7 @@ describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
     const runs = new PageRuns();
     let fetched = 0;
     const m = await mount({
-      pages: runs,
+      held: (file, pos, end) => runs.read(file.path, pos, end),
       chunk: async (ref) => {
         fetched++;
         return chunks.get(ref.hash)!;

@@ -23,8 +23,8 @@ import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator
  *   prefetch()    bring in, all in parallel, every file but the memory pages (CRIU reads them
  *                 whole, one by one, before the process resumes), the memory pages `criu
  *                 restore` reads itself, and the ActiveSet: from the restore packs, else chunk
- *                 by chunk. Reads of the mount wait for the packs that may carry their bytes, so
- *                 the process never faults on a page it is about to touch before it is here
+ *                 by chunk. Reads of the mount wait for the packs that may carry their bytes: a
+ *                 fault on a page a pack carries waits for the pack rather than for its chunk
  *   (meanwhile the caller starts `criu lazy-pages` on `path`; then `runc restore --lazy-pages`)
  *   sweep()       fetch every other chunk in file order, `concurrency` at a time: CRIU's daemon
  *                 copies the pages nobody faulted on in about that order, and it is single-
@@ -117,8 +117,7 @@ export class LazyImage {
         return got.buf;
       },
       onFailure: (err) => o.onFailure(err),
-      pages: img.runs,
-      beforeRead: (file) => img.packsFor(file),
+      held: (file, pos, end) => img.held(file, pos, end),
       log: o.log,
     });
     return img;
@@ -184,13 +183,20 @@ export class LazyImage {
   }
 
   /**
-   * What a read of `file` waits for before it is served: the packs that may carry its bytes
-   * (settled within PACK_WAIT_MS, whatever the store does), so that it is answered from them
-   * rather than fetched chunk by chunk beside them. Undefined once they are in.
+   * The bytes [pos, end) of `file` when a pack's runs hold them, for the mount. A read waits for
+   * the packs that may carry its bytes (each settles within PACK_WAIT_MS, whatever the store
+   * does) rather than fetching them chunk by chunk beside them: every read for the restore pack
+   * (the metadata chunks it brings go to the cache), a read of memory pages not in it for the
+   * ActiveSet pack too. Before prefetch() started, nothing is held.
    */
-  private packsFor(file: ImageFile): Promise<unknown> | undefined {
+  private async held(file: ImageFile, pos: number, end: number): Promise<Buffer | undefined> {
     const { restore, activeset } = this.packsIn;
-    return PAGES.test(file.path) ? (restore && activeset ? Promise.all([restore, activeset]) : restore) : restore;
+    if (restore) await restore;
+    if (!PAGES.test(file.path)) return undefined;
+    const now = this.runs.read(file.path, pos, end);
+    if (now || !activeset) return now;
+    await activeset;
+    return this.runs.read(file.path, pos, end);
   }
 
   /**
@@ -246,7 +252,7 @@ export class LazyImage {
   /**
    * Reads what was prefetched through the mount, so that it is in the kernel's page cache (the
    * mount keeps it across opens) when it is read: the image's other files first (CRIU reads them
-   * in small pieces, and the mount does no readahead), then the prefetched memory pages. A page
+   * in small pieces, and the mount reads ahead one page only), then the prefetched memory pages. A page
    * fault is then answered by CRIU's daemon from the page cache instead of a FUSE round trip to
    * this process per page (~650 of them for the first request of the benchmark's app). Runs
    * beside `criu restore`; never fails (a page not warmed is read through FUSE as before).
