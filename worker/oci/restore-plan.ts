@@ -8,9 +8,10 @@ import { readLocalChunk } from './local-image.js';
 import { eagerRanges, PAGE_SIZE, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
 /*
- * What a lazy restore of an image reads before its process resumes, chunk by chunk: the restore
- * prefetches it (lazy-image.ts), and the checkpoint that stored the image packs it into one
- * object for that prefetch (pagestore/restore-pack.ts).
+ * What a lazy restore of an image reads before its process resumes, and the pages it is about to
+ * touch: the checkpoint that stored the image packs them into two objects (writeRestorePack,
+ * pagestore/restore-pack.ts) — the metadata as chunks, the pages as runs — and a restore without
+ * them prefetches them chunk by chunk (lazy-image.ts).
  *   metadata  every file but the memory pages: `criu restore` reads them whole, one by one
  *   eager     the memory pages `criu restore` reads itself (not marked lazy: stacks, private
  *             file mappings), found through each task's pagemap
@@ -62,7 +63,10 @@ export function pagemapLocator(maps: readonly TaskPagemap[]): PageLocator {
   };
 }
 
-/** in bytes: the most the kernel reads ahead of a read of a FUSE file (read_ahead_kb: 128) */
+/**
+ * in bytes: the most the kernel reads in one piece of a FUSE file: a large read's piece, or its
+ * readahead where the mount's could not be shrunk to a page (image-mount.ts: pageReadahead)
+ */
 const READAHEAD_BYTES = 128 * 1024;
 
 /**
