@@ -39,6 +39,7 @@ const addChunk = (b: Buffer): string => {
 };
 const pageHashes = Array.from({ length: 64 }, (_, i) => addChunk(Buffer.alloc(CHUNK, i)));
 const core = Buffer.from('core image bytes');
+const coreChunk = { hash: sha256(core), bytes: core };
 const draft = {
   format: 2,
   app: 'kv',
@@ -96,12 +97,21 @@ async function open(store: ImageStore, name: string): Promise<LazyImage> {
   });
 }
 
+/** Runs `fn` on a fresh lazy image over a counting store, then closes the image. */
+async function withImage(name: string, fn: (img: LazyImage, store: ImageStore & { asked: number[] }) => Promise<void>): Promise<void> {
+  const store = countingStore();
+  const img = await open(store, name);
+  try {
+    await fn(img, store);
+  } finally {
+    await img.close();
+  }
+}
+
 describe('lazy image with a restore pack', { skip: skipReason }, () => {
   it('takes metadata and pages from the pack, serves the runs, and warms them without reading ahead into chunks', async () => {
-    const store = countingStore();
-    const img = await open(store, 'a');
-    try {
-      const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs });
+    await withImage('a', async (img, store) => {
+      const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
       await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
       const s = img.stats();
       assert.equal(s.packed, 1);
@@ -118,20 +128,16 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       assert.deepEqual(store.asked, []);
       assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12), 'elsewhere: the chunk');
       assert.deepEqual(store.asked, [12]);
-    } finally {
-      await img.close();
-    }
+    });
   });
 
   it('reads wait for the packs that may carry their bytes, then are served from them', async () => {
-    const store = countingStore();
-    const img = await open(store, 'c');
-    try {
+    await withImage('c', async (img, store) => {
       let deliver!: (b: Buffer) => void;
       const late = new Promise<Buffer>((resolve) => (deliver = resolve));
       // The restore pack carries the page at 50 chunks (as it carries the pages criu restore reads).
       const eager = { file: 'pages-1.img', offset: 50 * CHUNK, bytes: Buffer.alloc(4096, 50) };
-      const restorePack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs: [eager] });
+      const restorePack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs: [eager] });
       const prefetched = img.prefetch(undefined, { restore: Promise.resolve(restorePack), activeset: late });
       const file = path.join(img.path, 'pages-1.img');
       const reading = dd(file, 10 * CHUNK, 4096);
@@ -145,23 +151,17 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       await prefetched;
       assert.deepEqual(store.asked, [], 'answered from the run');
       assert.equal(img.stats().packedPages, 163);
-    } finally {
-      await img.close();
-    }
+    });
   });
 
   it('a pack of another image: its chunks are used, its runs are not; memory is prefetched by chunk', async () => {
-    const store = countingStore();
-    const img = await open(store, 'b');
-    try {
-      const pack = encodeRestorePack(2, { manifest: 'f'.repeat(64), chunks: [{ hash: draft.files[0]!.chunks[0]!, bytes: core }], runs });
+    await withImage('b', async (img, store) => {
+      const pack = encodeRestorePack(2, { manifest: 'f'.repeat(64), chunks: [coreChunk], runs });
       await img.prefetch(undefined, { restore: Promise.resolve(pack) });
       assert.equal(img.stats().packed, 1);
       assert.equal(img.stats().packedPages, 0);
       assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK), false);
       assert.deepEqual(await dd(path.join(img.path, 'pages-1.img'), 10 * CHUNK, 4096), Buffer.alloc(4096, 10), 'the chunk, not the foreign run');
-    } finally {
-      await img.close();
-    }
+    });
   });
 });

@@ -234,7 +234,7 @@ export class LazyImage {
       this.runs.add(runs);
       this.counts.packed += chunks.length;
       this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
-      this.o.log.trace({ part, runs: runs.map((r) => [r.file, r.offset, r.bytes.length]) }, 'the page runs of a restore pack');
+      if (this.o.log.isLevelEnabled('trace')) this.o.log.trace({ part, runs: runs.map((r) => [r.file, r.offset, r.bytes.length]) }, 'the page runs of a restore pack');
       if (bad > 0) this.o.log.warn({ part, bad }, 'entries of a restore pack failed their checksum; its part is prefetched chunk by chunk');
       return current && bad === 0;
     } catch (err) {

@@ -3,7 +3,6 @@ import path from 'node:path';
 import type { ActiveSetStore, PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { fileChunks, type ImageManifest } from '../../pagestore/image-store.js';
 import type { PackedChunk, PackedRun } from '../../pagestore/restore-pack.js';
-import { PageRuns } from '../../pagestore/page-runs.js';
 import { readLocalChunk } from './local-image.js';
 import { eagerRanges, PAGE_SIZE, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
@@ -158,12 +157,10 @@ export async function writeRestorePack(manifest: ImageManifest, dir: string, act
   }
   const record = await activeSets.read(manifest.app);
   const eager = joinRanges(eagerPageRanges(maps));
-  const inEager = new PageRuns();
-  inEager.add(eager.map((r) => ({ file: r.file, offset: r.offset, bytes: Buffer.alloc(r.length) })));
   const active = joinRanges(
     activeSets
       .planPages(record, pagemapLocator(maps))
-      .filter((p) => !inEager.has(p.file, p.offset))
+      .filter((p) => !eager.some((r) => r.file === p.file && r.offset <= p.offset && p.offset < r.offset + r.length))
       .map((p) => ({ ...p, length: PAGE_SIZE })),
   );
   const chunks: PackedChunk[] = [];
