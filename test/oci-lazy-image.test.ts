@@ -10,6 +10,7 @@ import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
 import { encodeRestorePack } from '../pagestore/restore-pack.js';
 import { silentLogger } from '../shared/log.js';
 import { LazyImage } from '../worker/oci/lazy-image.js';
+import { until } from './helpers/poll.js';
 import { watchdog } from './helpers/watchdog.js';
 
 /*
@@ -85,8 +86,9 @@ function dd(file: string, skip: number, count: number): Promise<Buffer> {
   });
 }
 
-async function open(store: ImageStore, name: string): Promise<LazyImage> {
+async function open(store: ImageStore, name: string, sweepAfterMisses?: number): Promise<LazyImage> {
   return LazyImage.open({
+    sweepAfterMisses,
     manifest,
     mountpoint: path.join(work, name),
     store,
@@ -98,9 +100,9 @@ async function open(store: ImageStore, name: string): Promise<LazyImage> {
 }
 
 /** Runs `fn` on a fresh lazy image over a counting store, then closes the image. */
-async function withImage(name: string, fn: (img: LazyImage, store: ImageStore & { asked: number[] }) => Promise<void>): Promise<void> {
+async function withImage(name: string, fn: (img: LazyImage, store: ImageStore & { asked: number[] }) => Promise<void>, sweepAfterMisses?: number): Promise<void> {
   const store = countingStore();
-  const img = await open(store, name);
+  const img = await open(store, name, sweepAfterMisses);
   try {
     await fn(img, store);
   } finally {
@@ -163,5 +165,27 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK), false);
       assert.deepEqual(await dd(path.join(img.path, 'pages-1.img'), 10 * CHUNK, 4096), Buffer.alloc(4096, 10), 'the chunk, not the foreign run');
     });
+  });
+
+  it('reads of pages that miss the prefetch start the sweep once there are sweepAfterMisses of them', async () => {
+    await withImage(
+      'd',
+      async (img, store) => {
+        const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
+        await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
+        const file = path.join(img.path, 'pages-1.img');
+        assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12));
+        assert.deepEqual(await dd(file, 20 * CHUNK + 4096, 4096), Buffer.alloc(4096, 20), 'a run: no miss');
+        assert.deepEqual(await dd(file, 50 * CHUNK, 4096), Buffer.alloc(4096, 50));
+        assert.deepEqual(store.asked, [12, 50], 'two misses: no sweep yet');
+        assert.deepEqual(await dd(file, 60 * CHUNK, 4096), Buffer.alloc(4096, 60));
+        // The runs hold chunks 21 and 41-45 whole: the sweep leaves them out.
+        await until(() => new Set(store.asked).size === 58, 'the sweep fetching every chunk no run holds whole');
+        assert.deepEqual([21, 41, 42, 43, 44, 45].filter((i) => store.asked.includes(i)), []);
+        assert.equal(store.asked.length, 58, 'each chunk fetched once');
+        assert.equal(img.stats().swept, 58 - 3);
+      },
+      3,
+    );
   });
 });

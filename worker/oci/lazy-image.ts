@@ -29,7 +29,8 @@ import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator
  *   sweep()       fetch every other chunk in file order, `concurrency` at a time: CRIU's daemon
  *                 copies the pages nobody faulted on in about that order, and it is single-
  *                 threaded — a fault waits behind whatever read it is doing, so that read must
- *                 find its chunk here already
+ *                 find its chunk here already. Starts by itself once reads of memory pages
+ *                 missed the prefetch sweepAfterMisses times
  *   close()       once the daemon exited (every page is in the process): unmount
  *
  * A chunk that cannot be had (store down past its retries, a bad checksum) fails the read that
@@ -43,6 +44,8 @@ const WARM_READ = 1024 * 1024;
 const WARM_PAGES_READ = 128 * 1024;
 /** in ms: how long reads of the mount wait for a restore pack before they fetch chunk by chunk */
 const PACK_WAIT_MS = 5000;
+/** reads of memory pages that fetched their chunk, past which the sweep starts at once (see sweepAfterMisses) */
+const SWEEP_AFTER_MISSES = 32;
 
 export interface LazyImageOptions {
   manifest: ImageManifest;
@@ -55,6 +58,14 @@ export interface LazyImageOptions {
   prefetch: readonly PlannedChunk[];
   /** fetches in flight for the prefetch and the sweep; default: the store's concurrency, else 16 */
   concurrency?: number;
+  /**
+   * Reads of memory pages that had to fetch their chunk (prefetch misses) after which the sweep
+   * starts at once rather than when the caller asks; default 32. Each miss is a serial round
+   * trip (the daemon serves one fault at a time), so an app touching memory its ActiveSet does
+   * not predict (its heap was compacted since, a full GC walks all of it) would otherwise page
+   * in thousands of chunks one round trip each. A planned wake misses a few dozen at most.
+   */
+  sweepAfterMisses?: number;
   onFailure(err: unknown): Promise<void>;
   log: Logger;
 }
@@ -94,6 +105,8 @@ export class LazyImage {
   private readonly packsIn: Partial<Record<PackPart, Promise<boolean>>> = {};
   private warming: Promise<void> | undefined;
   private sweeping: Promise<void> | undefined;
+  /** reads of memory pages that fetched their chunk */
+  private misses = 0;
   private closed = false;
   private readonly concurrency: number;
 
@@ -113,6 +126,7 @@ export class LazyImage {
         if (got.from === 'fetch') {
           img.counts.demand++;
           o.log.trace({ file: file.path, offset: ref.offset, size: ref.size }, 'a read of the mount fetched a chunk');
+          if (PAGES.test(file.path)) img.missed();
         } else img.counts.hits++;
         return got.buf;
       },
@@ -315,11 +329,23 @@ export class LazyImage {
     return out;
   }
 
+  /** A read of memory pages had to fetch its chunk: past sweepAfterMisses of them, sweep. */
+  private missed(): void {
+    if (++this.misses !== (this.o.sweepAfterMisses ?? SWEEP_AFTER_MISSES) || this.sweeping) return;
+    this.o.log.info({ misses: this.misses }, 'the app faults on memory its prefetch did not bring: fetching the rest of the image now');
+    this.sweep();
+  }
+
   /** Starts fetching every chunk not cached yet, in file order (see the timeline above). */
   sweep(): void {
     if (this.sweeping || this.closed) return;
     const all: PlannedChunk[] = [];
-    for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) all.push({ file, ref });
+    for (const file of this.o.manifest.files) {
+      for (const ref of fileChunks(this.o.manifest, file)) {
+        // A chunk the runs hold whole is never read (the mount answers its reads from them).
+        if (!this.runs.read(file.path, ref.offset, ref.offset + ref.size)) all.push({ file, ref });
+      }
+    }
     this.sweeping = this.each(all, async (p) => {
       if (this.closed || this.o.cache.has(p.ref.hash)) return;
       await this.chunk(p.file, p.ref);
