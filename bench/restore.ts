@@ -236,7 +236,7 @@ async function main(): Promise<void> {
           `${w.chunkGetsToFirstByte} chunk GETs before the first byte (${w.chunkGetsAfterReady} after ready)` +
           (o
             ? `; paged in after ${(pagedInMs! / 1000).toFixed(1)} s: store ${(o.image.storeBytes / 1e6).toFixed(1)} MB, prefetched ${o.image.prefetched} + ${o.image.eager} read by criu (${o.image.prefetchMs} ms; restore pack: ${o.image.packed} chunks, ${o.image.packedPages} pages), ` +
-              `demand ${o.image.demand}, cache hits ${o.image.hits}, swept ${o.image.swept}; ActiveSet used ${o.used}, hits ${o.hits}, misses ${o.misses}`
+              `demand ${o.image.demand} (+${o.image.nearby} nearby), cache hits ${o.image.hits}, swept ${o.image.swept}; ActiveSet used ${o.used}, hits ${o.hits}, misses ${o.misses}`
             : '') +
           `; re-checkpoint uploaded ${(checkpoint.uploadedBytes / 1e6).toFixed(2)} MB of ${(checkpoint.imageBytes / 1e6).toFixed(0)} MB`,
       );

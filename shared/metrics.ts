@@ -75,7 +75,7 @@ export class Metrics {
 
   readonly restoreChunks = new Counter({
     name: 'picocenter_restore_chunks_total',
-    help: 'Image chunks a lazy restore brought in, by app, mode and how (metadata, prefetched: before the process resumed; demand: a page fault waited for it; swept: background)',
+    help: 'Image chunks a lazy restore brought in, by app, mode and how (metadata, prefetched: before the process resumed; demand: a page fault waited for it; nearby: fetched beside a chunk a fault missed; swept: background)',
     labelNames: ['app', 'mode', 'how'] as const,
     registers: [this.registry],
   });
@@ -102,8 +102,8 @@ export class Metrics {
   }
 
   /** A lazy restore finished paging the app in. */
-  lazyRestored(app: string, mode: string, o: { image: { metadata: number; prefetched: number; demand: number; swept: number }; hits: number; misses: number }): void {
-    for (const how of ['metadata', 'prefetched', 'demand', 'swept'] as const) this.restoreChunks.inc({ app, mode, how }, o.image[how]);
+  lazyRestored(app: string, mode: string, o: { image: { metadata: number; prefetched: number; demand: number; nearby: number; swept: number }; hits: number; misses: number }): void {
+    for (const how of ['metadata', 'prefetched', 'demand', 'nearby', 'swept'] as const) this.restoreChunks.inc({ app, mode, how }, o.image[how]);
     this.activeSetChunks.inc({ app, result: 'hit' }, o.hits);
     this.activeSetChunks.inc({ app, result: 'miss' }, o.misses);
   }

@@ -129,7 +129,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK + 5 * 4096), false, 'just past a run');
       assert.deepEqual(store.asked, []);
       assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12), 'elsewhere: the chunk');
-      assert.deepEqual(store.asked, [12]);
+      assert.equal(store.asked[0], 12, 'then its neighbours');
     });
   });
 
@@ -167,23 +167,31 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
     });
   });
 
-  it('reads of pages that miss the prefetch start the sweep once there are sweepAfterMisses of them', async () => {
+  it('a read of pages that misses the prefetch brings the chunks around it; past sweepAfterMisses misses, the sweep starts', async () => {
     await withImage(
       'd',
       async (img, store) => {
         const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
         await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
         const file = path.join(img.path, 'pages-1.img');
+        const asked = (): number[] => [...new Set(store.asked)].sort((a, b) => a - b);
         assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12));
+        await until(() => store.asked.length === 9, 'the chunks around chunk 12');
+        assert.deepEqual(asked(), [8, 9, 10, 11, 12, 13, 14, 15, 16], '4 on either side (10 holds a run, but not whole)');
+        assert.deepEqual(await dd(file, 14 * CHUNK, 4096), Buffer.alloc(4096, 14), 'a neighbour: no miss');
         assert.deepEqual(await dd(file, 20 * CHUNK + 4096, 4096), Buffer.alloc(4096, 20), 'a run: no miss');
-        assert.deepEqual(await dd(file, 50 * CHUNK, 4096), Buffer.alloc(4096, 50));
-        assert.deepEqual(store.asked, [12, 50], 'two misses: no sweep yet');
+        // The runs hold chunks 41-45 whole: they are never fetched.
+        assert.deepEqual(await dd(file, 47 * CHUNK, 4096), Buffer.alloc(4096, 47));
+        await until(() => store.asked.length === 15, 'the chunks around chunk 47');
+        assert.deepEqual(asked().slice(9), [46, 47, 48, 49, 50, 51]);
+        assert.equal(img.stats().nearby, 13);
+        assert.equal(img.stats().swept, 0);
+        // The third miss starts the sweep: every chunk no run holds whole (21 and 41-45 are).
         assert.deepEqual(await dd(file, 60 * CHUNK, 4096), Buffer.alloc(4096, 60));
-        // The runs hold chunks 21 and 41-45 whole: the sweep leaves them out.
         await until(() => new Set(store.asked).size === 58, 'the sweep fetching every chunk no run holds whole');
         assert.deepEqual([21, 41, 42, 43, 44, 45].filter((i) => store.asked.includes(i)), []);
         assert.equal(store.asked.length, 58, 'each chunk fetched once');
-        assert.equal(img.stats().swept, 58 - 3);
+        assert.equal(img.stats().nearby, 13, 'the sweep, not the neighbours, brings the rest');
       },
       3,
     );

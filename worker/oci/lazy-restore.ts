@@ -6,7 +6,7 @@ import type { RestorePacks } from '../../pagestore/restore-pack.js';
 import { covering, type ActiveSetRecord, type ActiveSetStore, type PageRange, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { fileChunks, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
-import { imageUnreadable, LazyImage, type LazyImageStats } from './lazy-image.js';
+import { imageUnreadable, LazyImage, noImageStats, type LazyImageStats } from './lazy-image.js';
 import { LazyPagesDaemon, type PageFault } from './lazy-pages.js';
 import { LazyRelay } from './lazy-relay.js';
 import { PAGE_SIZE } from './pagemap.js';
@@ -236,7 +236,7 @@ export class LazyRestore {
     clearTimeout(this.sweepTimer);
     this.relay?.kill();
     await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
-    const stats = this.image?.stats() ?? { metadata: 0, prefetched: 0, eager: 0, packed: 0, packedPages: 0, prefetchMs: 0, hits: 0, demand: 0, swept: 0, storeBytes: 0 };
+    const stats = this.image?.stats() ?? noImageStats();
     let error = this.failure;
     if (!error && !this.aborted && exit && exit.code !== 0) {
       const why = this.daemon!.errors().slice(-2).join(' | ');
