@@ -2,7 +2,7 @@ import type { PackedRun } from './restore-pack.js';
 
 /*
  * Bytes of an image's files held in memory (a restore pack's runs, restore-pack.ts), by file:
- * a read that lies wholly inside one run is answered from it, with no chunk. The runs were
+ * a read that runs hold wholly is answered from them, with no chunk. The runs were
  * checked against their sha256 and against the manifest they were cut from before they get
  * here; they never change.
  */
@@ -27,13 +27,26 @@ export class PageRuns {
     }
   }
 
-  /** The bytes [pos, end) of `file` when one run holds all of them, else undefined. */
+  /**
+   * The bytes [pos, end) of `file` when runs hold all of them, else undefined: a view of one
+   * run, or a copy when they span touching runs (two packs' runs may touch: each pack joins
+   * only its own).
+   */
   read(file: string, pos: number, end: number): Buffer | undefined {
     const list = this.byFile.get(file);
     if (!list || end <= pos) return undefined;
-    const r = list[insertionPoint(list, pos + 1) - 1];
-    if (!r || r.offset > pos || r.offset + r.bytes.length < end) return undefined;
-    return r.bytes.subarray(pos - r.offset, end - r.offset);
+    let i = insertionPoint(list, pos + 1) - 1;
+    const r = list[i];
+    if (!r || r.offset > pos) return undefined;
+    if (r.offset + r.bytes.length >= end) return r.bytes.subarray(pos - r.offset, end - r.offset);
+    const parts = [r.bytes.subarray(pos - r.offset)];
+    for (let at = r.offset + r.bytes.length; at < end; ) {
+      const next = list[++i];
+      if (!next || next.offset !== at) return undefined;
+      parts.push(next.bytes.subarray(0, Math.min(next.bytes.length, end - at)));
+      at += next.bytes.length;
+    }
+    return Buffer.concat(parts);
   }
 
   /** Whether the byte at `offset` of `file` is held. */

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { PageRuns } from '../pagestore/page-runs.js';
 
-/* Page runs: a read is answered only when one run holds all of it. */
+/* Page runs: a read is answered only when runs hold all of it. */
 
 const run = (file: string, offset: number, length: number, fill: number) => ({ file, offset, bytes: Buffer.alloc(length, fill) });
 
@@ -24,6 +24,16 @@ describe('page runs', () => {
     assert.equal(runs.read('pages-1.img', 4000, 4200), undefined, 'straddling a run start');
     assert.equal(runs.read('pages-3.img', 0, 4096), undefined, 'another file');
     assert.equal(runs.read('pages-1.img', 8192, 8192), undefined, 'nothing asked');
+  });
+
+  it('answers reads across touching runs (two packs\' runs may touch), as one copy', () => {
+    const two = new PageRuns();
+    two.add([run('pages-1.img', 0, 4096, 1)]);
+    two.add([run('pages-1.img', 4096, 8192, 2), run('pages-1.img', 12288, 4096, 3), run('pages-1.img', 20480, 4096, 4)]);
+    assert.deepEqual(two.read('pages-1.img', 2048, 14336), Buffer.concat([Buffer.alloc(2048, 1), Buffer.alloc(8192, 2), Buffer.alloc(2048, 3)]));
+    assert.deepEqual(two.read('pages-1.img', 0, 16384), Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(8192, 2), Buffer.alloc(4096, 3)]));
+    assert.equal(two.read('pages-1.img', 12288, 24576), undefined, 'touching runs, then a gap');
+    assert.equal(two.read('pages-1.img', 0, 20000), undefined, 'past the last touching run');
   });
 
   it('knows which bytes it holds, their total and ranges; overlapping runs are not added twice', () => {
