@@ -20,6 +20,7 @@ import type { RestorePacks } from '../pagestore/restore-pack.js';
 import { LazyRestore, type LazyOutcome } from './oci/lazy-restore.js';
 import { dropLocalImage, keepLocalImage, localImageGeneration, localImageIs, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
+import { criuForRunc } from './oci/criu-runc.js';
 import { Runc, type AttachedContainer, type RuncExit, type Timing } from './oci/runc.js';
 import { waitForPort } from './readiness.js';
 import type { CheckpointResult, Container, ContainerRuntime, ExitStatus } from './runtime.js';
@@ -260,6 +261,8 @@ export class OciRuntime implements ContainerRuntime {
   private kdatState: KdatState | null = null;
   private hostDirs: Promise<HostDirs> | undefined;
   private cache: Promise<ChunkCache> | undefined;
+  /** settles once runc has its criu (worker/oci/criu-runc.ts) */
+  private runcCriu: Promise<void> | undefined;
 
   /**
    * Runs no host check and cleans nothing up: use OciRuntime.create() in a worker. The constructor
@@ -318,10 +321,13 @@ export class OciRuntime implements ContainerRuntime {
   }
 
   /**
-   * Makes sure CRIU finds its kernel probe cache (worker/oci/kdat.ts); logs when it is made or
-   * cannot be had. Cheap when it is in place: it runs before every dump and restore.
+   * Gives runc its criu (once: worker/oci/criu-runc.ts), and makes sure CRIU finds its kernel
+   * probe cache (worker/oci/kdat.ts); logs when it is made or cannot be had. Cheap when it is in
+   * place: it runs before every dump and restore.
    */
   async prepareCriu(): Promise<void> {
+    this.runcCriu ??= criuForRunc(this.opts.criu, this.stateDir, this.log).then((criu) => this.runc.useCriu(criu));
+    await this.runcCriu;
     if (this.opts.kdatCache === false) return;
     const k = await ensureKdatCache(this.opts.criu);
     if (k.state === this.kdatState || (k.state === 'ready' && this.kdatState === 'made')) return;

@@ -117,6 +117,7 @@ export class LazyRestore {
       });
     }
     const sets = record ? o.activeSets : undefined;
+    const recordMs = performance.now() - r.startedAt;
     const image = await LazyImage.open({
       manifest: o.manifest,
       mountpoint: o.mountpoint,
@@ -133,6 +134,7 @@ export class LazyRestore {
       throw imageUnreadable(o.app, o.manifest.generation, err);
     });
     r.image = image;
+    o.log.debug({ activeSetMs: Math.round(recordMs), ms: Math.round(performance.now() - r.startedAt) }, 'the lazy image is mounted');
     // Not awaited: the daemon and `runc restore` start at once, and their reads of the mount wait
     // for the packs that carry what they read (lazy-image.ts). A chunk that cannot be had fails
     // the read that needs it (after onFailure): the restore fails visibly there.
@@ -150,6 +152,7 @@ export class LazyRestore {
       await r.abort();
       throw r.failure ?? err;
     }
+    o.log.debug({ ms: Math.round(performance.now() - r.startedAt) }, 'the restore may connect to the lazy-pages daemon');
     return r;
   }
 

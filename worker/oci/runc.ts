@@ -114,11 +114,19 @@ export class RuncError extends Error {
 
 export class Runc {
   private readonly bin: string;
+  /** the criu runc runs: opts.criu until useCriu() */
+  private criu: string;
 
   constructor(private readonly opts: RuncOptions) {
     this.bin = opts.runc ?? which('runc') ?? 'runc';
+    this.criu = opts.criu;
     mkdirSync(opts.root, { recursive: true, mode: 0o700 });
     mkdirSync(opts.logDir, { recursive: true });
+  }
+
+  /** From now on runc runs `criu` (one that behaves as opts.criu does: worker/oci/criu-runc.ts). */
+  useCriu(criu: string): void {
+    this.criu = criu;
   }
 
   /** Creates and starts the container, detached; resolves once its process has been exec'd. */
@@ -281,7 +289,7 @@ export class Runc {
   }
 
   private global(log: string | null): string[] {
-    return ['--root', this.opts.root, '--criu', this.opts.criu, ...(log ? ['--log', log, '--log-format', 'json'] : [])];
+    return ['--root', this.opts.root, '--criu', this.criu, ...(log ? ['--log', log, '--log-format', 'json'] : [])];
   }
 
   private file(id: string, suffix: string): string {
