@@ -49,7 +49,7 @@ import type { Logger } from '../shared/log.js';
 export { warmFuseServer } from './fuse-child.js';
 import { FuseChild } from './fuse-child.js';
 import type { FuseListing } from './fuse-wire.js';
-import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
+import { chunkAt, fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 
 /** in ms: how long an fusermount/umount run is waited for */
 const COMMAND_TIMEOUT_MS = 5_000;
@@ -281,7 +281,7 @@ class ImageServer {
         this.counters.bytes += end - pos;
         return [held];
       }
-      const touched = e.refs.slice(firstChunk(e.refs, pos), lastChunk(e.refs, end) + 1);
+      const touched = e.refs.slice(chunkAt(e.refs, pos), lastChunk(e.refs, end) + 1);
       for (const ref of touched) {
         try {
           this.opts.onRead?.(e.file, ref);
@@ -387,22 +387,10 @@ class ImageServer {
   }
 }
 
-/** Index of the chunk holding byte `pos` (binary search over offsets; empty chunks skipped). */
-function firstChunk(refs: ChunkRef[], pos: number): number {
-  let lo = 0;
-  let hi = refs.length - 1;
-  while (lo < hi) {
-    const mid = (lo + hi + 1) >> 1;
-    if (refs[mid]!.offset <= pos) lo = mid;
-    else hi = mid - 1;
-  }
-  while (lo < refs.length - 1 && refs[lo]!.offset + refs[lo]!.size <= pos) lo++;
-  return lo;
-}
 
 /** Index of the chunk holding byte `end - 1`. */
 function lastChunk(refs: ChunkRef[], end: number): number {
-  return firstChunk(refs, end - 1);
+  return chunkAt(refs, end - 1);
 }
 
 /**

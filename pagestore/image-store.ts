@@ -140,3 +140,16 @@ export interface ImageStore {
   /** Every app that has at least one stored generation, with its newest generation number. */
   apps(): Promise<Array<{ app: string; generation: number }>>;
 }
+
+/** Index of the chunk holding byte `pos` (binary search over offsets; empty chunks skipped). */
+export function chunkAt(refs: readonly ChunkRef[], pos: number): number {
+  let lo = 0;
+  let hi = refs.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (refs[mid]!.offset <= pos) lo = mid;
+    else hi = mid - 1;
+  }
+  while (lo < refs.length - 1 && refs[lo]!.offset + refs[lo]!.size <= pos) lo++;
+  return lo;
+}

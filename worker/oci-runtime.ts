@@ -522,9 +522,10 @@ export class OciRuntime implements ContainerRuntime {
       const mode = spec.restore ?? 'activeset';
       // Read beside the manifest's look-up; a failure is the lazy restore's to report.
       const activeSet = mode === 'activeset' ? this.opts.activeSets?.read(spec.name) : undefined;
-      const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name) : undefined;
+      const latest = this.store.latest(spec.name);
+      const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name, latest) : undefined;
       activeSet?.catch(() => undefined);
-      const manifest = await this.store.latest(spec.name).catch((err: unknown) => {
+      const manifest = await latest.catch((err: unknown) => {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
       });
       if (!manifest) throw new PicoError('PICO_ERR_IMAGE_MISSING', `app ${spec.name} has no stored image to restore`);

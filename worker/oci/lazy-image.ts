@@ -6,7 +6,7 @@ import type { PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { mapBounded } from '../../pagestore/bounded.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
-import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
+import { chunkAt, fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { PageRuns } from '../../pagestore/page-runs.js';
 import { decodeRestorePack, type PackPart, type RestorePacks } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
@@ -428,18 +428,6 @@ export class LazyImage {
   private each<T>(items: readonly T[], fn: (item: T) => Promise<void>): Promise<void> {
     return mapBounded(items, this.concurrency, (item) => (this.closed ? Promise.resolve() : fn(item)));
   }
-}
-
-/** The index of the chunk of `refs` (in offset order) holding byte `offset`. */
-function chunkAt(refs: readonly ChunkRef[], offset: number): number {
-  let lo = 0;
-  let hi = refs.length - 1;
-  while (lo < hi) {
-    const mid = (lo + hi + 1) >> 1;
-    if (refs[mid]!.offset <= offset) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
 }
 
 /** The error a lazy restore reports when the image cannot be read. */
