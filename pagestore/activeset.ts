@@ -137,9 +137,10 @@ export class ActiveSetStore {
   /**
    * Both of the app's restore packs; each promise is already caught (unhandled rejections: none).
    * The restore pack is asked for at once, the ActiveSet pack (~10 MB) once `after` settled: on a
-   * link of limited bandwidth it would slow the small requests a restore waits on first (the
-   * manifest's look-up took 180–630 ms beside it in the S3 benchmark, ~80 ms alone), and nothing
-   * reads it before the process runs.
+   * link of limited bandwidth it shares the link with the small requests a restore waits on first
+   * (the manifest's look-up), and nothing reads it before the process runs. (In the S3 benchmark
+   * one run beside it measured look-ups of 180–630 ms, the next run after it 75–100 ms; other
+   * runs beside it had 75–100 ms too, so the gain is unproven on that loopback link.)
    */
   readPacks(app: string, after: Promise<unknown> = Promise.resolve()): RestorePacks {
     const packs: RestorePacks = {};
