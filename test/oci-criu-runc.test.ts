@@ -26,19 +26,20 @@ const runs = path.join(work, 'runs.log');
 const VERSION = '080a';
 const FEATURE_CHECK_LAZY_PAGES = '08092a021001';
 
-/** Sends one request (hex) to `criu swrk 3` as runc does; the reply, in hex. */
-function ask(criu: string, request: string): string {
+/** Sends one request (hex) to `criu swrk FD` as runc does, on descriptor `fd`; the reply, in hex. */
+function ask(criu: string, request: string, fd = 9): string {
   const client = `
     use Socket; use POSIX qw(dup2);
+    my ($criu, $request, $fd) = @ARGV;
     socketpair(my $a, my $b, AF_UNIX, SOCK_SEQPACKET, 0) or die "socketpair: $!";
     my $pid = fork() // die "fork: $!";
-    if (!$pid) { close $a; dup2(fileno($b), 3); open(my $f, '+<&=', 3); fcntl($f, 2, 0); exec($ARGV[0], 'swrk', '3') or POSIX::_exit(127) }
+    if (!$pid) { close $a; dup2(fileno($b), $fd); open(my $f, '+<&=', $fd); fcntl($f, 2, 0); exec($criu, 'swrk', $fd) or POSIX::_exit(127) }
     close $b;
-    send($a, pack('H*', $ARGV[1]), 0) // die "send: $!";
+    send($a, pack('H*', $request), 0) // die "send: $!";
     defined recv($a, my $reply, 65536, 0) or die "recv: $!";
     waitpid($pid, 0);
     print unpack('H*', $reply);`;
-  const r = spawnSync('/usr/bin/perl', ['-e', client, criu, request], { encoding: 'utf8', timeout: 20_000 });
+  const r = spawnSync('/usr/bin/perl', ['-e', client, criu, request, String(fd)], { encoding: 'utf8', timeout: 20_000 });
   assert.equal(r.status, 0, r.stderr);
   return r.stdout;
 }
@@ -91,7 +92,7 @@ describe('the criu runc runs', { skip: skip || noPerl }, () => {
     assert.equal(`${v.get(1)}.${v.get(2)}${v.has(4) ? `.${v.get(4)}` : ''}`, await criuVersion(host!.criu!.path));
   });
 
-  it('answers a version request itself, as CRIU does', () => {
+  it('answers a version request itself, as CRIU does (runc asks it on a descriptor other than 3)', () => {
     const before = swrkRuns();
     const ours = ask(shim, VERSION);
     assert.equal(swrkRuns(), before, 'CRIU did not run');
@@ -106,6 +107,12 @@ describe('the criu runc runs', { skip: skip || noPerl }, () => {
     const r = fields(Buffer.from(reply, 'hex'));
     assert.equal(r.get(1), 9, 'a FEATURE_CHECK reply');
     assert.equal(r.get(2), 1);
+  });
+
+  it('hands runc\'s own requests (descriptor 3) straight to CRIU', () => {
+    const before = swrkRuns();
+    assert.equal(ask(shim, VERSION, 3), ask(counting, VERSION, 3));
+    assert.equal(swrkRuns(), before + 2, 'CRIU answered both');
   });
 
   it('hands other commands to CRIU', () => {
