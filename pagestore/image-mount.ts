@@ -387,7 +387,6 @@ class ImageServer {
   }
 }
 
-
 /** Index of the chunk holding byte `end - 1`. */
 function lastChunk(refs: ChunkRef[], end: number): number {
   return chunkAt(refs, end - 1);

@@ -1,4 +1,4 @@
-import { renameSync, writeFileSync } from 'node:fs';
+import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from '../../shared/log.js';
@@ -25,12 +25,20 @@ export async function criuForRunc(criu: string, dir: string, log: Logger): Promi
     log.warn(`no ${PERL}: runc starts CRIU once more per checkpoint and restore to ask its version`);
     return criu;
   }
-  const answer = path.join(dir, 'criu-runc.version');
-  const r = await run(PERL, [SCRIPT, criu, answer, '--pico-record'], { timeoutMs: 10_000 });
-  if (r.code !== 0) {
-    log.warn({ criu, err: r.stderr.trim() || r.error?.message || `exit ${r.code ?? r.signal}` }, 'cannot record CRIU\'s version for runc: runc asks CRIU itself');
+  try {
+    return await writeShim(criu, dir);
+  } catch (err) {
+    log.warn({ criu, err: (err as Error).message }, 'no criu script for runc: runc asks CRIU its version itself');
     return criu;
   }
+}
+
+/** Records `criu`'s version reply in `dir`, then writes the script there; its path. */
+async function writeShim(criu: string, dir: string): Promise<string> {
+  mkdirSync(dir, { recursive: true });
+  const answer = path.join(dir, 'criu-runc.version');
+  const r = await run(PERL, [SCRIPT, criu, answer, '--pico-record'], { timeoutMs: 10_000 });
+  if (r.code !== 0) throw new Error(`recording its version: ${r.stderr.trim() || r.error?.message || `exit ${r.code ?? r.signal}`}`);
   const shim = path.join(dir, 'criu-runc');
   const tmp = `${shim}.tmp${process.pid}`;
   const [c, p, a] = [criu, SCRIPT, answer].map(shellString);
