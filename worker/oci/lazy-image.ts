@@ -121,6 +121,7 @@ export class LazyImage {
   private readonly refsByFile = new Map<string, ChunkRef[]>();
   private closed = false;
   private readonly concurrency: number;
+  private readonly openedAt = performance.now();
 
   private constructor(private readonly o: LazyImageOptions) {
     this.path = o.mountpoint;
@@ -249,6 +250,7 @@ export class LazyImage {
       clearTimeout(timer);
     }
     if (!buf || this.closed) return false;
+    const fetchedAt = performance.now();
     const names = new Set<string>();
     for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) names.add(ref.hash);
     try {
@@ -260,6 +262,7 @@ export class LazyImage {
       this.runs.add(runs);
       this.counts.packed += chunks.length;
       this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
+      this.o.log.debug({ part, bytes: buf.length, fetchedMs: Math.round(fetchedAt - this.openedAt), decodeMs: Math.round(performance.now() - fetchedAt) }, 'a restore pack is in');
       if (this.o.log.isLevelEnabled('trace')) this.o.log.trace({ part, runs: runs.map((r) => [r.file, r.offset, r.bytes.length]) }, 'the page runs of a restore pack');
       if (bad > 0) this.o.log.warn({ part, bad }, 'entries of a restore pack failed their checksum; its part is prefetched chunk by chunk');
       return current && bad === 0;
