@@ -14,7 +14,8 @@
  * The page store is the product's S3 store (S3ObjectStore under ChunkedImageStore, as
  * openImageStore builds it for s3, with its concurrency unless --concurrency) on s3rver, a real
  * S3 API server in a child process (test/helpers/s3-server.ts), behind a proxy that models the
- * network to S3 (test/helpers/s3-fault-proxy.ts): --delay-ms per request and a --mbps cap (in MB/s
+ * network to S3 (test/helpers/s3-fault-proxy.ts, in a child process of its own as a real link
+ * would be: test/helpers/s3-link-process.ts): --delay-ms per request and a --mbps cap (in MB/s
  * = 1e6 bytes/s) per direction. The model applies from each wake until its restore has every page
  * in; checkpoints (not timed) go unshaped so the run takes minutes, not tens of minutes.
  *
@@ -41,7 +42,7 @@ import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
 import { S3_CONCURRENCY } from '../pagestore/index.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import type { RestoreMode } from '../shared/protocol.js';
-import { startFaultProxy, type FaultProxy } from '../test/helpers/s3-fault-proxy.js';
+import { startLinkProcess, type LinkProcess } from '../test/helpers/s3-link-process.js';
 import { startS3Server, type S3TestServer } from '../test/helpers/s3-server.js';
 import { checkHost } from '../worker/oci/host-check.js';
 import type { LazyOutcome } from '../worker/oci/lazy-restore.js';
@@ -101,22 +102,17 @@ async function main(): Promise<void> {
   const cold: Container[] = [];
   const processRuntime = new ProcessRuntime(log);
   let s3: S3TestServer | undefined;
-  let proxy: FaultProxy | undefined;
+  let link: LinkProcess | undefined;
   try {
     const spec = heavyApp(work, MB, BOOT_MS);
     mkdirSync(path.join(work, 's3'));
     s3 = await startS3Server({ directory: path.join(work, 's3') });
-    proxy = await startFaultProxy({ target: s3.endpoint });
-    const link = proxy;
+    const net = (link = await startLinkProcess({ target: s3.endpoint }));
     /** The network model to S3 on (wakes) or off (set-up, checkpoints). */
-    const shaped = (on: boolean): void => {
-      link.delayMs = on ? DELAY_MS : 0;
-      link.bytesPerSecond = on ? MBPS * 1e6 : undefined;
-    };
-    shaped(false);
+    const shaped = (on: boolean): Promise<void> => net.shape(on ? DELAY_MS : 0, on ? MBPS * 1e6 : undefined);
     // As openImageStore builds an `s3` store (pagestore/index.ts): product defaults throughout.
     const objects = new S3ObjectStore({
-      endpoint: proxy.endpoint,
+      endpoint: net.endpoint,
       region: s3.region,
       bucket: s3.bucket,
       pathStyle: true,
@@ -191,14 +187,14 @@ async function main(): Promise<void> {
       runtimes.push(r);
       await r.prepareCriu();
       const logFrom = logged.length;
-      shaped(true);
-      const seenFrom = link.seen.length;
+      await shaped(true);
+      const seenFrom = await net.seenCount();
       const t0 = performance.now();
       const restoredContainer = await r.restore(spec(PORT, mode));
       const readyAt = performance.now();
-      const seenAtReady = link.seen.length;
+      const readyWall = Date.now();
       const fb = await firstByte(restoredContainer.endpoints[PORT]!);
-      const seen = link.seen.slice(seenFrom);
+      const seen = await net.seen(seenFrom);
       r.served(APP);
       assertSameApp(fb.answer, original);
       let outcome: LazyOutcome | undefined;
@@ -212,7 +208,7 @@ async function main(): Promise<void> {
         outcome = done.outcome;
         pagedInMs = done.at - t0;
       }
-      shaped(false);
+      await shaped(false);
       const checkpoint = await r.checkpoint(restoredContainer);
       await cache.close();
       const restored = logged.slice(logFrom).find((l) => l.msg === 'container restored') ?? {};
@@ -223,7 +219,7 @@ async function main(): Promise<void> {
         readyMs: readyAt - t0,
         ...(pagedInMs !== undefined ? { pagedInMs } : {}),
         chunkGetsToFirstByte: seen.filter((q) => q.method === 'GET' && q.path.includes('/chunks/')).length,
-        chunkGetsAfterReady: seen.slice(seenAtReady - seenFrom).filter((q) => q.method === 'GET' && q.path.includes('/chunks/')).length,
+        chunkGetsAfterReady: seen.filter((q) => (q.at ?? 0) >= readyWall && q.method === 'GET' && q.path.includes('/chunks/')).length,
         requestsToFirstByte: seen.length,
         restored,
         ...(outcome ? { outcome } : {}),
@@ -325,7 +321,7 @@ async function main(): Promise<void> {
     }
     if (runtimes[0]) await runtimes[0].cleanLeftovers().catch((err: unknown) => console.error('clean-up:', err));
     for (const cache of caches) await cache.close().catch(() => undefined);
-    await proxy?.close().catch(() => undefined);
+    await link?.close().catch(() => undefined);
     await s3?.stop().catch(() => undefined);
     rmSync(work, { recursive: true, force: true });
     if (LOG_FILE) writeFileSync(LOG_FILE, logged.map((l) => JSON.stringify(l)).join('\n') + '\n');

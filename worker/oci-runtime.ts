@@ -611,6 +611,7 @@ export class OciRuntime implements ContainerRuntime {
           keptNetwork,
           restoreMs: Math.round(restoredMs - preparedMs),
           criuMs: att.timing.criuMs,
+          runcSpawnMs: att.timing.spawnMs,
           ...(img.lazy ? { prefetch: img.lazy.prefetchStats() } : {}),
           readyMs: Math.round(performance.now() - t0 - restoredMs),
         },

@@ -40,6 +40,8 @@ export interface ProxiedRequest {
   method: string;
   /** path and query, e.g. /pico/chunks/ab/abcd */
   path: string;
+  /** Date.now() when it arrived (in `seen` only) */
+  at?: number;
 }
 
 export interface FaultProxyOptions {
@@ -131,7 +133,7 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
   const handle = async (req: http.IncomingMessage, res: http.ServerResponse): Promise<void> => {
     const r: ProxiedRequest = { method: req.method ?? 'GET', path: req.url ?? '/' };
     const fault = takeFault(r);
-    seen.push(fault ? { ...r, fault: fault.kind } : r);
+    seen.push(fault ? { ...r, at: Date.now(), fault: fault.kind } : { ...r, at: Date.now() });
     if (fault?.kind === 'drop') {
       req.socket.destroy();
       return;

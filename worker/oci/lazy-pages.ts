@@ -28,6 +28,8 @@ export class LazyPagesDaemon {
   readonly exit: Promise<LazyPagesExit>;
   /** performance.now() when the daemon was spawned: the zero of its log's timestamps */
   readonly startedAt: number;
+  /** how long spawn() held this process (fork and the child's exec are synchronous here) */
+  readonly spawnMs: number;
   private exited: LazyPagesExit | null = null;
   private readonly pid: number | undefined;
 
@@ -44,6 +46,7 @@ export class LazyPagesDaemon {
       stdio: 'ignore',
       detached: true,
     });
+    this.spawnMs = Math.round(performance.now() - this.startedAt);
     child.unref();
     this.pid = child.pid;
     this.exit = new Promise((resolve) => {

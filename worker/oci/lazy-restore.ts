@@ -173,7 +173,7 @@ export class LazyRestore {
     const daemonDir = relayed ? path.join(this.o.workDir, 'daemon') : this.o.workDir;
     const daemon = (this.daemon = LazyPagesDaemon.spawn(this.o.criu, this.o.mountpoint, daemonDir));
     void daemon.exit.then(() => this.settleOnce());
-    const listening = daemon.listening().then(() => this.o.log.debug({ ms: Math.round(performance.now() - this.startedAt) }, 'the lazy-pages daemon listens'));
+    const listening = daemon.listening().then(() => this.o.log.debug({ ms: Math.round(performance.now() - this.startedAt), spawnMs: daemon.spawnMs }, 'the lazy-pages daemon listens'));
     if (!relayed) return listening;
     listening.catch((err: unknown) => {
       if (this.aborted) return;

@@ -70,6 +70,11 @@ export interface RestoreOptions extends CriuPaths {
 export interface Timing {
   ms: number;
   criuMs: number | null;
+  /**
+   * attached restores and runs: how long spawn() held this process (fork and the child's exec
+   * of runc are synchronous here, and slow in a big process on a busy host)
+   */
+  spawnMs?: number;
 }
 
 const TIMEOUT_MS = 120_000;
@@ -238,6 +243,7 @@ export class Runc {
     // (bundle.ts); its own session (detached): signals to the worker's process group do not
     // reach it, and it outlives a worker that dies.
     const child = spawn(this.bin, this.global(log).concat(args), { stdio: 'ignore', detached: true });
+    const spawnMs = Math.round(performance.now() - started);
     child.unref();
     let exited: RuncExit | null = null;
     let spawnError: Error | null = null;
@@ -269,7 +275,7 @@ export class Runc {
       appears.close();
     }
     const ms = performance.now() - started;
-    return { pid: readPid(pidFile), runcPid: child.pid ?? 0, exit, timing: { ms, criuMs: criuLog ? criuDuration(criuLog) : null } };
+    return { pid: readPid(pidFile), runcPid: child.pid ?? 0, exit, timing: { ms, criuMs: criuLog ? criuDuration(criuLog) : null, spawnMs } };
   }
 
   private async exec(op: string, id: string, args: string[], how: { detached?: boolean; criuLog?: string } = {}): Promise<RunResult> {
