@@ -559,13 +559,17 @@ export class OciRuntime implements ContainerRuntime {
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
       try {
-        att = await this.runc.restoreAttached(record.id, {
+        const attaching = this.runc.restoreAttached(record.id, {
           bundle: p.bundle,
           imagePath: img.path,
           workPath: p.restoreWork,
           tcpEstablished: this.appOptions(spec.name).tcpEstablished ?? true,
           lazyPages: img.lazy !== undefined,
         });
+        // runc is spawned by now (restoreAttached spawns before its first await): the daemon's
+        // spawn, which holds this process too, comes second. CRIU waits for it at the relay.
+        img.lazy?.spawnDaemon();
+        att = await attaching;
       } catch (err) {
         await this.runc.delete(record.id, { force: true }).catch(() => undefined);
         await img.release(false);

@@ -15,9 +15,11 @@ import { PAGE_SIZE } from './pagemap.js';
  * One lazy restore (modes `lazy` and `activeset`), from the mount to the last page:
  *
  *   prepare()      FUSE mount, then at once: the prefetch (the ActiveSet in activeset mode)
- *                  and `criu lazy-pages` on the mount with the relay in front of it  [the
- *                  daemon awaited; reads of the mount wait for the packs they need]
- *   (the runtime: `runc restore --lazy-pages`; the process resumes at once, faults are served)
+ *                  and the relay  [the relay awaited; reads of the mount wait for the packs
+ *                  they need]
+ *   (the runtime: `runc restore --lazy-pages`, connecting to the relay)
+ *   spawnDaemon()  `criu lazy-pages` on the mount, behind the relay (which waits for it); the
+ *                  process resumes once CRIU is done, and its faults are served
  *   restored()     arms the fallback: the rest of memory follows after sweepAfterMs
  *   served()       the app answered its first traffic: after a grace the ActiveSet window
  *                  closes, the relay lets CRIU's daemon copy the rest of memory, and the rest of
@@ -103,9 +105,9 @@ export class LazyRestore {
   }
 
   /**
-   * Mounts the image, then starts the prefetch and the daemon (with its relay) side by side: the
-   * daemon's own start-up reads of the image join the prefetch's fetches. Resolves once the
-   * daemon listens; the prefetch goes on. Throws with nothing left mounted or running.
+   * Mounts the image, then starts the prefetch and the relay side by side (see startDaemon).
+   * Resolves once the restore may connect; the prefetch goes on. Throws with nothing left
+   * mounted or running.
    */
   static async prepare(o: LazyRestoreOptions): Promise<LazyRestore> {
     const r = new LazyRestore(o);
@@ -157,33 +159,45 @@ export class LazyRestore {
   }
 
   /**
-   * Starts `criu lazy-pages` and, where python3 is there, the relay in front of it (in the
-   * restore's work directory, the daemon in a directory of its own inside it): until release(),
-   * the daemon serves page faults only. Without the relay it starts copying all of memory as
-   * soon as the process resumes. Resolves once the restore may connect: to the relay once it
-   * listens (the relay waits for the daemon, so `runc restore` starts beside the daemon's own
-   * start-up), else to the daemon once it listens. A daemon that fails to start after that kills
-   * the container (onPageFailure) and fails the restore.
+   * Where python3 is there: starts the relay (in the restore's work directory) and resolves once
+   * it listens; the restore may then connect to it, and the relay waits for the daemon, which
+   * spawnDaemon() starts (in a directory of its own inside it) once `runc restore` has been
+   * spawned: each spawn holds this process for its fork and exec (10–35 ms measured in the S3
+   * benchmark's worker), so the daemon's is not on the way to runc's. Until release() the daemon
+   * serves page faults only. Without the relay: starts the daemon, which then copies all of
+   * memory as soon as the process resumes, and resolves once it listens.
    */
   private async startDaemon(): Promise<void> {
     rmSync(this.o.workDir, { recursive: true, force: true });
     mkdirSync(this.o.workDir, { recursive: true });
-    const relayed = LazyRelay.available();
-    if (!relayed) this.o.log.warn('no python3: the lazy-pages relay cannot run, so CRIU copies all memory while the app serves its first traffic');
-    const daemonDir = relayed ? path.join(this.o.workDir, 'daemon') : this.o.workDir;
-    const daemon = (this.daemon = LazyPagesDaemon.spawn(this.o.criu, this.o.mountpoint, daemonDir));
-    void daemon.exit.then(() => this.settleOnce());
-    const listening = daemon.listening().then(() => this.o.log.debug({ ms: Math.round(performance.now() - this.startedAt), spawnMs: daemon.spawnMs }, 'the lazy-pages daemon listens'));
-    if (!relayed) return listening;
-    listening.catch((err: unknown) => {
+    if (!LazyRelay.available()) {
+      this.o.log.warn('no python3: the lazy-pages relay cannot run, so CRIU copies all memory while the app serves its first traffic');
+      return this.spawnDaemonIn(this.o.workDir);
+    }
+    this.relay = await LazyRelay.start(this.o.workDir, path.join(this.o.workDir, 'daemon'));
+    void this.relay.failure().then((why) => {
+      if (why && !this.aborted) this.o.log.error({ err: why }, 'the lazy-pages relay failed');
+    });
+  }
+
+  /**
+   * Starts the daemon behind the relay (see startDaemon); call once `runc restore` was spawned.
+   * Idempotent; nothing to do without the relay (the daemon runs already) or once aborted. A
+   * daemon that fails to start kills the container (onPageFailure) and fails the restore.
+   */
+  spawnDaemon(): void {
+    if (!this.relay || this.daemon || this.aborted) return;
+    this.spawnDaemonIn(path.join(this.o.workDir, 'daemon')).catch((err: unknown) => {
       if (this.aborted) return;
       this.failure ??= new Error(`app ${this.o.app}: criu lazy-pages did not start: ${(err as Error).message}`);
       void this.o.onPageFailure(this.failure);
     });
-    this.relay = await LazyRelay.start(this.o.workDir, daemonDir);
-    void this.relay.failure().then((why) => {
-      if (why && !this.aborted) this.o.log.error({ err: why }, 'the lazy-pages relay failed');
-    });
+  }
+
+  private spawnDaemonIn(dir: string): Promise<void> {
+    const daemon = (this.daemon = LazyPagesDaemon.spawn(this.o.criu, this.o.mountpoint, dir));
+    void daemon.exit.then(() => this.settleOnce());
+    return daemon.listening().then(() => this.o.log.debug({ ms: Math.round(performance.now() - this.startedAt), spawnMs: daemon.spawnMs }, 'the lazy-pages daemon listens'));
   }
 
   /** What was fetched before the process resumed (for the restore's log line). */

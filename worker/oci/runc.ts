@@ -224,6 +224,7 @@ export class Runc {
   /**
    * `restore` with runc in the foreground (see AttachedContainer): resolves once CRIU restored the
    * tree and runc wrote the init's PID; rejects with runc's and CRIU's errors when runc exits first.
+   * runc is spawned before this returns (the lazy restore starts its daemon right after).
    */
   restoreAttached(id: string, o: RestoreOptions): Promise<AttachedContainer> {
     mkdirSync(o.workPath, { recursive: true });
