@@ -46,6 +46,7 @@ export async function startLinkProcess(options: { target: string }): Promise<Lin
   lines.on('line', (l) => waiting.shift()?.resolve(JSON.parse(l)));
   child.once('exit', (code, signal) => fail(new Error(`the link process exited (${code ?? signal})`)));
   child.once('error', (err) => fail(err));
+  child.stdin!.on('error', () => {}); // a child gone: its exit fails what waits (EPIPE says nothing more)
   // Answers come in the order of the commands: one line each (the first: the endpoint).
   const next = <T>(): Promise<T> =>
     new Promise<T>((resolve, reject) => {
