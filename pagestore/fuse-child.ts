@@ -2,8 +2,9 @@
  * The mounting process's side of an image mount's FUSE server (fuse-server.ts): starts it,
  * answers its reads over fuse-wire.ts, and ends it.
  *
- *   start()  takes the spare server (warmFuseServer) or spawns one, and sends it the listing; resolves once the kernel initialised
- *            the mount (READY). Rejects — with the server ended — on FAILED, an early exit or
+ *   start()  takes the spare server (warmFuseServer) or spawns one, and sends it the listing
+ *            (or none yet: list() sends it later); resolves once the kernel initialised the mount
+ *            (READY). Rejects — with the server ended — on FAILED, an early exit or
  *            startTimeoutMs.
  *   (up)     each READ is passed to `read`; its slices are written into the READ's slot of the
  *            window (one pwritev) and answered PLACED, or else written after a DATA header in one
@@ -61,9 +62,12 @@ const WINDOW_SLOTS = 16;
 const WINDOW_SLOT_BYTES = 128 * 1024;
 
 export interface FuseChildOptions {
-  listing: FuseListing;
+  /** a real path, mounted over */
+  mountpoint: string;
+  /** absent: the server holds every request but getattr of the root until list() */
+  listing?: FuseListing;
   /**
-   * Answers one read of file `file` (an index into listing.files): the bytes as slices, at most
+   * Answers one read of file `file` (an index into the listing's files): the bytes as slices, at most
    * `length` in all (fewer only at EOF); the slices are written out as they are and must not
    * change. A rejection answers EIO.
    */
@@ -119,7 +123,7 @@ export class FuseChild {
     this.channel.on('close', () => this.gone('closed its channel'));
   }
 
-  /** Starts the server for `o.listing`; resolves once the mount is up (see above). */
+  /** Starts the server for `o.mountpoint`; resolves once the mount is up (see above). */
   static async start(o: FuseChildOptions): Promise<FuseChild> {
     const c = new FuseChild(o);
     let timer: NodeJS.Timeout | undefined;
@@ -127,7 +131,7 @@ export class FuseChild {
       await new Promise<void>((resolve, reject) => {
         c.startSettled = (err) => (err ? reject(err) : resolve());
         timer = setTimeout(() => reject(new Error(`the kernel did not initialise the mount within ${o.startTimeoutMs} ms`)), o.startTimeoutMs);
-        const hello: Hello = { listing: o.listing, window: c.window === undefined ? null : { slots: WINDOW_SLOTS, slotBytes: WINDOW_SLOT_BYTES } };
+        const hello: Hello = { mountpoint: o.mountpoint, listing: o.listing ?? null, window: c.window === undefined ? null : { slots: WINDOW_SLOTS, slotBytes: WINDOW_SLOT_BYTES } };
         c.channel.write(frame(Frame.HELLO, WIRE_VERSION, Buffer.from(JSON.stringify(hello), 'utf8')));
       });
     } catch (err) {
@@ -139,6 +143,11 @@ export class FuseChild {
     }
     c.state = 'up';
     return c;
+  }
+
+  /** The listing of a mount started without one; once. */
+  list(listing: FuseListing): void {
+    this.send(frame(Frame.LISTING, 0, Buffer.from(JSON.stringify(listing), 'utf8')));
   }
 
   /** Ends the server (see above). Idempotent; never rejects. */
@@ -220,7 +229,7 @@ export class FuseChild {
 
   private error(why: string): Error {
     const tail = this.stderrTail.length ? ` (it said: ${this.stderrTail.join(' | ')})` : '';
-    return new Error(`the FUSE server of ${this.o.listing.mountpoint} (pid ${this.pid}) ${why}${tail}`);
+    return new Error(`the FUSE server of ${this.o.mountpoint} (pid ${this.pid}) ${why}${tail}`);
   }
 
   /** Resolves when the server's stderr closed, or after END_TIMEOUT_MS. */

@@ -1,9 +1,16 @@
 /*
  * The FUSE server of one image mount: a process of its own, started by fuse-child.ts with the
  * mounting process's `node`. It mounts with fuse-native, answers getattr, readdir, access,
- * statfs and open from the listing it got once (HELLO), and forwards every read to the mounting
- * process over its channel (fd 3, fuse-wire.ts), reading the answer into libfuse's buffer from
- * the window (fd 4) or the channel.
+ * statfs and open from the listing it got once (in the HELLO, or in a LISTING after it), and
+ * forwards every read to the mounting process over its channel (fd 3, fuse-wire.ts), reading the
+ * answer into libfuse's buffer from the window (fd 4) or the channel.
+ *
+ * A mount made before its listing (a restore starts `runc restore` while the manifest is still
+ * on its way): getattr of the root is answered at once (runc opens the image directory first),
+ * every other request is held, each on its libfuse thread, until the LISTING comes; nothing is
+ * ever answered ENOENT for want of the listing, so the kernel caches no wrong negative entry. If
+ * the listing never comes, the mounting process unmounts and ends this process: the held
+ * requests then fail (ENOTCONN) at their readers.
  *
  * Why a process of its own: libfuse 2 serves the mount on threads (fuse_loop_mt) that do not
  * block signals, and cancels them (pthread_cancel) when the mount goes away. In a process where
@@ -56,6 +63,9 @@ let nextId = 0;
 const freeSlots: number[] = [];
 let slotBytes = 0;
 let started = false;
+/** the listing's operations, once it came; until then requests wait in `held` */
+let listed: Fuse.Operations | undefined;
+const held: Array<(ops: Fuse.Operations) => void> = [];
 
 function say(line: string): void {
   try {
@@ -81,6 +91,7 @@ const reader = new FrameReader({
   },
   frame(type, id, payload) {
     if (type === Frame.HELLO) return start(id, payload);
+    if (type === Frame.LISTING) return list(payload);
     const p = pending.get(id);
     if (!p || (type !== Frame.DATA && type !== Frame.PLACED && type !== Frame.ERROR)) throw new WireError(`frame type ${type} for request ${id}`);
     pending.delete(id);
@@ -130,12 +141,13 @@ function start(version: number, payload: Buffer): void {
   } catch (err) {
     return fail(`unreadable HELLO: ${(err as Error).message}`);
   }
-  const { listing, window } = hello;
+  const { mountpoint, listing, window } = hello;
   if (window) {
     slotBytes = window.slotBytes;
     for (let i = window.slots - 1; i >= 0; i--) freeSlots.push(i);
   }
-  const fuse = new Fuse(listing.mountpoint, operations(listing), {
+  if (listing) listed = operations(listing);
+  const fuse = new Fuse(mountpoint, deferred(), {
     timeout: false,
     kernelCache: true,
     entryTimeout: ATTR_CACHE_S,
@@ -150,16 +162,57 @@ function start(version: number, payload: Buffer): void {
   });
 }
 
+/** The LISTING of a mount made without one: answers what waited for it. */
+function list(payload: Buffer): void {
+  if (!started || listed) throw new WireError(listed ? 'a second listing' : 'a LISTING before the HELLO');
+  let listing: FuseListing;
+  try {
+    listing = JSON.parse(payload.toString('utf8')) as FuseListing;
+  } catch (err) {
+    throw new WireError(`unreadable LISTING: ${(err as Error).message}`);
+  }
+  const ops = operations(listing);
+  listed = ops;
+  for (const answer of held.splice(0)) answer(ops);
+}
+
+/**
+ * The operations fuse-native is given: the listing's once it is here; before, getattr of the
+ * root is answered and every other request waits for the listing (see the top).
+ */
+function deferred(): Fuse.Operations {
+  const rootStat = dirStat(new Date());
+  const out: Record<string, (...args: unknown[]) => void> = {};
+  for (const name of OPERATIONS) {
+    out[name] = (...args: unknown[]) => {
+      if (!listed && name === 'getattr' && args[0] === '/') return (args[1] as (code: number, stat: Fuse.Stat) => void)(0, rootStat);
+      const run = (ops: Fuse.Operations) => (ops[name] as (...a: unknown[]) => void)(...args);
+      if (listed) return run(listed);
+      held.push(run);
+    };
+  }
+  return out as Fuse.Operations;
+}
+
 function fail(why: string): void {
   channel.end(frame(Frame.FAILED, 0, Buffer.from(why, 'utf8')), () => exit(1));
 }
+
+function dirStat(mtime: Date): Fuse.Stat {
+  return { mode: S_IFDIR | 0o755, size: 4096, nlink: 2, uid: 0, gid: 0, mtime, atime: mtime, ctime: mtime };
+}
+
+/** Every operation operations() implements, by name. */
+const OPERATIONS = [
+  'getattr', 'readdir', 'access', 'statfs', 'open', 'release', 'read', 'write', 'create', 'truncate', 'ftruncate', 'unlink', 'rename',
+  'link', 'symlink', 'mkdir', 'rmdir', 'mknod', 'chmod', 'chown', 'utimens', 'setxattr', 'removexattr',
+] as const satisfies ReadonlyArray<keyof Fuse.Operations>;
 
 function operations(listing: FuseListing): Fuse.Operations {
   const files = new Map(listing.files.map((f, index) => [f.path, { ...f, index }]));
   const dirs = new Map(listing.dirs);
   const mtime = new Date(listing.mtimeMs);
   const totalBytes = listing.files.reduce((n, f) => n + f.size, 0);
-  const dirStat = (): Fuse.Stat => ({ mode: S_IFDIR | 0o755, size: 4096, nlink: 2, uid: 0, gid: 0, mtime, atime: mtime, ctime: mtime });
   const fileStat = (f: { size: number; mode: number }): Fuse.Stat => ({
     mode: S_IFREG | (f.mode & 0o7777),
     size: f.size,
@@ -178,7 +231,7 @@ function operations(listing: FuseListing): Fuse.Operations {
     getattr(p, cb) {
       const f = files.get(p);
       if (f) return cb(0, fileStat(f));
-      if (dirs.has(p)) return cb(0, dirStat());
+      if (dirs.has(p)) return cb(0, dirStat(mtime));
       cb(Fuse.ENOENT);
     },
     readdir(p, cb) {

@@ -9,6 +9,9 @@
  *
  *   mounting process → server
  *     HELLO   id = WIRE_VERSION  payload: UTF-8 JSON Hello. First frame, once.
+ *     LISTING id = 0             payload: UTF-8 JSON FuseListing. Once, after a HELLO without
+ *                                one (a mount made before its image is known); until then the
+ *                                server answers getattr of '/' and holds every other request
  *     PLACED  id = request id    payload: u32 bytes — the bytes read are in the READ's slot
  *     DATA    id = request id    payload: the bytes read
  *     ERROR   id = request id    payload: i32 negative errno (-EIO…)
@@ -31,9 +34,9 @@
  * a slot, or when the window cannot be written, is answered DATA.
  */
 
-export const WIRE_VERSION = 1;
+export const WIRE_VERSION = 2;
 
-export const Frame = { HELLO: 1, DATA: 2, ERROR: 3, READY: 4, FAILED: 5, READ: 6, PLACED: 7 } as const;
+export const Frame = { HELLO: 1, DATA: 2, ERROR: 3, READY: 4, FAILED: 5, READ: 6, PLACED: 7, LISTING: 8 } as const;
 export type Frame = (typeof Frame)[keyof typeof Frame];
 
 /** in bytes: length | type | id */
@@ -47,15 +50,16 @@ export const MAX_PAYLOAD_BYTES = 64 * 1024 * 1024;
 
 /** The first frame's payload. */
 export interface Hello {
-  listing: FuseListing;
+  /** a real path, mounted over */
+  mountpoint: string;
+  /** null: it follows in a LISTING frame */
+  listing: FuseListing | null;
   /** the window (fd 4 of the server), or null: every read is answered DATA */
   window: { slots: number; slotBytes: number } | null;
 }
 
 /** What the server needs to answer everything but reads. */
 export interface FuseListing {
-  /** a real path, mounted over */
-  mountpoint: string;
   /** in ms since the epoch: every file's and directory's mtime, atime and ctime */
   mtimeMs: number;
   /** FUSE paths ('/a/b.img'); READ names a file by its index here */

@@ -48,7 +48,6 @@ import { describeError, PicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 export { warmFuseServer } from './fuse-child.js';
 import { FuseChild } from './fuse-child.js';
-import type { FuseListing } from './fuse-wire.js';
 import { chunkAt, fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 
 /** in ms: how long an fusermount/umount run is waited for */
@@ -145,65 +144,114 @@ interface Entry {
   refs: ChunkRef[];
 }
 
+/**
+ * A mount made before its image is known (mountPending): getattr of its root is answered, every
+ * other request waits (on the server's side) until serve() lists the image. Nothing of it is
+ * answered ENOENT meanwhile, so a reader that comes early (runc opening the image directory,
+ * then waiting for descriptors.json) only waits.
+ */
+export interface PendingMount {
+  readonly path: string;
+  /** the pid of the mount's server process (fuse-server.ts) */
+  readonly serverPid: number;
+  /**
+   * Lists `opts.manifest` and serves its reads from now on; once. Throws PICO_ERR_IMAGE_CORRUPT
+   * for a manifest whose files do not lay out as a directory: the mount stays as it was, for
+   * close().
+   */
+  serve(opts: ServeOptions): ImageMount;
+  /** as ImageMount.close(); what still waits for the listing fails (ENOTCONN) */
+  close(): Promise<void>;
+}
+
+export type ServeOptions = Omit<ImageMountOptions, 'mountpoint' | 'log'>;
+
 /** Mounts `manifest` read-only at `mountpoint`; resolves once the kernel has initialised the mount. */
 export async function mountImage(opts: ImageMountOptions): Promise<ImageMount> {
-  const log = opts.log?.child({ app: opts.manifest.app, generation: opts.manifest.generation });
-  const { files, dirs } = layout(opts.manifest);
+  layout(opts.manifest); // a manifest that cannot be listed is refused before anything is mounted
+  const pending = await mountPending(opts.mountpoint, { ...(opts.log ? { log: opts.log } : {}), what: `the image of ${opts.manifest.app}` });
+  try {
+    return pending.serve(opts);
+  } catch (err) {
+    await pending.close();
+    throw err;
+  }
+}
 
-  await cleanStaleMount(opts.mountpoint, log);
-  const created = await prepareMountpoint(opts.mountpoint);
-  const mnt = await realpath(opts.mountpoint);
+/**
+ * Mounts an empty, read-only directory at `mountpoint` whose image serve() gives later (see
+ * PendingMount); resolves once the kernel has initialised the mount. `what` names the image in
+ * errors.
+ */
+export async function mountPending(mountpoint: string, o: { log?: Logger; what: string }): Promise<PendingMount> {
+  let log = o.log;
+  await cleanStaleMount(mountpoint, log);
+  const created = await prepareMountpoint(mountpoint);
+  const mnt = await realpath(mountpoint);
 
-  const server = new ImageServer(opts, log);
-  const listing: FuseListing = {
-    mountpoint: mnt,
-    mtimeMs: validDate(opts.manifest.createdAt).getTime(),
-    files: files.map((e) => ({ path: e.fusePath, size: e.file.size, mode: e.file.mode })),
-    dirs: [...dirs],
-  };
+  let entries: Entry[] = [];
+  let server: ImageServer | undefined;
+  let lostWith: Error | undefined;
   let closing: Promise<void> | undefined;
   let child: FuseChild;
   try {
     child = await FuseChild.start({
-      listing,
+      mountpoint: mnt,
+      // Reads come only after the listing: a file must be opened first.
       read: (index, offset, length) => {
-        const e = files[index];
-        if (!e) return Promise.reject(new Error(`no file ${index}`));
+        const e = entries[index];
+        if (!server || !e) return Promise.reject(new Error(`no file ${index}`));
         return server.read(e, length, offset);
       },
       onLost: (err) => {
-        if (!closing) server.lost(err);
+        if (closing) return;
+        lostWith = err;
+        server?.lost(err);
       },
       startTimeoutMs: MOUNT_TIMEOUT_MS,
-      log,
+      ...(log ? { log } : {}),
     });
   } catch (err) {
     await unmount(mnt, log).catch(() => {});
     if (created) await rmdir(mnt).catch(() => {});
-    throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', `cannot mount the image of ${opts.manifest.app} at ${mnt}: ${describeError(err)}`, { cause: err });
+    throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', `cannot mount ${o.what} at ${mnt}: ${describeError(err)}`, { cause: err });
   }
   await pageReadahead(mnt, log);
-  const totalBytes = opts.manifest.files.reduce((n, f) => n + f.size, 0);
-  log?.debug({ mountpoint: mnt, files: files.length, bytes: totalBytes, server: child.pid }, 'image mounted');
+
+  const close = (): Promise<void> =>
+    (closing ??= (async () => {
+      try {
+        await unmount(mnt, log);
+      } catch (err) {
+        log?.error({ mountpoint: mnt, err: describeError(err) }, 'image mount could not be unmounted');
+      }
+      // After the unmount: a server ended first would leave the mount dead in between.
+      await child.end();
+      if (created) await rmdir(mnt).catch(() => {});
+      server?.dropCache();
+      log?.debug({ mountpoint: mnt, ...server?.stats() }, 'image unmounted');
+    })());
 
   return {
     path: mnt,
     serverPid: child.pid,
-    stats: () => server.stats(),
-    close() {
-      closing ??= (async () => {
-        try {
-          await unmount(mnt, log);
-        } catch (err) {
-          log?.error({ mountpoint: mnt, err: describeError(err) }, 'image mount could not be unmounted');
-        }
-        // After the unmount: a server ended first would leave the mount dead in between.
-        await child.end();
-        if (created) await rmdir(mnt).catch(() => {});
-        server.dropCache();
-        log?.debug({ mountpoint: mnt, ...server.stats() }, 'image unmounted');
-      })();
-      return closing;
+    close,
+    serve(opts) {
+      if (server) throw new PicoError('PICO_ERR_INVALID_STATE', `${mnt} serves an image already`);
+      const laid = layout(opts.manifest);
+      log = o.log?.child({ app: opts.manifest.app, generation: opts.manifest.generation });
+      entries = laid.files;
+      server = new ImageServer(opts, log);
+      child.list({
+        mtimeMs: validDate(opts.manifest.createdAt).getTime(),
+        files: laid.files.map((e) => ({ path: e.fusePath, size: e.file.size, mode: e.file.mode })),
+        dirs: [...laid.dirs],
+      });
+      if (lostWith) server.lost(lostWith);
+      const totalBytes = opts.manifest.files.reduce((n, f) => n + f.size, 0);
+      log?.debug({ mountpoint: mnt, files: laid.files.length, bytes: totalBytes, server: child.pid }, 'image mounted');
+      const srv = server;
+      return { path: mnt, serverPid: child.pid, stats: () => srv.stats(), close };
     },
   };
 }
@@ -248,7 +296,7 @@ class ImageServer {
   private readonly chunkTimeoutMs: number;
 
   constructor(
-    private readonly opts: ImageMountOptions,
+    private readonly opts: ServeOptions,
     private readonly log: Logger | undefined,
   ) {
     this.cacheBytes = opts.cacheBytes ?? 32 * 1024 * 1024;

@@ -27,9 +27,11 @@ interface Got {
 function sample(): { bytes: Buffer; want: Got[] } {
   const big = Buffer.alloc(200_000);
   for (let i = 0; i < big.length; i++) big[i] = (i * 7) & 0xff;
-  const hello = Buffer.from(JSON.stringify({ listing: { mountpoint: '/m', files: [] }, window: null }));
+  const hello = Buffer.from(JSON.stringify({ mountpoint: '/m', listing: null, window: null }));
+  const listing = Buffer.from(JSON.stringify({ mtimeMs: 0, files: [{ path: '/a.img', size: 1, mode: 0o600 }], dirs: [['/', ['a.img']]] }));
   const want: Got[] = [
     { type: Frame.HELLO, id: 1, payload: hello },
+    { type: Frame.LISTING, id: 0, payload: listing },
     { type: Frame.READ, id: 7, payload: readRequest(7, 3, 2 ** 40 + 4096, 131_072, NO_SLOT).subarray(9) },
     { type: Frame.READY, id: 0, payload: Buffer.alloc(0) },
     { type: Frame.DATA, id: 7, payload: big },
@@ -39,6 +41,7 @@ function sample(): { bytes: Buffer; want: Got[] } {
   ];
   const bytes = Buffer.concat([
     frame(Frame.HELLO, 1, hello),
+    frame(Frame.LISTING, 0, listing),
     readRequest(7, 3, 2 ** 40 + 4096, 131_072, NO_SLOT),
     frame(Frame.READY, 0),
     header(Frame.DATA, 7, big.length),
@@ -90,7 +93,7 @@ describe('image mount wire (fuse-wire.ts)', () => {
     for (let at = 0; at < bytes.length; at += 65_536) reader.push(bytes.subarray(at, at + 65_536));
     assert.deepEqual(got, want);
     assert.equal(seen!.buffer, into.buffer, 'the payload was not put into the target');
-    assert.ok(into.subarray(0, 200_000).equals(want[3]!.payload));
+    assert.ok(into.subarray(0, 200_000).equals(want[4]!.payload));
   });
 
   it('round-trips a READ', () => {

@@ -10,7 +10,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { pathToFileURL } from 'node:url';
 import { isPicoError } from '../shared/errors.js';
 import type { ImageFile, ImageManifest } from '../pagestore/image-store.js';
-import { cleanStaleMount, mountImage, type ImageMount, type ImageMountOptions } from '../pagestore/image-mount.js';
+import { cleanStaleMount, mountImage, mountPending, type ImageMount, type ImageMountOptions, type PendingMount } from '../pagestore/image-mount.js';
 import { PageRuns } from '../pagestore/page-runs.js';
 import { fileChunks, type ChunkRef } from '../pagestore/image-store.js';
 import { until } from './helpers/poll.js';
@@ -187,6 +187,32 @@ function fdTargets(pid: number): string[] {
       return ''; // closed meanwhile
     }
   });
+}
+
+/** Starts `cmd` in a child; `done` settles with how it ended and what it printed. */
+function started(cmd: string, args: string[]): { pid: number; done: Promise<Run> } {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const out: Buffer[] = [];
+  let stderr = '';
+  child.stdout.on('data', (b: Buffer) => out.push(b));
+  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  const done = new Promise<Run>((resolve) =>
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout: Buffer.concat(out), stderr });
+    }),
+  );
+  return { pid: child.pid!, done };
+}
+
+/** Whether process `pid` sleeps waiting for a FUSE request's answer (its kernel stack says so). */
+function waitsOnFuse(pid: number): boolean {
+  try {
+    return /fuse|request_wait_answer/.test(readFileSync(`/proc/${pid}/stack`, 'utf8'));
+  } catch {
+    return false;
+  }
 }
 
 function isMounted(p: string): boolean {
@@ -443,6 +469,41 @@ describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
     ]).finally(() => clearTimeout(timer));
     assertGoneOrEmpty(m.path);
     await m.close(); // idempotent
+  });
+
+  it('a mount made before its image: the root stats at once, other requests wait for serve() and are then answered', async () => {
+    const pending = await mountPending(freshDir('mnt'), { what: 'a test image' });
+    let served: ImageMount | undefined;
+    try {
+      assert.equal((await ok('stat', ['-c', '%F', pending.path])).toString().trim(), 'directory');
+      const reader = started('cat', [path.join(pending.path, 'sub/dir/core-1.img')]);
+      const lister = started('ls', ['-n', pending.path]);
+      await until(() => waitsOnFuse(reader.pid) && waitsOnFuse(lister.pid), 'the reader and the lister to wait on the mount');
+      served = pending.serve({ manifest, chunk: async (ref) => chunks.get(ref.hash)! });
+      open.add(served);
+      const read = await reader.done;
+      assert.equal(read.code, 0, read.stderr);
+      assert.ok(read.stdout.equals(contents.get('sub/dir/core-1.img')!), 'the bytes read after serve()');
+      const listed = await lister.done;
+      assert.equal(listed.code, 0, listed.stderr);
+      assert.match(listed.stdout.toString(), /pages-1\.img/);
+      assert.throws(() => pending.serve({ manifest, chunk: async (ref) => chunks.get(ref.hash)! }), /serves an image already/);
+      await ok('cmp', [path.join(expectedDir, 'pages-1.img'), path.join(served.path, 'pages-1.img')]);
+    } finally {
+      await pending.close();
+      if (served) open.delete(served);
+    }
+    assertGoneOrEmpty(pending.path);
+  });
+
+  it('a mount that never gets its image: close() fails the waiting reader (no hang) and leaves nothing mounted', async () => {
+    const pending: PendingMount = await mountPending(freshDir('mnt'), { what: 'a test image' });
+    const reader = started('cat', [path.join(pending.path, 'inventory.img')]);
+    await until(() => waitsOnFuse(reader.pid), 'the reader to wait on the mount');
+    await pending.close();
+    const r = await reader.done;
+    assert.notEqual(r.code, 0, 'the reader got bytes of no image');
+    assertGoneOrEmpty(pending.path);
   });
 
   it('close() is fine when the mount is already gone, and twice', async () => {
