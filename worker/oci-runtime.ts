@@ -17,7 +17,7 @@ import { ensureKdatCache, type KdatState } from './oci/kdat.js';
 import { LazyRelay } from './oci/lazy-relay.js';
 import { writeRestorePack } from './oci/restore-plan.js';
 import type { RestorePacks } from '../pagestore/restore-pack.js';
-import { LazyRestore, type LazyOutcome } from './oci/lazy-restore.js';
+import { LazyRestore, type LazyBeginOptions, type LazyOutcome } from './oci/lazy-restore.js';
 import { dropLocalImage, keepLocalImage, localImageGeneration, localImageIs, matchLocalImage, warmHashThreads, type LocalImageCheck } from './oci/local-image.js';
 import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from './oci/netns.js';
 import { criuForRunc } from './oci/criu-runc.js';
@@ -145,11 +145,19 @@ export interface OciCheckpointResult extends CheckpointResult {
   storeMs: number;
 }
 
+/** What a restore reads beside its look-up of the manifest (activeset mode). */
+interface EarlyReads {
+  activeSet?: Promise<ActiveSetRecord | undefined> | undefined;
+  packs?: RestorePacks | undefined;
+}
+
 /** The image a restore reads: a directory, and what to do with it once the restore is over. */
 interface RestoreImage {
   path: string;
-  /** where its bytes come from first */
-  source: 'local' | 'store';
+  /** where its bytes come from first (known once the manifest is: see `manifest`) */
+  source: 'local' | 'store' | undefined;
+  /** the image's manifest; an early lazy image (earlyLazyImage) is made before it is known */
+  manifest: Promise<ImageManifest>;
   /** lazy modes: the FUSE mount, the lazy-pages daemon and the ActiveSet */
   lazy?: LazyRestore;
   /** the restore is over (`ok`: it succeeded): delete or unmount what it read */
@@ -525,17 +533,30 @@ export class OciRuntime implements ContainerRuntime {
       const latest = this.store.latest(spec.name);
       const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name, latest) : undefined;
       activeSet?.catch(() => undefined);
-      const manifest = await latest.catch((err: unknown) => {
-        throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
-      });
-      if (!manifest) throw new PicoError('PICO_ERR_IMAGE_MISSING', `app ${spec.name} has no stored image to restore`);
-      const manifestMs = performance.now() - t0;
+      let manifestMs = 0;
+      const lookedUp = latest.then(
+        (m) => {
+          manifestMs = performance.now() - t0;
+          if (!m) throw new PicoError('PICO_ERR_IMAGE_MISSING', `app ${spec.name} has no stored image to restore`);
+          return m;
+        },
+        (err: unknown) => {
+          throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
+        },
+      );
       const record = this.record(spec.name);
       const net = this.records.network(record);
       const p = this.records.paths(spec.name);
       rmSync(p.restore, { recursive: true, force: true });
       rmSync(p.restoreWork, { recursive: true, force: true });
-      const img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log, { activeSet, packs });
+      let img: RestoreImage;
+      if (mode !== 'full' && LazyRestore.canBegin()) {
+        // `runc restore` starts before the manifest is in: its reads of the image wait for it.
+        img = await this.earlyLazyImage(spec, mode, record, log, { activeSet, packs }, lookedUp);
+      } else {
+        const manifest = await lookedUp;
+        img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log, { activeSet, packs });
+      }
       const fetchedMs = performance.now() - t0;
       if (signal?.aborted) {
         await img.release(false);
@@ -558,7 +579,10 @@ export class OciRuntime implements ContainerRuntime {
       const preparedMs = performance.now() - t0;
       const logFrom = fileSize(this.logFile(spec.name));
       let att: AttachedContainer;
+      let manifest: ImageManifest;
       try {
+        // An early image whose manifest could not be had already: no runc for it.
+        if (img.lazy?.failure) throw img.lazy.failure;
         const attaching = this.runc.restoreAttached(record.id, {
           bundle: p.bundle,
           imagePath: img.path,
@@ -570,13 +594,16 @@ export class OciRuntime implements ContainerRuntime {
         // spawn, which holds this process too, comes second. CRIU waits for it at the relay.
         img.lazy?.spawnDaemon();
         att = await attaching;
+        // runc read the image, so the manifest is in; an early image's attach() may still be settling.
+        manifest = await img.manifest;
       } catch (err) {
         await this.runc.delete(record.id, { force: true }).catch(() => undefined);
         await img.release(false);
         await this.cleanupNetwork(net, log);
         // A page that could not be had is the cause, not CRIU's failure that followed from it.
         if (img.lazy?.failure) throw img.lazy.failure;
-        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${manifest.generation} failed: ${describeError(err)}`, { cause: err });
+        const generation = await img.manifest.then((m) => m.generation).catch(() => '?');
+        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${generation} failed: ${describeError(err)}`, { cause: err });
       }
       const restoredMs = performance.now() - t0;
       const c = this.adopt(spec, record, net, att);
@@ -646,7 +673,7 @@ export class OciRuntime implements ContainerRuntime {
         throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: generation ${manifest.generation} cannot be restored`);
       }
     }
-    return { path: local ? p.local.dir : p.restore, source: local ? 'local' : 'store', release };
+    return { path: local ? p.local.dir : p.restore, source: local ? 'local' : 'store', manifest: Promise.resolve(manifest), release };
   }
 
   /**
@@ -660,15 +687,59 @@ export class OciRuntime implements ContainerRuntime {
     mode: 'lazy' | 'activeset',
     record: AppRecord,
     log: Logger,
-    early: { activeSet?: Promise<ActiveSetRecord | undefined>; packs?: RestorePacks | undefined },
+    early: EarlyReads,
   ): Promise<RestoreImage> {
     const p = this.records.paths(spec.name);
-    const local = (this.opts.localImages ?? true) && localImageIs(p.local, manifest);
+    const local = this.hasLocal(spec.name, manifest);
     await cleanStaleMount(p.mount);
-    const lazy = await LazyRestore.prepare({
+    const lazy = await LazyRestore.prepare({ ...(await this.lazyOptions(spec, mode, record, log, early)), manifest, ...(local ? { localDir: p.local.dir } : {}) });
+    return { path: lazy.imagePath, source: local ? 'local' : 'store', manifest: Promise.resolve(manifest), lazy, release: this.lazyRelease(spec.name, lazy, () => local) };
+  }
+
+  /**
+   * As lazyImage, but made before the manifest is in (LazyRestore.begin: the mount and the
+   * relay): the image is served as soon as `manifest` resolves, while `runc restore` may be
+   * starting already. A manifest that cannot be had (or served) becomes the lazy restore's
+   * failure, and the mount goes: readers waiting on it fail.
+   */
+  private async earlyLazyImage(
+    spec: AppSpec,
+    mode: 'lazy' | 'activeset',
+    record: AppRecord,
+    log: Logger,
+    early: EarlyReads,
+    manifest: Promise<ImageManifest>,
+  ): Promise<RestoreImage> {
+    const p = this.records.paths(spec.name);
+    await cleanStaleMount(p.mount);
+    const lazy = await LazyRestore.begin(await this.lazyOptions(spec, mode, record, log, early));
+    let local = false;
+    const img: RestoreImage = {
+      path: lazy.imagePath,
+      source: undefined,
+      manifest: manifest.then(async (m) => {
+        local = this.hasLocal(spec.name, m);
+        img.source = local ? 'local' : 'store';
+        await lazy.attach(m, local ? p.local.dir : undefined);
+        return m;
+      }),
+      lazy,
+      release: this.lazyRelease(spec.name, lazy, () => local),
+    };
+    img.manifest.catch((err: unknown) => lazy.fail(err as Error));
+    return img;
+  }
+
+  private hasLocal(app: string, manifest: ImageManifest): boolean {
+    return (this.opts.localImages ?? true) && localImageIs(this.records.paths(app).local, manifest);
+  }
+
+  /** What a lazy restore of `spec` needs whatever its manifest. */
+  private async lazyOptions(spec: AppSpec, mode: 'lazy' | 'activeset', record: AppRecord, log: Logger, early: EarlyReads): Promise<LazyBeginOptions> {
+    const p = this.records.paths(spec.name);
+    return {
       app: spec.name,
       mode,
-      manifest,
       mountpoint: p.mount,
       workDir: p.restoreWork,
       criu: this.opts.criu,
@@ -677,7 +748,6 @@ export class OciRuntime implements ContainerRuntime {
       ...(this.opts.activeSets ? { activeSets: this.opts.activeSets } : {}),
       ...(early.activeSet ? { activeSet: early.activeSet } : {}),
       ...(early.packs ? { packs: early.packs } : {}),
-      ...(local ? { localDir: p.local.dir } : {}),
       ...(this.opts.activeSetGraceMs !== undefined ? { graceMs: this.opts.activeSetGraceMs } : {}),
       ...(this.opts.sweepAfterMs !== undefined ? { sweepAfterMs: this.opts.sweepAfterMs } : {}),
       onPageFailure: async (err) => {
@@ -685,15 +755,18 @@ export class OciRuntime implements ContainerRuntime {
         await this.runc.kill(record.id, 'SIGKILL', { all: true }).catch(() => undefined);
       },
       log,
-    });
+    };
+  }
+
+  /** A lazy image's release: a failed restore stops the lazy restore; the local copy it read goes either way. */
+  private lazyRelease(app: string, lazy: LazyRestore, usedLocal: () => boolean): (ok: boolean) => Promise<void> {
     let released = false;
-    const release = async (ok: boolean): Promise<void> => {
+    return async (ok) => {
       if (released) return;
       released = true;
       if (!ok) await lazy.abort();
-      if (local) dropLocalImage(p.local);
+      if (usedLocal()) dropLocalImage(this.records.paths(app).local);
     };
-    return { path: lazy.imagePath, source: local ? 'local' : 'store', lazy, release };
   }
 
   /** SIGTERM, SIGKILL after the grace period, delete the container, remove its netns. */

@@ -5,7 +5,7 @@ import type { Logger } from '../../shared/log.js';
 import type { PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { mapBounded } from '../../pagestore/bounded.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
-import { mountImage, type ImageMount } from '../../pagestore/image-mount.js';
+import { mountImage, type ImageMount, type PendingMount, type ServeOptions } from '../../pagestore/image-mount.js';
 import { chunkAt, fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { PageRuns } from '../../pagestore/page-runs.js';
 import { decodeRestorePack, type PackPart, type RestorePacks } from '../../pagestore/restore-pack.js';
@@ -52,6 +52,11 @@ const NEARBY_CHUNKS = 4;
 export interface LazyImageOptions {
   manifest: ImageManifest;
   mountpoint: string;
+  /**
+   * the mount, made before the manifest was known (mountPending at `mountpoint`): served with
+   * this image instead of mounting anew, and closed by close() as if it were this image's own
+   */
+  mount?: PendingMount;
   store: ImageStore;
   cache: ChunkCache;
   /** a local copy of exactly this image (same manifest), read before the store */
@@ -128,11 +133,13 @@ export class LazyImage {
     this.concurrency = o.concurrency ?? o.store.concurrency ?? 16;
   }
 
-  /** Mounts the image (nothing fetched yet: see prefetch()). Throws with nothing left mounted. */
+  /**
+   * Mounts the image, or serves it on `o.mount` (nothing fetched yet: see prefetch()). Throws
+   * with nothing left mounted, but for `o.mount`: that is the caller's to close.
+   */
   static async open(o: LazyImageOptions): Promise<LazyImage> {
     const img = new LazyImage(o);
-    img.mount = await mountImage({
-      mountpoint: o.mountpoint,
+    const serve: ServeOptions = {
       manifest: o.manifest,
       chunk: async (ref, file) => {
         const got = await img.chunk(file, ref);
@@ -145,8 +152,8 @@ export class LazyImage {
       },
       onFailure: (err) => o.onFailure(err),
       held: (file, pos, end) => img.held(file, pos, end),
-      log: o.log,
-    });
+    };
+    img.mount = o.mount ? o.mount.serve(serve) : await mountImage({ mountpoint: o.mountpoint, ...serve, log: o.log });
     return img;
   }
 

@@ -9,6 +9,7 @@ import { fileChunks, type ImageManifest, type ImageStore } from '../../pagestore
 import { imageUnreadable, LazyImage, noImageStats, type LazyImageStats } from './lazy-image.js';
 import { LazyPagesDaemon, type PageFault } from './lazy-pages.js';
 import { LazyRelay } from './lazy-relay.js';
+import { mountPending, type PendingMount } from '../../pagestore/image-mount.js';
 import { PAGE_SIZE } from './pagemap.js';
 
 /*
@@ -17,6 +18,11 @@ import { PAGE_SIZE } from './pagemap.js';
  *   prepare()      FUSE mount, then at once: the prefetch (the ActiveSet in activeset mode)
  *                  and the relay  [the relay awaited; reads of the mount wait for the packs
  *                  they need]
+ *     or begin()   before the manifest is known: the mount, without its image (its readers
+ *                  wait: image-mount.ts, mountPending), and the relay; then, as soon as the
+ *                  manifest is in, attach(): the image served on that mount and the prefetch.
+ *                  `runc restore` starts between the two, so that its own start-up (~40 ms
+ *                  before it reads the image) overlaps the manifest's look-up
  *   (the runtime: `runc restore --lazy-pages`, connecting to the relay)
  *   spawnDaemon()  `criu lazy-pages` on the mount, behind the relay (which waits for it); the
  *                  process resumes once CRIU is done, and its faults are served
@@ -37,10 +43,16 @@ import { PAGE_SIZE } from './pagemap.js';
  * process without pages too: `finished` reports it and the runtime kills the container.
  */
 
-export interface LazyRestoreOptions {
+export interface LazyRestoreOptions extends LazyBeginOptions {
+  manifest: ImageManifest;
+  /** a local copy of this very image, read before the store */
+  localDir?: string;
+}
+
+/** What a lazy restore needs before its manifest is known (begin()). */
+export interface LazyBeginOptions {
   app: string;
   mode: Exclude<RestoreMode, 'full'>;
-  manifest: ImageManifest;
   mountpoint: string;
   workDir: string;
   criu: string;
@@ -55,8 +67,6 @@ export interface LazyRestoreOptions {
   activeSet?: Promise<ActiveSetRecord | undefined>;
   /** the app's restore packs (pagestore/restore-pack.ts), read likewise; activeset mode only */
   packs?: RestorePacks;
-  /** a local copy of this very image, read before the store */
-  localDir?: string;
   /** in ms: the ActiveSet window stays open this long after served(); default 500 */
   graceMs?: number;
   /**
@@ -87,6 +97,9 @@ export class LazyRestore {
   failure: Error | undefined;
   readonly finished: Promise<LazyOutcome>;
   private image: LazyImage | undefined;
+  /** begin()'s mount, until attach() serves the image on it */
+  private pending: PendingMount | undefined;
+  private manifest: ImageManifest | undefined;
   private daemon: LazyPagesDaemon | undefined;
   private windowEnd = Infinity;
   private readonly startedAt = performance.now();
@@ -96,7 +109,7 @@ export class LazyRestore {
   private sweepTimer: NodeJS.Timeout | undefined;
   private relay: LazyRelay | undefined;
 
-  private constructor(private readonly o: LazyRestoreOptions) {
+  private constructor(private readonly o: LazyBeginOptions) {
     this.finished = new Promise((resolve) => (this.resolveFinished = resolve));
   }
 
@@ -111,6 +124,50 @@ export class LazyRestore {
    */
   static async prepare(o: LazyRestoreOptions): Promise<LazyRestore> {
     const r = new LazyRestore(o);
+    try {
+      await r.attach(o.manifest, o.localDir);
+      await r.startDaemon();
+    } catch (err) {
+      await r.abort();
+      throw r.failure ?? err;
+    }
+    o.log.debug({ ms: Math.round(performance.now() - r.startedAt) }, 'the restore may connect to the lazy-pages daemon');
+    return r;
+  }
+
+  /** Whether begin() can be used here: it needs the relay (python3), which waits for the daemon. */
+  static canBegin(): boolean {
+    return LazyRelay.available();
+  }
+
+  /**
+   * The part of a restore that needs no manifest: the mount (its readers wait for attach()) and
+   * the relay. Resolves once the restore may connect. Throws with nothing left mounted or
+   * running. Only where canBegin(): without the relay the daemon would have to listen first,
+   * and it cannot before it read the image.
+   */
+  static async begin(o: LazyBeginOptions): Promise<LazyRestore> {
+    const r = new LazyRestore(o);
+    try {
+      r.pending = await mountPending(o.mountpoint, { log: o.log, what: `the image of ${o.app}` });
+      await r.startDaemon();
+    } catch (err) {
+      await r.abort();
+      throw err;
+    }
+    o.log.debug({ ms: Math.round(performance.now() - r.startedAt) }, 'the restore may connect to the lazy-pages daemon; its image is not known yet');
+    return r;
+  }
+
+  /**
+   * Serves `manifest`'s image (on begin()'s mount, or a mount of its own) and starts the
+   * prefetch, which goes on after this resolves. Throws (imageUnreadable) when the image cannot
+   * be served; the caller aborts.
+   */
+  async attach(manifest: ImageManifest, localDir?: string): Promise<void> {
+    const o = this.o;
+    if (this.aborted) throw this.failure ?? new Error(`the restore of ${o.app} was aborted`);
+    this.manifest = manifest;
     let record: ActiveSetRecord | undefined;
     if (o.mode === 'activeset' && o.activeSets) {
       record = await (o.activeSet ?? o.activeSets.read(o.app)).catch((err: unknown) => {
@@ -119,43 +176,51 @@ export class LazyRestore {
       });
     }
     const sets = record ? o.activeSets : undefined;
-    const recordMs = performance.now() - r.startedAt;
+    const recordMs = performance.now() - this.startedAt;
     const image = await LazyImage.open({
-      manifest: o.manifest,
+      manifest,
       mountpoint: o.mountpoint,
+      ...(this.pending ? { mount: this.pending } : {}),
       store: o.store,
       cache: o.cache,
-      ...(o.localDir ? { localDir: o.localDir } : {}),
-      prefetch: sets ? sets.plan(o.manifest, record) : [],
+      ...(localDir ? { localDir } : {}),
+      prefetch: sets ? sets.plan(manifest, record) : [],
       onFailure: async (err) => {
-        r.failure ??= imageUnreadable(o.app, o.manifest.generation, err);
-        await o.onPageFailure(r.failure);
+        this.failure ??= imageUnreadable(o.app, manifest.generation, err);
+        await o.onPageFailure(this.failure);
       },
       log: o.log,
     }).catch((err: unknown) => {
-      throw imageUnreadable(o.app, o.manifest.generation, err);
+      throw imageUnreadable(o.app, manifest.generation, err);
     });
-    r.image = image;
-    o.log.debug({ activeSetMs: Math.round(recordMs), ms: Math.round(performance.now() - r.startedAt) }, 'the lazy image is mounted');
+    this.image = image;
+    this.pending = undefined;
+    if (this.aborted) {
+      // aborted while the image was being opened: settle() closed the mount it knew of, if any
+      await image.close().catch(() => undefined);
+      throw this.failure ?? new Error(`the restore of ${o.app} was aborted`);
+    }
+    o.log.debug({ activeSetMs: Math.round(recordMs), ms: Math.round(performance.now() - this.startedAt) }, 'the lazy image is mounted');
     // Not awaited: the daemon and `runc restore` start at once, and their reads of the mount wait
     // for the packs that carry what they read (lazy-image.ts). A chunk that cannot be had fails
     // the read that needs it (after onFailure): the restore fails visibly there.
-    void image.prefetch(sets ? (locate) => sets.plan(o.manifest, record, locate) : undefined, o.mode === 'activeset' ? o.packs : undefined).then(
+    void image.prefetch(sets ? (locate) => sets.plan(manifest, record, locate) : undefined, o.mode === 'activeset' ? o.packs : undefined).then(
       () => {
-        if (!r.aborted) void image.warmPageCache(); // beside `criu restore`, which does not read those pages
+        if (!this.aborted) void image.warmPageCache(); // beside `criu restore`, which does not read those pages
       },
       (err: unknown) => {
-        if (!r.aborted) o.log.warn({ err: (err as Error).message }, 'the prefetch stopped; reads fetch what they need');
+        if (!this.aborted) o.log.warn({ err: (err as Error).message }, 'the prefetch stopped; reads fetch what they need');
       },
     );
-    try {
-      await r.startDaemon();
-    } catch (err) {
-      await r.abort();
-      throw r.failure ?? err;
-    }
-    o.log.debug({ ms: Math.round(performance.now() - r.startedAt) }, 'the restore may connect to the lazy-pages daemon');
-    return r;
+  }
+
+  /**
+   * The restore cannot go on (its manifest could not be had): `err` is its failure from now on,
+   * and everything stops; readers of the mount waiting for the image fail (ENOTCONN).
+   */
+  async fail(err: Error): Promise<void> {
+    this.failure ??= err;
+    await this.abort();
   }
 
   /**
@@ -252,7 +317,7 @@ export class LazyRestore {
     const exit = this.daemon ? await this.daemon.exit : null;
     clearTimeout(this.sweepTimer);
     this.relay?.kill();
-    await this.image?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
+    await (this.image ?? this.pending)?.close().catch((err: unknown) => this.o.log.error({ err: (err as Error).message }, 'cannot unmount the image'));
     const stats = this.image?.stats() ?? noImageStats();
     let error = this.failure;
     if (!error && !this.aborted && exit && exit.code !== 0) {
@@ -263,7 +328,7 @@ export class LazyRestore {
     const { used, hits } = this.usedChunks(faults);
     if (used.length > 0 && this.o.activeSets) {
       await this.o.activeSets
-        .add(this.o.app, { at: new Date().toISOString(), generation: this.o.manifest.generation, chunks: used, pages: pageRanges(faults) })
+        .add(this.o.app, { at: new Date().toISOString(), generation: this.manifest!.generation, chunks: used, pages: pageRanges(faults) })
         .catch((err: unknown) => this.o.log.warn({ err: (err as Error).message }, 'cannot store the ActiveSet'));
     }
     const outcome: LazyOutcome = { ok: !error && !this.aborted, image: stats, used: used.length, hits, misses: used.length - hits, ...(error ? { error } : {}) };
@@ -277,7 +342,8 @@ export class LazyRestore {
    */
   private usedChunks(faults: PageFault[]): { used: UsedChunk[]; hits: number } {
     const byFile = new Map<string, PlannedChunk[]>();
-    for (const file of this.o.manifest.files) byFile.set(file.path, fileChunks(this.o.manifest, file).map((ref) => ({ file, ref })));
+    const manifest = this.manifest;
+    if (manifest) for (const file of manifest.files) byFile.set(file.path, fileChunks(manifest, file).map((ref) => ({ file, ref })));
     const out = new Map<string, { chunk: UsedChunk; hit: boolean }>();
     for (const f of faults) {
       const p = covering(byFile.get(f.file), f.offset);
