@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { isPicoError } from '../shared/errors.js';
+import { isPicoError, PicoError } from '../shared/errors.js';
 import { createLogger, silentLogger } from '../shared/log.js';
 import type { AppSpec, RestoreMode } from '../shared/protocol.js';
 import { ActiveSetStore } from '../pagestore/activeset.js';
@@ -264,4 +264,73 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
     else assert.equal(outcome.exited.error?.code, 'PICO_ERR_IMAGE_CORRUPT');
     await assertNothingRunning(r, 'damaged');
   });
+
+  it('runc restore starts while the manifest is still being looked up; a look-up that then fails fails the restore cleanly', async () => {
+    // The runtime's store, with latest() held at a gate the test opens (or fails).
+    let gate: { open(): void; fail(err: Error): void } | undefined;
+    const gated = Object.create(store) as ChunkedImageStore;
+    gated.latest = async (app: string) => {
+      await new Promise<void>((resolve, reject) => (gate = { open: resolve, fail: reject }));
+      return store.latest(app);
+    };
+    const r = await runtime('w-early', 320, { imageStore: gated });
+    const s = spec('early', 'activeset');
+    const c = await r.start(s);
+    await inc(c.endpoints[8080]!);
+    const boot = await state(c.endpoints[8080]!);
+    await r.checkpoint(c);
+    const id = containerIdFor(prefix, 'early');
+
+    const restoring = r.restore(s);
+    await until(() => gate !== undefined && runcReadsImage(id), 'runc restore to wait on the image mount while the manifest is held');
+    gate!.open();
+    const c2 = await restoring;
+    const back = await state(c2.endpoints[8080]!);
+    assert.equal(back.bootId, boot.bootId);
+    assert.equal(back.count, 1);
+    assert.equal(await verify(c2.endpoints[8080]!), '200 PASS');
+    await pagedIn('early', 1);
+    await r.checkpoint(c2);
+
+    gate = undefined;
+    const failing = r.restore(s).then(
+      () => assert.fail('the restore succeeded without its manifest'),
+      (err: unknown) => err,
+    );
+    await until(() => gate !== undefined && runcReadsImage(id), 'runc restore to wait on the image mount again');
+    gate!.fail(new PicoError('PICO_ERR_STORE', 'the store is down (injected)'));
+    const err = await failing;
+    assert.ok(isPicoError(err, 'PICO_ERR_STORE'), `restore failed with ${String(err)}`);
+    await until(async () => (await r.containers()).length === 0, 'no container left');
+    await assertNothingRunning(r, 'early');
+
+    // Nothing was lost: the next restore has its manifest and the app's state.
+    const restoringAgain = r.restore(s);
+    await until(() => gate !== undefined, 'the next look-up');
+    gate!.open();
+    const c3 = await restoringAgain;
+    assert.equal((await state(c3.endpoints[8080]!)).count, 1);
+    await r.stop(c3);
+  });
 });
+
+/** Whether a `runc restore` of container `id` runs with a thread waiting on a FUSE request (its kernel stack says so). */
+function runcReadsImage(id: string): boolean {
+  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    let cmdline: string[];
+    try {
+      cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue;
+    }
+    if (!/runc$/.test(cmdline[0] ?? '') || !cmdline.includes('restore') || cmdline[cmdline.length - 2] !== id) continue;
+    try {
+      for (const tid of readdirSync(`/proc/${pid}/task`)) {
+        if (/request_wait_answer|fuse_/.test(readFileSync(`/proc/${pid}/task/${tid}/stack`, 'utf8'))) return true;
+      }
+    } catch {
+      // it exited meanwhile
+    }
+  }
+  return false;
+}

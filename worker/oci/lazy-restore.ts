@@ -304,6 +304,9 @@ export class LazyRestore {
     this.aborted = true;
     this.relay?.kill();
     this.daemon?.kill();
+    // A reader of a mount still waiting for its image (the daemon, runc) waits for the mount to
+    // go, not for a signal: a FUSE request the server has taken ignores even SIGKILL.
+    await this.pending?.close();
     if (this.daemon) await this.daemon.exit;
     await this.settleOnce();
   }
