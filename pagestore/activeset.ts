@@ -119,7 +119,7 @@ export class ActiveSetStore {
    * manifest too, so no ordering with the manifest (or the other pack) is needed.
    */
   async putPack(app: string, part: PackPart, generation: number, contents: RestorePackContents): Promise<number> {
-    const body = encodeRestorePack(generation, contents);
+    const body = await encodeRestorePack(generation, contents);
     await this.store.put(restorePackKey(app, part), body);
     return body.length;
   }
@@ -135,18 +135,17 @@ export class ActiveSetStore {
   }
 
   /**
-   * Both of the app's restore packs; each promise is already caught (unhandled rejections: none).
-   * The restore pack is asked for at once, the ActiveSet pack (~10 MB) once `after` settled: on a
-   * link of limited bandwidth it shares the link with the small requests a restore waits on first
-   * (the manifest's look-up), and nothing reads it before the process runs. (In the S3 benchmark
-   * one run beside it measured look-ups of 180–630 ms, the next run after it 75–100 ms; other
-   * runs beside it had 75–100 ms too, so the gain is unproven on that loopback link.)
+   * Both of the app's restore packs, asked for at once; each promise is already caught
+   * (unhandled rejections: none). Both go beside the manifest's look-up: `runc restore` starts
+   * before the manifest is in (lazy-restore.ts, begin), so what waits for the packs is CRIU's
+   * first reads and the first page faults, not the look-up. (Asked for after the manifest, the
+   * ActiveSet pack arrived while CRIU ran; in the S3 benchmark CRIU took 130–140 ms then, against
+   * 77–117 ms with the pack asked for at once.)
    */
-  readPacks(app: string, after: Promise<unknown> = Promise.resolve()): RestorePacks {
+  readPacks(app: string): RestorePacks {
     const packs: RestorePacks = {};
     for (const part of PACK_PARTS) {
-      const read = (): Promise<Buffer | undefined> => this.readPack(app, part);
-      const p = part === 'activeset' ? after.then(read, read) : read();
+      const p = this.readPack(app, part);
       p.catch(() => undefined);
       packs[part] = p;
     }

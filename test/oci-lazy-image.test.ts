@@ -113,7 +113,7 @@ async function withImage(name: string, fn: (img: LazyImage, store: ImageStore & 
 describe('lazy image with a restore pack', { skip: skipReason }, () => {
   it('takes metadata and pages from the pack, serves the runs, and warms them without reading ahead into chunks', async () => {
     await withImage('a', async (img, store) => {
-      const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
+      const pack = await encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
       await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
       const s = img.stats();
       assert.equal(s.packed, 1);
@@ -139,7 +139,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       const late = new Promise<Buffer>((resolve) => (deliver = resolve));
       // The restore pack carries the page at 50 chunks (as it carries the pages criu restore reads).
       const eager = { file: 'pages-1.img', offset: 50 * CHUNK, bytes: Buffer.alloc(4096, 50) };
-      const restorePack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs: [eager] });
+      const restorePack = await encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs: [eager] });
       const prefetched = img.prefetch(undefined, { restore: Promise.resolve(restorePack), activeset: late });
       const file = path.join(img.path, 'pages-1.img');
       const reading = dd(file, 10 * CHUNK, 4096);
@@ -148,7 +148,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       assert.deepEqual(await dd(file, 50 * CHUNK, 4096), eager.bytes, 'so does a page it carries');
       await new Promise((r) => setTimeout(r, 200));
       assert.deepEqual(store.asked, [], 'the page read waits for the ActiveSet pack instead of fetching its chunk');
-      deliver(encodeRestorePack(3, { manifest: manifest.checksum, chunks: [], runs }));
+      deliver(await encodeRestorePack(3, { manifest: manifest.checksum, chunks: [], runs }));
       assert.deepEqual(await reading, Buffer.alloc(4096, 10));
       await prefetched;
       assert.deepEqual(store.asked, [], 'answered from the run');
@@ -158,7 +158,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
 
   it('a pack of another image: its chunks are used, its runs are not; memory is prefetched by chunk', async () => {
     await withImage('b', async (img, store) => {
-      const pack = encodeRestorePack(2, { manifest: 'f'.repeat(64), chunks: [coreChunk], runs });
+      const pack = await encodeRestorePack(2, { manifest: 'f'.repeat(64), chunks: [coreChunk], runs });
       await img.prefetch(undefined, { restore: Promise.resolve(pack) });
       assert.equal(img.stats().packed, 1);
       assert.equal(img.stats().packedPages, 0);
@@ -171,7 +171,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
     await withImage(
       'd',
       async (img, store) => {
-        const pack = encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
+        const pack = await encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
         await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
         const file = path.join(img.path, 'pages-1.img');
         const asked = (): number[] => [...new Set(store.asked)].sort((a, b) => a - b);

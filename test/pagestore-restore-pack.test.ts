@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { ActiveSetStore } from '../pagestore/activeset.js';
 import { sha256 } from '../pagestore/chunked-image-store.js';
 import { MemoryObjectStore } from '../pagestore/memory-store.js';
@@ -18,11 +19,18 @@ const image = { checksum: 'c'.repeat(64) };
 const other = { checksum: 'd'.repeat(64) };
 const run1 = { file: 'pages-1.img', offset: 8192, bytes: Buffer.alloc(4096, 1) };
 const run2 = { file: 'pages-1.img', offset: 40960, bytes: Buffer.alloc(8192, 2) };
+/** The same pack in format 2: its body uncompressed. */
+function plain(buf: Buffer): Buffer {
+  const indexEnd = 16 + buf.readUInt32LE(12);
+  const head = Buffer.from(buf.subarray(0, indexEnd));
+  head.writeUInt32LE(2, 4);
+  return Buffer.concat([head, inflateRawSync(buf.subarray(indexEnd))]);
+}
 const pack = (chunks: Array<{ hash: string; bytes: Buffer }>, runs = [run1, run2]) => ({ manifest: image.checksum, chunks, runs });
 
 describe('restore pack', () => {
   it('round-trips the chunks the reader may use, in order, and nothing else, and the runs', async () => {
-    const buf = encodeRestorePack(7, pack([a, b, empty]));
+    const buf = await encodeRestorePack(7, pack([a, b, empty]));
     const all = await decodeRestorePack(buf, image, new Set([a.hash, b.hash, empty.hash]));
     assert.equal(all.generation, 7);
     assert.equal(all.current, true);
@@ -33,14 +41,14 @@ describe('restore pack', () => {
   });
 
   it('runs are for the image they were cut from only; its chunks still serve any image naming them', async () => {
-    const r = await decodeRestorePack(encodeRestorePack(7, pack([a])), other, new Set([a.hash]));
+    const r = await decodeRestorePack(await encodeRestorePack(7, pack([a])), other, new Set([a.hash]));
     assert.equal(r.current, false);
     assert.deepEqual(r.runs, []);
     assert.deepEqual(r.chunks.map((c) => c.hash), [a.hash]);
   });
 
-  it('a damaged chunk or run is dropped and counted; the others stay usable', async () => {
-    const buf = encodeRestorePack(1, pack([a, b], [run1]));
+  it('a damaged chunk or run is dropped and counted; the others stay usable (format 2: the body as it is)', async () => {
+    const buf = plain(await encodeRestorePack(1, pack([a, b], [run1])));
     buf[buf.length - 4097]! ^= 0xff; // the last byte of b
     buf[buf.length - 1]! ^= 0xff; // run1
     const r = await decodeRestorePack(buf, image, new Set([a.hash, b.hash]));
@@ -50,10 +58,17 @@ describe('restore pack', () => {
   });
 
   it('a frame that is not a pack is refused with a reason', async () => {
-    const buf = encodeRestorePack(1, pack([a, b]));
+    const buf = await encodeRestorePack(1, pack([a, b]));
     const wanted = new Set([a.hash]);
     await assert.rejects(() => decodeRestorePack(Buffer.from('garbage'), image, wanted), /bad magic/);
-    await assert.rejects(() => decodeRestorePack(buf.subarray(0, buf.length - 1), image, wanted), /holds/);
+    await assert.rejects(() => decodeRestorePack(buf.subarray(0, buf.length - 1), image, wanted), /does not inflate/);
+    await assert.rejects(() => decodeRestorePack(plain(buf).subarray(0, plain(buf).length - 1), image, wanted), /holds/);
+    const damaged = Buffer.from(buf);
+    damaged[damaged.length - 3]! ^= 0xff;
+    await assert.rejects(() => decodeRestorePack(damaged, image, wanted), /restore pack: the (body|index names)/);
+    // A body that inflates to more than its index names (a pack written to exhaust memory).
+    const bomb = Buffer.from(buf.subarray(0, 16 + buf.readUInt32LE(12)));
+    await assert.rejects(() => decodeRestorePack(Buffer.concat([bomb, deflateRawSync(Buffer.alloc(64 * 1024 * 1024))]), image, wanted), /inflates to more than/);
     const future = Buffer.from(buf);
     future.writeUInt32LE(99, 4);
     await assert.rejects(() => decodeRestorePack(future, image, wanted), /format 99/);
@@ -69,6 +84,15 @@ describe('restore pack', () => {
     await assert.rejects(() => decodeRestorePack(index('{"manifest":"x","chunks":[],"runs":[["pages-1.img",-1,0,"' + 'a'.repeat(64) + '"]]}'), image, wanted), /malformed/);
     await assert.rejects(() => decodeRestorePack(index('[]'), image, wanted), /malformed/, 'a format-1 index');
     await assert.rejects(() => decodeRestorePack(index('{'), image, wanted), /not JSON/);
+  });
+
+  it('compresses its body: pages of a heap take a fraction of their size', async () => {
+    const heapish = Buffer.alloc(64 * 4096);
+    for (let i = 0; i < heapish.length; i += 16) heapish.writeUInt32LE(0x2a000000 + ((i * 2654435761) % 4096), i); // pointers into one region, zeros between
+    const buf = await encodeRestorePack(1, pack([], [{ file: 'pages-1.img', offset: 0, bytes: heapish }]));
+    assert.ok(buf.length < heapish.length / 4, `${buf.length} bytes for ${heapish.length}`);
+    const r = await decodeRestorePack(buf, image, new Set());
+    assert.ok(r.runs[0]?.bytes.equals(heapish));
   });
 
   it('is kept per app, replaced by the next one, and absent until written', async () => {

@@ -531,7 +531,7 @@ export class OciRuntime implements ContainerRuntime {
       // Read beside the manifest's look-up; a failure is the lazy restore's to report.
       const activeSet = mode === 'activeset' ? this.opts.activeSets?.read(spec.name) : undefined;
       const latest = this.store.latest(spec.name);
-      const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name, latest) : undefined;
+      const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name) : undefined;
       activeSet?.catch(() => undefined);
       let manifestMs = 0;
       const lookedUp = latest.then(
