@@ -24,7 +24,8 @@
  * in the store (that is the point of them); only the activeset runtimes are given the ActiveSet
  * store, so its first (warm-up, not counted) restore records the first ActiveSet. Between wakes
  * the app is checkpointed again (a checkpoint after a restore of an unchanged app: its upload
- * share is the re-checkpoint figure). Wake time runs from the call of runtime.restore (or the
+ * share is the re-checkpoint figure). Each restore is told the generation the last checkpoint
+ * stored, as the gateway tells its worker (the worker reads that manifest beside its listing). Wake time runs from the call of runtime.restore (or the
  * process runtime's start) to the first byte of the answer to `GET /`, sent as soon as the
  * runtime reports the app ready; the table shows median, min and max over --runs wakes per mode.
  * Traffic goes to loopback (s3rver, the proxy, the cold-started app) and the containers' veth
@@ -149,6 +150,8 @@ async function main(): Promise<void> {
     let c = await first.start(spec(PORT));
     const original = (await firstByte(c.endpoints[PORT]!)).answer;
     const initial = await first.checkpoint(c);
+    /** the newest generation stored: each restore is told it, as the gateway tells its worker */
+    let generation = initial.generation;
     console.log(
       `stored: image ${(initial.imageBytes / 1e6).toFixed(0)} MB (uploaded ${(initial.uploadedBytes / 1e6).toFixed(0)} MB in ${(initial.storeMs / 1000).toFixed(1)} s, unshaped), ` +
         `${(await store.latest(APP))!.files.length} files; app RSS ${original.rssMB} MB`,
@@ -190,7 +193,7 @@ async function main(): Promise<void> {
       await shaped(true);
       const seenFrom = await net.seenCount();
       const t0 = performance.now();
-      const restoredContainer = await r.restore(spec(PORT, mode));
+      const restoredContainer = await r.restore(spec(PORT, mode), undefined, { generation });
       const readyAt = performance.now();
       const readyWall = Date.now();
       const fb = await firstByte(restoredContainer.endpoints[PORT]!);
@@ -210,6 +213,7 @@ async function main(): Promise<void> {
       }
       await shaped(false);
       const checkpoint = await r.checkpoint(restoredContainer);
+      generation = checkpoint.generation;
       await cache.close();
       const restored = logged.slice(logFrom).find((l) => l.msg === 'container restored') ?? {};
       const w: Wake = {

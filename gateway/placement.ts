@@ -294,7 +294,9 @@ export class Placement implements AppLifecycle {
         rec.lastWorker = worker;
         log = log.child({ worker: worker.id });
         log.info({ trigger, kind }, 'wake');
-        const res = await worker.call({ v: 1, type: kind, app: rec.spec });
+        const res = await worker.call(
+          kind === 'restore' && rec.generation !== null ? { v: 1, type: kind, app: rec.spec, generation: rec.generation } : { v: 1, type: kind, app: rec.spec },
+        );
         if (res.type === 'running') {
           rec.endpoints = res.endpoints;
           rec.awaitingServed = res.restored;

@@ -701,9 +701,14 @@ export class ChunkedImageStore implements ImageStore {
     }
   }
 
-  private async newestVerified(app: string, gens: number[], accept?: (m: ImageManifest) => Promise<boolean>): Promise<ImageManifest | undefined> {
+  private async newestVerified(
+    app: string,
+    gens: number[],
+    accept?: (m: ImageManifest) => Promise<boolean>,
+    read?: { generation: number; manifest: ReturnType<ChunkedImageStore['readManifest']> },
+  ): Promise<ImageManifest | undefined> {
     for (const g of gens) {
-      const r = await this.readManifest(app, g);
+      const r = await (read?.generation === g ? read.manifest : this.readManifest(app, g));
       if ('corrupt' in r) {
         this.log.warn({ app, generation: g, err: r.corrupt.message }, 'skipping a corrupt manifest');
         continue;
@@ -715,9 +720,13 @@ export class ChunkedImageStore implements ImageStore {
     return undefined;
   }
 
-  async latest(app: string): Promise<ImageManifest | undefined> {
+  async latest(app: string, expected?: number): Promise<ImageManifest | undefined> {
     checkApp(app);
-    return this.newestVerified(app, await this.generationNumbers(app));
+    if (expected === undefined || !Number.isSafeInteger(expected) || expected < 1) return this.newestVerified(app, await this.generationNumbers(app));
+    // The expected manifest is read beside the listing; the listing still decides which is newest.
+    const manifest = this.readManifest(app, expected);
+    manifest.catch(() => undefined);
+    return this.newestVerified(app, await this.generationNumbers(app), undefined, { generation: expected, manifest });
   }
 
   /** Every stored generation of `app`, newest first, with whether its manifest verifies. */

@@ -124,8 +124,13 @@ export interface PruneStats {
 export interface ImageStore {
   /** Stores the image directory `dir` as the next generation of `app`; verified before it resolves. */
   put(app: string, dir: string): Promise<{ manifest: ImageManifest; stats: PutStats }>;
-  /** The newest generation whose manifest verifies, or undefined when the app has none. */
-  latest(app: string): Promise<ImageManifest | undefined>;
+  /**
+   * The newest generation whose manifest verifies, or undefined when the app has none.
+   * `expected`: the generation the caller believes newest; its manifest may be read beside the
+   * look-up of what is stored (one round trip to the store instead of two). A wrong guess costs a
+   * read, never a wrong answer.
+   */
+  latest(app: string, expected?: number): Promise<ImageManifest | undefined>;
   /** Writes the image of `manifest` into the empty directory `dir`, verifying every chunk. */
   get(manifest: ImageManifest, dir: string): Promise<void>;
   /**

@@ -51,7 +51,12 @@ export type Endpoints = Record<number, Endpoint>;
 
 export type WorkerRequest =
   | { v: 1; type: 'start'; app: AppSpec } // cold start from nothing
-  | { v: 1; type: 'restore'; app: AppSpec } // swap in from the app's newest stored image
+  /**
+   * swap in from the app's newest stored image; `generation`: the newest the gateway knows of, a
+   * hint (the worker reads that manifest beside its listing of the store, one round trip instead of
+   * two, and still restores the newest it finds)
+   */
+  | { v: 1; type: 'restore'; app: AppSpec; generation?: number }
   | { v: 1; type: 'checkpoint'; app: string } // swap out: store the image, then remove the container
   | { v: 1; type: 'stop'; app: string } // remove the container, store nothing
   | { v: 1; type: 'list' }

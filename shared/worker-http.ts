@@ -54,7 +54,7 @@ const appSpec = z.object({
 // z.object (not strict): a newer peer's extra optional fields are dropped, not refused.
 const requestSchema = z.discriminatedUnion('type', [
   z.object({ v: z.literal(1), type: z.literal('start'), app: appSpec }),
-  z.object({ v: z.literal(1), type: z.literal('restore'), app: appSpec }),
+  z.object({ v: z.literal(1), type: z.literal('restore'), app: appSpec, generation: z.number().int().min(0).optional() }),
   z.object({ v: z.literal(1), type: z.literal('checkpoint'), app: name }),
   z.object({ v: z.literal(1), type: z.literal('stop'), app: name }),
   z.object({ v: z.literal(1), type: z.literal('list') }),

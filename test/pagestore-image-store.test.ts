@@ -282,6 +282,26 @@ for (const backend of backends) {
       assertSameTree(out, src);
     });
 
+    it('latest(app, expected): the expected manifest is read while the listing is out; a wrong guess still gives the newest', async () => {
+      const b = open();
+      const { images } = b;
+      const v = imageDir({ 'a.img': randomBytes(2 * CHUNK) });
+      for (let i = 0; i < 3; i++) await images.put('app', v);
+      // The listing waits until the manifest of generation 3 was asked for: one round trip, not two.
+      let asked = false;
+      b.store.hook = async (op, key) => {
+        if (op === 'get' && key === manifestKey('app', 3)) asked = true;
+        if (op === 'list') await until(() => asked, 'the expected manifest to be read beside the listing');
+      };
+      assert.equal((await images.latest('app', 3))!.generation, 3);
+      b.store.hook = undefined;
+      for (const guess of [1, 2, 4, 99, 0, -1, 1.5]) assert.equal((await images.latest('app', guess))!.generation, 3, `guess ${guess}`);
+      // The guess is the newest but does not verify: the one before it is the answer.
+      b.corrupt(manifestKey('app', 3));
+      assert.equal((await images.latest('app', 3))!.generation, 2);
+      assert.equal(await images.latest('none', 1), undefined);
+    });
+
     it('numbers generations upward and never changes a stored one', async () => {
       const b = open();
       const { images } = b;

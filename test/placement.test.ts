@@ -67,6 +67,19 @@ describe('placement', () => {
     );
   });
 
+  it('a restore names the generation the last swap-out stored (the worker reads that manifest first)', async () => {
+    const t = (current = setup('50ms'));
+    t.worker.checkpointGeneration = 4;
+    t.placement.wake('web', 'dns');
+    await until(() => t.state() === 'stored', 'idle swap-out');
+    t.placement.wake('web', 'tcp');
+    await until(() => t.state() === 'running', 'running again');
+    const restore = t.worker.calls.find((c) => c.type === 'restore');
+    assert.equal(restore?.type === 'restore' ? restore.generation : undefined, 4);
+    const start = t.worker.calls.find((c) => c.type === 'start');
+    assert.ok(start && !('generation' in start), 'a start names none');
+  });
+
   it('never swaps out an app with an open connection', async () => {
     const t = (current = setup('30ms'));
     t.placement.wake('web', 'http');

@@ -8,6 +8,7 @@ import { request } from 'undici';
 import { silentLogger } from '../shared/log.js';
 import type { AppSpec } from '../shared/protocol.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
+import type { RestoreHint } from '../worker/runtime.js';
 import { Worker } from '../worker/worker.js';
 import { freePort } from './helpers/ports.js';
 import { until } from './helpers/poll.js';
@@ -39,6 +40,26 @@ describe('process runtime', () => {
     assert.deepEqual(res.type === 'running' && res.endpoints[port], { host: '127.0.0.1', port });
     const body = await (await request(`http://127.0.0.1:${port}/`)).body.text();
     assert.match(body, /^hello from hello/); // APP_NAME is the worker's to set
+  });
+
+  it('a restore request\'s generation reaches the runtime as its hint', async () => {
+    const hints: unknown[] = [];
+    const recording = new (class extends ProcessRuntime {
+      override restore(s: AppSpec, signal?: AbortSignal, hint?: RestoreHint) {
+        hints.push(hint);
+        return super.restore(s, signal);
+      }
+    })(silentLogger());
+    const w = new Worker('hinted', recording, silentLogger());
+    try {
+      const port = await freePort();
+      assert.equal((await w.handle({ v: 1, type: 'restore', app: spec('hinted', port), generation: 3 })).type, 'running');
+      await w.handle({ v: 1, type: 'stop', app: 'hinted' });
+      assert.equal((await w.handle({ v: 1, type: 'restore', app: spec('hinted', port) })).type, 'running');
+      assert.deepEqual(hints, [{ generation: 3 }, {}]);
+    } finally {
+      await w.stopAll();
+    }
   });
 
   it('checkpoint (a cold-start runtime: stop) removes the process group', async () => {

@@ -174,8 +174,10 @@ describe('worker agent transport', () => {
     const port = (await own.start()).port;
     const c = connect({ url: `http://127.0.0.1:${port}` });
     ownWorker.block('restore');
-    const call = c.call({ v: 1, type: 'restore', app: spec });
+    const call = c.call({ v: 1, type: 'restore', app: spec, generation: 7 });
     await until(() => ownWorker.calls.length === 1, 'the call to arrive');
+    const got = ownWorker.calls[0]!;
+    assert.equal(got.type === 'restore' ? got.generation : undefined, 7, 'the generation hint crosses the wire');
     const t0 = Date.now();
     await own.stop();
     await assert.rejects(call, { code: 'PICO_ERR_WORKER_UNREACHABLE' });

@@ -23,7 +23,7 @@ import { createNetwork, destroyNetwork, networkExists, type AppNetwork } from '.
 import { criuForRunc } from './oci/criu-runc.js';
 import { Runc, type AttachedContainer, type RuncExit, type Timing } from './oci/runc.js';
 import { waitForPort } from './readiness.js';
-import type { CheckpointResult, Container, ContainerRuntime, ExitStatus } from './runtime.js';
+import type { CheckpointResult, Container, ContainerRuntime, ExitStatus, RestoreHint } from './runtime.js';
 import { KeyedQueue } from './keyed-queue.js';
 
 /** Per-app settings the AppSpec does not carry (yet): see the proposal in the issue's note. */
@@ -521,7 +521,7 @@ export class OciRuntime implements ContainerRuntime {
    * before the container is ready removes the restored container (the image stays stored:
    * nothing is lost) and rejects with PICO_ERR_SHUTTING_DOWN.
    */
-  async restore(spec: AppSpec, signal?: AbortSignal): Promise<Container> {
+  async restore(spec: AppSpec, signal?: AbortSignal, hint: RestoreHint = {}): Promise<Container> {
     return this.queue.run(spec.name, async () => {
       throwIfCancelled(spec, 'restore', signal);
       this.assertNoContainer(spec.name);
@@ -530,7 +530,7 @@ export class OciRuntime implements ContainerRuntime {
       const mode = spec.restore ?? 'activeset';
       // Read beside the manifest's look-up; a failure is the lazy restore's to report.
       const activeSet = mode === 'activeset' ? this.opts.activeSets?.read(spec.name) : undefined;
-      const latest = this.store.latest(spec.name);
+      const latest = this.store.latest(spec.name, hint.generation);
       const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name) : undefined;
       activeSet?.catch(() => undefined);
       let manifestMs = 0;

@@ -19,6 +19,12 @@ export interface Container {
   readonly exited: Promise<ExitStatus>;
 }
 
+/** What the caller of a restore knows of the app's image. */
+export interface RestoreHint {
+  /** the newest generation it knows of (the gateway's record): see ImageStore.latest */
+  generation?: number;
+}
+
 /** What a swap-out left behind. `generation` is null when the runtime keeps no image. */
 export interface CheckpointResult {
   generation: number | null;
@@ -40,7 +46,7 @@ export interface ContainerRuntime {
   /** Swaps the app out: stores its image (if the runtime keeps one), then removes the container. */
   checkpoint(container: Container): Promise<CheckpointResult>;
   /** Swaps the app in from its newest stored image (a cold-start runtime starts it afresh). */
-  restore(spec: AppSpec, signal?: AbortSignal): Promise<Container>;
+  restore(spec: AppSpec, signal?: AbortSignal, hint?: RestoreHint): Promise<Container>;
   /** Removes the container, storing nothing. */
   stop(container: Container): Promise<void>;
   /** The newest stored image of every app (empty for a runtime that keeps none). */

@@ -112,7 +112,7 @@ export class Worker {
         if (existing) return { v: 1, type: 'running', app: req.app.name, endpoints: existing.endpoints, restored: false };
         if (signal?.aborted) throw new PicoError('PICO_ERR_SHUTTING_DOWN', `${req.type} of ${req.app.name} was cancelled`);
         const container =
-          req.type === 'start' ? await this.runtime.start(req.app, signal) : await this.runtime.restore(req.app, signal);
+          req.type === 'start' ? await this.runtime.start(req.app, signal) : await this.runtime.restore(req.app, signal, req.generation !== undefined ? { generation: req.generation } : {});
         this.adopt(req.app, container);
         return {
           v: 1,

@@ -33,6 +33,8 @@ export class FakeWorker implements WorkerConnection {
   }
 
   readonly calls: WorkerRequest[] = [];
+  /** what a checkpoint reports it stored (null: no image, as a cold-start runtime) */
+  checkpointGeneration: number | null = null;
   /** what `list` reports as stored */
   images: Array<{ app: string; generation: number }> = [];
   failNext: Partial<Record<WorkerRequest['type'], string>> = {};
@@ -77,7 +79,7 @@ export class FakeWorker implements WorkerConnection {
       }
       case 'checkpoint':
         this.running.delete(req.app);
-        return { v: 1, type: 'checkpointed', app: req.app, generation: null };
+        return { v: 1, type: 'checkpointed', app: req.app, generation: this.checkpointGeneration };
       case 'stop':
         this.running.delete(req.app);
         return { v: 1, type: 'stopped', app: req.app };
