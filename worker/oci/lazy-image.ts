@@ -325,8 +325,10 @@ export class LazyImage {
         await (await fh).read(buf, 0, r.length, r.offset);
       }
     };
+    const t0 = performance.now();
     try {
       await Promise.all(scratch.map(reader));
+      this.o.log.debug({ reads: reads.length, pageReads: pages.length, ms: Math.round(performance.now() - t0), sinceOpen: Math.round(performance.now() - this.openedAt) }, 'the page cache is warm');
     } catch (err) {
       if (!this.closed) this.o.log.debug({ err: (err as Error).message }, 'warming the page cache stopped');
     } finally {
