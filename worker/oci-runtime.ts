@@ -514,8 +514,11 @@ export class OciRuntime implements ContainerRuntime {
   /**
    * Swap-in from the newest verified generation, as `spec.restore` says: `full` reads the whole
    * image first (fullImage), `lazy` and `activeset` restore on a FUSE image directory and page
-   * memory in (lazyImage, worker/oci/lazy-restore.ts); make the netns afresh unless it was kept,
-   * `runc restore`, wait until every port accepts. Nothing is left running or half-made when it
+   * memory in (lazyImage, worker/oci/lazy-restore.ts) — where the relay can run, on a mount made
+   * before the manifest is in, so that `runc restore` starts at once and only its reads of the
+   * image wait for the look-up (earlyLazyImage); make the netns afresh unless it was kept,
+   * `runc restore`, wait until every port accepts. `hint.generation` (the gateway's record of the
+   * newest generation) lets the look-up read that manifest beside its listing. Nothing is left running or half-made when it
    * throws: a missing image is PICO_ERR_IMAGE_MISSING, a corrupt one or a page that cannot be
    * had keeps the store's error (PICO_ERR_IMAGE_CORRUPT, PICO_ERR_STORE). `signal` aborting
    * before the container is ready removes the restored container (the image stays stored:

@@ -21,8 +21,8 @@ import { PAGE_SIZE } from './pagemap.js';
  *     or begin()   before the manifest is known: the mount, without its image (its readers
  *                  wait: image-mount.ts, mountPending), and the relay; then, as soon as the
  *                  manifest is in, attach(): the image served on that mount and the prefetch.
- *                  `runc restore` starts between the two, so that its own start-up (~40 ms
- *                  before it reads the image) overlaps the manifest's look-up
+ *                  `runc restore` starts between the two, so that its own start-up (all it
+ *                  does before it reads the image) overlaps the manifest's look-up
  *   (the runtime: `runc restore --lazy-pages`, connecting to the relay)
  *   spawnDaemon()  `criu lazy-pages` on the mount, behind the relay (which waits for it); the
  *                  process resumes once CRIU is done, and its faults are served
