@@ -118,7 +118,8 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
 
   for (const mode of ['full', 'lazy', 'activeset'] as const) {
     // activeset: restore 1 has no ActiveSet yet, 2 prefetches it from the restore packs' page
-    // runs, 3 finds the packs damaged and prefetches chunk by chunk instead.
+    // runs, 3 finds the packs cut short (their compressed bodies do not inflate: each is refused
+    // whole) and prefetches chunk by chunk instead.
     const cycles = mode === 'activeset' ? 3 : 2;
     it(`${mode}: the app comes back with its memory, ${cycles} times`, async (t) => {
       const r = await runtime(`w-${mode}`, { full: 0, lazy: 40, activeset: 80 }[mode]!);
@@ -131,11 +132,10 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
       for (let cycle = 1; cycle <= cycles; cycle++) {
         await r.checkpoint(c);
         if (mode === 'activeset' && cycle === 3) {
-          // Damaged restore packs cost their damaged entries, never the restore.
+          // Damaged restore packs cost the requests they would have saved, never the restore.
           for (const part of ['restore', 'activeset'] as const) {
             const pack = await objects.get(restorePackKey(app, part));
-            pack[pack.length - 1]! ^= 0xff;
-            await objects.put(restorePackKey(app, part), pack);
+            await objects.put(restorePackKey(app, part), pack.subarray(0, pack.length - 64));
           }
         }
         const t0 = performance.now();
@@ -153,11 +153,12 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
           assert.ok(o.image.demand + o.image.swept + o.image.prefetched + o.image.packedPages > 0, 'pages came through the image mount');
           t.diagnostic(`${mode} restore ${cycle}: ${JSON.stringify(o)}`);
           if (mode === 'activeset') {
-            assert.ok(o.image.packed > 0, 'the checkpoint packed the image files criu restore reads');
             if (cycle < 3) {
+              assert.ok(o.image.packed > 0, 'the checkpoint packed the image files criu restore reads');
               assert.ok(o.image.packedPages > 0, 'the pages criu restore reads itself (and the ActiveSet) came as page runs');
               assert.equal(o.image.prefetched + o.image.eager, 0, 'no memory chunk was prefetched whole beside the runs');
             } else {
+              assert.equal(o.image.packed + o.image.packedPages, 0, 'a pack that does not inflate is not used');
               assert.ok(o.image.eager > 0 && o.image.prefetched > 0, 'damaged packs: memory prefetched chunk by chunk');
             }
             if (cycle === 1) assert.equal(o.hits, 0, 'no ActiveSet before the first restore');
