@@ -313,6 +313,24 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
     assert.equal((await state(c3.endpoints[8080]!)).count, 1);
     await r.stop(c3);
   });
+
+  it('with restoreEarly off (the look-up first, as without python3) the app comes back, its ActiveSet prefetched', async () => {
+    const r = await runtime('w-late', 360, { restoreEarly: false });
+    const s = spec('late', 'activeset');
+    let c = await r.start(s);
+    await inc(c.endpoints[8080]!);
+    for (let cycle = 1; cycle <= 2; cycle++) {
+      await r.checkpoint(c);
+      c = await r.restore(s);
+      r.served('late');
+      assert.equal((await state(c.endpoints[8080]!)).count, 1);
+      assert.equal(await verify(c.endpoints[8080]!), '200 PASS');
+      const o = await pagedIn('late', cycle);
+      assert.ok(o.ok, o.error?.message);
+      if (cycle === 2) assert.ok(o.hits > 0 && o.image.packedPages > 0, 'the second restore prefetched its ActiveSet from the packs');
+    }
+    await r.stop(c);
+  });
 });
 
 /** Whether a `runc restore` of container `id` runs with a thread waiting on a FUSE request (its kernel stack says so). */

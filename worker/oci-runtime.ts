@@ -110,6 +110,12 @@ export interface OciRuntimeOptions {
   activeSetGraceMs?: number;
   /** in ms: when a lazy restore starts fetching the rest of the image (lazy-restore.ts); default 5000 */
   sweepAfterMs?: number;
+  /**
+   * A lazy restore starts `runc restore` before the manifest's look-up has answered (its reads of
+   * the image wait for it: earlyLazyImage). Default true where the relay can run (python3); false:
+   * the look-up first, as without python3.
+   */
+  restoreEarly?: boolean;
   /** called once a checkpoint is stored and verified: for metrics */
   onCheckpoint?(app: string, result: OciCheckpointResult): void;
   /** called once a lazy restore has paged every page in (or failed): for metrics and tests */
@@ -553,7 +559,7 @@ export class OciRuntime implements ContainerRuntime {
       rmSync(p.restore, { recursive: true, force: true });
       rmSync(p.restoreWork, { recursive: true, force: true });
       let img: RestoreImage;
-      if (mode !== 'full' && LazyRestore.canBegin()) {
+      if (mode !== 'full' && (this.opts.restoreEarly ?? true) && LazyRestore.canBegin()) {
         // `runc restore` starts before the manifest is in: its reads of the image wait for it.
         img = await this.earlyLazyImage(spec, mode, record, log, { activeSet, packs }, lookedUp);
       } else {
