@@ -263,7 +263,7 @@ export class LazyImage {
     try {
       const { chunks, runs, current, bad } = await decodeRestorePack(buf, this.o.manifest, names);
       for (const c of chunks) if (!this.o.cache.has(c.hash)) this.o.cache.put(c.hash, Buffer.from(c.bytes));
-      // The runs stay slices of the pack (they are most of it): a copy costs a page fault per
+      // The runs stay slices of the pack's body (most of it): a copy costs a page fault per
       // page of fresh memory, ~13 µs each on these hosts. The cache's chunks are copied: the
       // cache outlives the pack.
       this.runs.add(runs);
