@@ -9,7 +9,7 @@
  *
  *   npx tsc -p . && node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5]
  *       [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR]
- *       [--log-file FILE]
+ *       [--log-file FILE] [--log-level info|debug]
  *
  * The page store is the product's S3 store (S3ObjectStore under ChunkedImageStore, as
  * openImageStore builds it for s3, with its concurrency unless --concurrency) on s3rver, a real
@@ -50,7 +50,7 @@ import type { LazyOutcome } from '../worker/oci/lazy-restore.js';
 import { OciRuntime, type OciCheckpointResult, type OciRuntimeOptions } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
 import type { Container } from '../worker/runtime.js';
-import { arg, assertSameApp, capturedLogger, firstByte, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, NAME_WIDTH, type Answer } from './wake-common.js';
+import { arg, assertSameApp, checkArgs, capturedLogger, firstByte, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, NAME_WIDTH, type Answer } from './wake-common.js';
 
 const MB = Number(arg('mb', '300'));
 const BOOT_MS = Number(arg('boot-ms', '2000'));
@@ -69,6 +69,7 @@ const APP = 'heavy';
 const PAGED_IN_TIMEOUT_MS = 300_000;
 
 const { log, logged } = capturedLogger(arg('log-level', 'info'));
+checkArgs('node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5] [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR] [--log-file FILE] [--log-level info|debug]');
 
 /** One wake of the oci runtime, as measured and as the runtime logged it. */
 interface Wake {

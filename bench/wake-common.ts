@@ -14,15 +14,36 @@ import type { AppSpec, Endpoint, RestoreMode } from '../shared/protocol.js';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
+/** The options arg() and flag() were asked about: known to checkArgs(). */
+const known = { values: new Set<string>(), flags: new Set<string>() };
+
 /** `--name VALUE` on the command line, else `dflt`. */
 export function arg(name: string, dflt: string): string {
+  known.values.add(name);
   const i = process.argv.indexOf(`--${name}`);
   return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : dflt;
 }
 
 /** `--name` is on the command line. */
 export function flag(name: string): boolean {
+  known.flags.add(name);
   return process.argv.includes(`--${name}`);
+}
+
+/**
+ * Call after every arg() and flag(): a benchmark takes many minutes and root's containers, so an
+ * option it does not know (a typo, `--help`) prints the usage and exits 2 instead of running with
+ * the defaults.
+ */
+export function checkArgs(usage: string): void {
+  const argv = process.argv.slice(2);
+  for (let i = 0; i < argv.length; i++) {
+    const name = argv[i]!.startsWith('--') ? argv[i]!.slice(2) : undefined;
+    if (name !== undefined && known.flags.has(name)) continue;
+    if (name !== undefined && known.values.has(name) && argv[i + 1] !== undefined) { i++; continue; }
+    process.stderr.write(`${argv[i] === '--help' ? '' : `unknown or incomplete option: ${argv[i]}\n`}usage: ${usage}\n`);
+    process.exit(argv[i] === '--help' ? 0 : 2);
+  }
 }
 
 /** What heavy.mjs answers to `GET /`. */

@@ -28,7 +28,7 @@ import { checkHost } from '../worker/oci/host-check.js';
 import { OciRuntime, type OciCheckpointResult } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
 import type { Container } from '../worker/runtime.js';
-import { arg, assertSameApp, capturedLogger, firstByte, flag, fmtMs, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, type Answer } from './wake-common.js';
+import { arg, assertSameApp, checkArgs, capturedLogger, firstByte, flag, fmtMs, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, type Answer } from './wake-common.js';
 
 const MB = Number(arg('mb', '300'));
 const BOOT_MS = Number(arg('boot-ms', '2000'));
@@ -39,6 +39,7 @@ const LOCAL = !flag('no-local');
 const LOCAL_CHECK = arg('local-check', 'sha256') as 'sha256' | 'size';
 const NETWORK_LOCK = arg('network-lock', '') as 'iptables' | 'nftables' | '';
 const PORT = 8080;
+checkArgs('node dist/bench/wake.js [--mb 300] [--boot-ms 2000] [--runs 3] [--tmp DIR] [--no-durable] [--local-check sha256|size] [--no-local] [--network-lock iptables|nftables]');
 
 /** The runtime's own log lines ('container restored', 'checkpoint stored'), for the breakdown. */
 const { log, logged } = capturedLogger();
