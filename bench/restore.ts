@@ -9,7 +9,7 @@
  *
  *   npx tsc -p . && node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5]
  *       [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR]
- *       [--log-file FILE] [--log-level info|debug]
+ *       [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard]
  *
  * The page store is the product's S3 store (S3ObjectStore under ChunkedImageStore, as
  * openImageStore builds it for s3, with its concurrency unless --concurrency) on s3rver, a real
@@ -50,7 +50,7 @@ import type { LazyOutcome } from '../worker/oci/lazy-restore.js';
 import { OciRuntime, type OciCheckpointResult, type OciRuntimeOptions } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
 import type { Container } from '../worker/runtime.js';
-import { arg, assertSameApp, checkArgs, capturedLogger, firstByte, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, NAME_WIDTH, type Answer } from './wake-common.js';
+import { arg, assertSameApp, checkArgs, flag, favordynmodsNote, capturedLogger, firstByte, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, NAME_WIDTH, type Answer } from './wake-common.js';
 
 const MB = Number(arg('mb', '300'));
 const BOOT_MS = Number(arg('boot-ms', '2000'));
@@ -63,13 +63,15 @@ const MODES = arg('modes', 'full,lazy,activeset').split(',') as RestoreMode[];
 const TMP = arg('tmp', os.tmpdir());
 /** every line the runtime logged, as JSON lines, for a look at where the time went */
 const LOG_FILE = arg('log-file', '');
+/** CRIU mounts its own cgroup yard at every restore, as without OciRuntime's (to measure what it saves) */
+const NO_CGROUP_YARD = flag('no-cgroup-yard');
 const PORT = 8080;
 const APP = 'heavy';
 /** how long a lazy restore may take to page every page in before the benchmark gives up */
 const PAGED_IN_TIMEOUT_MS = 300_000;
 
 const { log, logged } = capturedLogger(arg('log-level', 'info'));
-checkArgs('node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5] [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR] [--log-file FILE] [--log-level info|debug]');
+checkArgs('node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5] [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR] [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard]');
 
 /** One wake of the oci runtime, as measured and as the runtime logged it. */
 interface Wake {
@@ -135,7 +137,8 @@ async function main(): Promise<void> {
     };
     const { runtime: first } = await OciRuntime.create({ ...base, hostReport: host });
     runtimes.push(first);
-    const fixed: OciRuntimeOptions = { ...base, criu: host.criu.path, networkLock: first.networkLock, ...(host.runc?.path ? { runc: host.runc.path } : {}) };
+    const yard = NO_CGROUP_YARD ? {} : first.cgroupYard ? { cgroupYard: first.cgroupYard } : {};
+    const fixed: OciRuntimeOptions = { ...base, criu: host.criu.path, networkLock: first.networkLock, ...yard, ...(host.runc?.path ? { runc: host.runc.path } : {}) };
 
     console.log(`restore benchmark: heavy app, ${MB} MB of state, start-up ${BOOT_MS} ms; ${RUNS} wakes per mode; ${host.message}`);
     console.log(
@@ -144,7 +147,8 @@ async function main(): Promise<void> {
         `S3 maxSockets 64 (default); lazy restores fetch as many at once`,
     );
     console.log(
-      `each wake: a new OciRuntime with an empty ${CACHE_MB} MiB chunk cache, no local images; network lock ${first.networkLock}; /run/criu.kdat ${kdatNote()}`,
+      `each wake: a new OciRuntime with an empty ${CACHE_MB} MiB chunk cache, no local images; network lock ${first.networkLock}; /run/criu.kdat ${kdatNote()}; ` +
+        `CRIU's cgroup yard ${yard.cgroupYard ?? 'its own (mounted at each restore)'}; cgroup2 favordynmods ${favordynmodsNote()}`,
     );
 
     // The app's first start and checkpoint (the image every wake restores, generation after generation).

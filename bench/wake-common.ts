@@ -11,6 +11,7 @@ import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { createLogger, type Logger } from '../shared/log.js';
 import type { AppSpec, Endpoint, RestoreMode } from '../shared/protocol.js';
+import { readCgroupMounts } from '../worker/oci/cgroup-host.js';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -44,6 +45,12 @@ export function checkArgs(usage: string): void {
     process.stderr.write(`${argv[i] === '--help' ? '' : `unknown or incomplete option: ${argv[i]}\n`}usage: ${usage}\n`);
     process.exit(argv[i] === '--help' ? 0 : 2);
   }
+}
+
+/** Whether the host's cgroup2 has favordynmods now (OciRuntime.create sets it by default). */
+export function favordynmodsNote(): string {
+  const v2 = readCgroupMounts().find((m) => m.fstype === 'cgroup2' && m.root === '/');
+  return v2 ? (v2.superOptions.includes('favordynmods') ? 'on' : 'off') : 'n/a (no cgroup2)';
 }
 
 /** What heavy.mjs answers to `GET /`. */

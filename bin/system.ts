@@ -196,6 +196,7 @@ async function createRuntime(cfg: Readonly<Config>, log: Logger, metrics: Metric
         stateDir: path.join(cfg.worker.dataDir, 'oci'),
         chunkCache,
         activeSets: new ActiveSetStore(imageStore.store),
+        favorDynmods: cfg.worker.favorDynmods,
         onCheckpoint: (app, r) => metrics.checkpointed(app, r.imageBytes, r.uploadedBytes),
         onLazyRestore: (app, mode, o) => metrics.lazyRestored(app, mode, o),
       });

@@ -177,6 +177,11 @@ describe('oci runtime: apps swap out and back in with their memory', { skip, tim
       assert.equal(back.pid, 1);
       assert.equal(back.count, count);
       assert.equal(memoryLimit(c.pid!), 256 * 1024 * 1024, 'the restored container keeps its memory limit');
+      if (runtime.cgroupYard) {
+        // CRIU took the host's cgroup mounts instead of mounting its own (worker/oci/cgroup-host.ts).
+        const criuLog = readFileSync(path.join(runtime.stateDir, 'apps', 'counter', 'work', 'restore', 'restore.log'), 'utf8');
+        assert.ok(criuLog.includes(`Opening ${runtime.cgroupYard} as cg yard`), 'restore.log names the yard');
+      } else t.diagnostic('this host\'s cgroups are not laid out as CRIU\'s yard: CRIU mounts its own');
       await until(async () => (await state(ep)).ticks > back.ticks + 5, "the app's timer to tick after the restore");
       assert.equal((await inc(ep)).count, ++count);
       assert.equal(await verify(ep), '200 PASS');

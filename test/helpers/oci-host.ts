@@ -1,4 +1,5 @@
 import path from 'node:path';
+import { hostCgroupYard } from '../../worker/oci/cgroup-host.js';
 import { checkHost, type HostReport } from '../../worker/oci/host-check.js';
 import type { OciRuntimeOptions } from '../../worker/oci-runtime.js';
 
@@ -20,8 +21,8 @@ export async function ociTestHost(): Promise<{ host: HostReport | undefined; ski
 export const nodeReadOnlyPaths = process.execPath.startsWith('/usr/') ? [] : [path.dirname(process.execPath)];
 
 /**
- * The OciRuntime options the oci suites share: this host's criu and the network lock create()
- * would choose, Node's directory visible, 2 s stop grace. `given` names the rest and overrides.
+ * The OciRuntime options the oci suites share: this host's criu, the network lock and cgroup yard
+ * create() would choose, Node's directory visible, 2 s stop grace. `given` names the rest and overrides.
  */
 export function ociTestOptions(
   host: HostReport,
@@ -32,6 +33,7 @@ export function ociTestOptions(
     defaults: { readOnlyPaths: nodeReadOnlyPaths },
     stopGraceMs: 2000,
     networkLock: host.nftablesLock ? 'nftables' : 'iptables',
+    cgroupYard: hostCgroupYard(),
     ...given,
   };
 }

@@ -1,5 +1,6 @@
 import { lstatSync, mkdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { parseMountinfo } from './mountinfo.js';
 import { defaultSeccomp, type SeccompProfile } from './seccomp.js';
 
 /**
@@ -288,13 +289,9 @@ export const RUN_TMPFS: OciMount = { destination: '/run', type: 'tmpfs', source:
  * mount … /dev/shm"), so it must not be checkpointed.
  */
 export function hasOlderLayout(mountinfo: string): boolean {
-  let devType: string | undefined;
-  for (const line of mountinfo.split('\n')) {
-    const [before, after] = line.split(' - ');
-    // mount ID, parent ID, major:minor, root, mount point, …  -  fs type, source, …
-    if (before?.split(' ')[4] === '/dev' && after) devType = after.split(' ')[0]; // the last one is on top
-  }
-  return devType === 'tmpfs';
+  // the last mount on /dev is the one on top
+  const dev = parseMountinfo(mountinfo).filter((m) => m.mountpoint === '/dev').at(-1);
+  return dev?.fstype === 'tmpfs';
 }
 
 /**
