@@ -115,6 +115,25 @@ describe('ActiveSet', () => {
     assert.deepEqual(planPages({ ...record, restores: [use([[1, 0]])] }, { window: 3, minUses: 1 }, locate), [], 'restores without pages plan no pages');
   });
 
+  it('pages: the frontier, the block after each run of blocks the last restore used, is planned too', () => {
+    // Blocks of 4 pages (0x4000). Restore 1 used block 0x10000; restore 2 (the last) blocks 0x10000
+    // and 0x14000 (one run, two blocks), 0x30000 of task 1 and 0x10000 of task 2.
+    const r1 = { ...use([]), pages: [[1, 0x10000, 1]] as Array<[number, number, number]> };
+    const r2 = { ...use([]), pages: [[1, 0x13000, 2], [1, 0x30000, 1], [2, 0x10000, 4]] as Array<[number, number, number]> };
+    const record = { format: 1, app: 'kv', checksum: '', restores: [r1, r2] };
+    // Task 1's page 0x19000 has no bytes in the image; task 2's memory ends at 0x14000.
+    const locate = (pid: number, vaddr: number) => (pid === 1 && vaddr === 0x19000) || (pid === 2 && vaddr >= 0x14000) ? null : { file: `pages-${pid}.img`, offset: vaddr - 0x10000 };
+    const blocks = (frontierBlocks: number, minUses = 1) =>
+      [...new Set(planPages(record, { window: 3, minUses, frontierBlocks }, locate, 4).map((p) => `${p.file}@${Math.floor(p.offset / 0x4000).toString()}`))].sort();
+    assert.deepEqual(blocks(0), ['pages-1.img@0', 'pages-1.img@1', 'pages-1.img@8', 'pages-2.img@0']);
+    // + 0x18000 (after the run 0x10000-0x17fff; its page 0x19000 left out) and 0x34000; task 2's next block has no bytes.
+    assert.deepEqual(blocks(1), ['pages-1.img@0', 'pages-1.img@1', 'pages-1.img@2', 'pages-1.img@8', 'pages-1.img@9', 'pages-2.img@0']);
+    assert.equal(planPages(record, { window: 3, minUses: 1, frontierBlocks: 1 }, locate, 4).filter((p) => p.file === 'pages-1.img' && p.offset === 0x9000).length, 0);
+    assert.deepEqual(blocks(2), ['pages-1.img@0', 'pages-1.img@1', 'pages-1.img@10', 'pages-1.img@2', 'pages-1.img@3', 'pages-1.img@8', 'pages-1.img@9', 'pages-2.img@0']);
+    // The frontier is a prediction: planned whatever minUses says of the blocks actually used.
+    assert.deepEqual(blocks(1, 2), ['pages-1.img@0', 'pages-1.img@2', 'pages-1.img@9']);
+  });
+
   it('a record with malformed pages is not trusted', async () => {
     const objects = new MemoryObjectStore();
     const sets = new ActiveSetStore(objects);

@@ -329,6 +329,11 @@ export class LazyRestore {
     }
     const faults = error || this.aborted ? [] : (this.daemon?.faults() ?? []).filter((f) => f.at <= this.windowEnd);
     const { used, hits } = this.usedChunks(faults);
+    if (this.o.log.isLevelEnabled('debug')) {
+      // Which pages the prefetch did not bring, and when: [pid, address, ms since the restore began].
+      const missed = faults.filter((f) => !this.image?.prefetchedPage(f.file, f.offset));
+      if (missed.length > 0) this.o.log.debug({ faults: faults.length, missed: missed.slice(0, 100).map((f) => [f.pid, f.vaddr.toString(16), Math.round(f.at - this.startedAt)]) }, 'faults the prefetch missed');
+    }
     if (used.length > 0 && this.o.activeSets) {
       await this.o.activeSets
         .add(this.o.app, { at: new Date().toISOString(), generation: this.manifest!.generation, chunks: used, pages: pageRanges(faults) })

@@ -149,7 +149,11 @@ async function readRange(manifest: ImageManifest, dir: string, r: FileRange): Pr
  * as the app's record plans them for this image, less those already in the restore pack).
  * Returns what was packed.
  */
-export async function writeRestorePack(manifest: ImageManifest, dir: string, activeSets: ActiveSetStore): Promise<{ chunks: number; runs: number; activeSetRuns: number; bytes: number }> {
+export async function writeRestorePack(
+  manifest: ImageManifest,
+  dir: string,
+  activeSets: ActiveSetStore,
+): Promise<{ chunks: number; runs: number; eagerPages: number; activeSetRuns: number; activeSetPages: number; bytes: number }> {
   const maps: TaskPagemap[] = [];
   for (const file of manifest.files) {
     const m = PAGEMAP.exec(file.path);
@@ -178,5 +182,8 @@ export async function writeRestorePack(manifest: ImageManifest, dir: string, act
     activeSets.putPack(manifest.app, 'restore', manifest.generation, { manifest: manifest.checksum, chunks, runs: await runs(eager) }),
     runs(active).then((r) => activeSets.putPack(manifest.app, 'activeset', manifest.generation, { manifest: manifest.checksum, chunks: [], runs: r })),
   ]);
-  return { chunks: chunks.length, runs: eager.length, activeSetRuns: active.length, bytes: restoreBytes + activeSetBytes };
+  // The page counts tell a dump whose pagemap marked (nearly) every page non-lazy: such a restore
+  // faults on nothing, so it records no ActiveSet.
+  const pages = (ranges: FileRange[]): number => ranges.reduce((n, r) => n + r.length / PAGE_SIZE, 0);
+  return { chunks: chunks.length, runs: eager.length, eagerPages: pages(eager), activeSetRuns: active.length, activeSetPages: pages(active), bytes: restoreBytes + activeSetBytes };
 }
