@@ -125,8 +125,8 @@ export const MAX_REGION_HEADS = 4096;
  * their bookkeeping at the start of each region (V8's page headers and marking bitmaps, glibc's
  * heap_info), and a garbage collection reads it for every page at once: on the benchmark's app a
  * wake whose first request ran a GC faulted on ten such headers the last restores had not used,
- * each a serial round trip to the store (~33 ms). The ActiveSet pack carries them once the app
- * has an ActiveSet: ~700 pages there, ~3 MB before compression.
+ * each a serial round trip to the store (~33 ms). The ActiveSet pack carries them always: ~700
+ * pages there, ~3 MB before compression.
  */
 export function regionHeads(maps: readonly TaskPagemap[], max = MAX_REGION_HEADS): FileRange[] {
   return maps
@@ -189,8 +189,7 @@ export async function writeRestorePack(
       .planPages(record, pagemapLocator(maps))
       .map((p) => ({ ...p, length: PAGE_SIZE }))
       .filter((r) => !inEager(r)),
-    // With the first ActiveSet: before it, a restore prefetches nothing but what CRIU reads.
-    ...(record ? regionHeads(maps) : []),
+    ...regionHeads(maps),
   ]);
   const chunks: PackedChunk[] = [];
   for (const p of metadataChunks(manifest)) {
