@@ -309,11 +309,8 @@ export class LazyImage {
     };
     const metadata = this.o.manifest.files.filter((f) => !PAGES.test(f.path)).flatMap((f) => pieces({ file: f.path, offset: 0, length: f.size }, WARM_READ));
     // Memory pages last to first, in pieces the kernel reads whole: read forward, the kernel
-    // reads ahead past the end of each range, into chunks nobody asked for (a fetch each). A lone
-    // page (a region head: restore-plan.ts) is left to its fault: warming it costs the same one
-    // FUSE read, and most are never touched.
+    // reads ahead past the end of each range, into chunks nobody asked for (a fetch each).
     const pages = joinRanges([...this.runs.ranges(), ...this.prefetchedPages.map((p) => ({ file: p.file.path, offset: p.ref.offset, length: p.ref.size }))])
-      .filter((r) => r.length > PAGE_SIZE)
       .flatMap((r) => pieces(r, WARM_PAGES_READ))
       .reverse();
     const reads = [...metadata, ...pages];

@@ -4,7 +4,7 @@ import type { ActiveSetStore, PageLocator, PlannedChunk } from '../../pagestore/
 import { fileChunks, type ImageManifest } from '../../pagestore/image-store.js';
 import type { PackedChunk, PackedRun } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
-import { eagerRanges, PAGE_SIZE, PE_LAZY, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
+import { eagerRanges, PAGE_SIZE, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
 /*
  * What a lazy restore of an image reads before its process resumes, and the pages it is about to
@@ -14,8 +14,7 @@ import { eagerRanges, PAGE_SIZE, PE_LAZY, pageOffset, parsePagemap, type Pagemap
  *   metadata  every file but the memory pages: `criu restore` reads them whole, one by one
  *   eager     the memory pages `criu restore` reads itself (not marked lazy: stacks, private
  *             file mappings), found through each task's pagemap
- *   ActiveSet the pages the app is about to touch (pagestore/activeset.ts), by the same pagemaps,
- *             and the first page of each region of memory (regionHeads; only in the pack)
+ *   ActiveSet the pages the app is about to touch (pagestore/activeset.ts), by the same pagemaps
  */
 
 /** CRIU's memory pages files: the only files a lazy restore reads on demand */
@@ -116,26 +115,6 @@ export function eagerPageRanges(maps: readonly TaskPagemap[]): FileRange[] {
   return maps.flatMap(({ map }) => eagerRanges(map).map((r) => ({ file: `pages-${map.pagesId}.img`, ...r })));
 }
 
-/** regionHeads(): at most this many pages (16 MiB) */
-export const MAX_REGION_HEADS = 4096;
-
-/**
- * The first page of each lazy region of every task (a pagemap entry: memory dumped back to back,
- * e.g. one of V8's 256 KiB heap pages), the largest regions first, at most `max`. Allocators keep
- * their bookkeeping at the start of each region (V8's page headers and marking bitmaps, glibc's
- * heap_info), and a garbage collection reads it for every page at once: on the benchmark's app a
- * wake whose first request ran a GC faulted on ten such headers the last restores had not used,
- * each a serial round trip to the store (~33 ms). The ActiveSet pack carries them always: ~700
- * pages there, ~3 MB before compression.
- */
-export function regionHeads(maps: readonly TaskPagemap[], max = MAX_REGION_HEADS): FileRange[] {
-  return maps
-    .flatMap(({ map }) => map.entries.filter((e) => e.offset !== null && (e.flags & PE_LAZY) !== 0).map((e) => ({ e, file: `pages-${map.pagesId}.img` })))
-    .sort((a, b) => b.e.pages - a.e.pages)
-    .slice(0, max)
-    .map(({ e, file }) => ({ file, offset: e.offset!, length: PAGE_SIZE }));
-}
-
 /** `ranges` as the fewest ranges covering the same bytes: sorted, overlapping and touching ones joined. */
 export function joinRanges(ranges: readonly FileRange[]): FileRange[] {
   const sorted = ranges.filter((r) => r.length > 0).sort((a, b) => (a.file < b.file ? -1 : a.file > b.file ? 1 : a.offset - b.offset));
@@ -167,8 +146,7 @@ async function readRange(manifest: ImageManifest, dir: string, r: FileRange): Pr
  * Writes the app's two restore packs for `manifest` (pagestore/restore-pack.ts), read from `dir`,
  * the directory the image was stored from: the restore pack (the metadata chunks, and as runs
  * the pages `criu restore` reads itself) and the ActiveSet pack (as runs, the ActiveSet's pages
- * as the app's record plans them for this image, less those already in the restore pack, and the
- * image's region heads).
+ * as the app's record plans them for this image, less those already in the restore pack).
  * Returns what was packed.
  */
 export async function writeRestorePack(
@@ -183,14 +161,12 @@ export async function writeRestorePack(
   }
   const record = await activeSets.read(manifest.app);
   const eager = joinRanges(eagerPageRanges(maps));
-  const inEager = (r: FileRange): boolean => eager.some((e) => e.file === r.file && e.offset <= r.offset && r.offset < e.offset + e.length);
-  const active = joinRanges([
-    ...activeSets
+  const active = joinRanges(
+    activeSets
       .planPages(record, pagemapLocator(maps))
-      .map((p) => ({ ...p, length: PAGE_SIZE }))
-      .filter((r) => !inEager(r)),
-    ...regionHeads(maps),
-  ]);
+      .filter((p) => !eager.some((r) => r.file === p.file && r.offset <= p.offset && p.offset < r.offset + r.length))
+      .map((p) => ({ ...p, length: PAGE_SIZE })),
+  );
   const chunks: PackedChunk[] = [];
   for (const p of metadataChunks(manifest)) {
     const bytes = await readLocalChunk(dir, p.file, p.ref);
