@@ -723,10 +723,21 @@ export class ChunkedImageStore implements ImageStore {
   async latest(app: string, expected?: number): Promise<ImageManifest | undefined> {
     checkApp(app);
     if (expected === undefined || !Number.isSafeInteger(expected) || expected < 1) return this.newestVerified(app, await this.generationNumbers(app));
+    return this.lookup(app, expected).newest;
+  }
+
+  lookup(app: string, expected: number): { expected: Promise<ImageManifest | undefined>; newest: Promise<ImageManifest | undefined> } {
+    checkApp(app);
+    if (!Number.isSafeInteger(expected) || expected < 1) return { expected: Promise.resolve(undefined), newest: this.latest(app) };
     // The expected manifest is read beside the listing; the listing still decides which is newest.
     const manifest = this.readManifest(app, expected);
     manifest.catch(() => undefined);
-    return this.newestVerified(app, await this.generationNumbers(app), undefined, { generation: expected, manifest });
+    const expectedManifest = manifest.then((r) => ('missing' in r || 'corrupt' in r ? undefined : r));
+    expectedManifest.catch(() => undefined); // latest() does not look at it; `newest` reports the failure
+    return {
+      expected: expectedManifest,
+      newest: this.generationNumbers(app).then((gens) => this.newestVerified(app, gens, undefined, { generation: expected, manifest })),
+    };
   }
 
   /** Every stored generation of `app`, newest first, with whether its manifest verifies. */

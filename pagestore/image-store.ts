@@ -131,6 +131,14 @@ export interface ImageStore {
    * read, never a wrong answer.
    */
   latest(app: string, expected?: number): Promise<ImageManifest | undefined>;
+  /**
+   * latest(app, expected) in two parts, for a caller that may start on the expected generation
+   * before the listing is in: `expected` settles with that generation's manifest as soon as it is
+   * read and verifies (undefined when it is missing or corrupt; rejects when the store fails),
+   * `newest` with what latest() returns — the answer. A caller that went ahead on `expected` must
+   * check that the two agree before anything depends on it. Absent: the caller uses latest().
+   */
+  lookup?(app: string, expected: number): { expected: Promise<ImageManifest | undefined>; newest: Promise<ImageManifest | undefined> };
   /** Writes the image of `manifest` into the empty directory `dir`, verifying every chunk. */
   get(manifest: ImageManifest, dir: string): Promise<void>;
   /**

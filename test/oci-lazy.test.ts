@@ -314,6 +314,55 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
     await r.stop(c3);
   });
 
+  it('a hinted restore goes ahead on that manifest before the listing is in; a stale hint is restored again from the newest', async () => {
+    // The runtime's store, with lookup()'s listing held until the test lets it through.
+    let listing: (() => void) | undefined;
+    let holdListing = true;
+    let unhinted = 0;
+    const held = Object.create(store) as ChunkedImageStore;
+    held.lookup = (app: string, expected: number) => {
+      const l = store.lookup(app, expected);
+      const newest = holdListing ? new Promise<Awaited<typeof l.newest>>((resolve, reject) => (listing = () => l.newest.then(resolve, reject))) : l.newest;
+      return { expected: l.expected, newest };
+    };
+    held.latest = (app: string, expected?: number) => {
+      if (expected === undefined) unhinted++;
+      return store.latest(app, expected);
+    };
+    const r = await runtime('w-hint', 400, { imageStore: held, prune: false });
+    const inspect = new Runc({ criu: host!.criu!.path, root: path.join(r.stateDir, 'runc'), logDir: path.join(work, 'inspect-logs') });
+    const s = spec('hinted', 'activeset');
+    const id = containerIdFor(prefix, 'hinted');
+    const c = await r.start(s);
+    await inc(c.endpoints[8080]!);
+    const g1 = (await r.checkpoint(c)).generation;
+
+    // The right hint: runc restores the app while the listing is still held; the restore is
+    // only done (the app ready) once the listing agrees.
+    let done = false;
+    const restoring = r.restore(s, undefined, { generation: g1 }).finally(() => (done = true));
+    await until(async () => listing !== undefined && (await inspect.state(id))?.status === 'running', 'the container to be restored while the listing is held');
+    assert.equal(done, false, 'not ready before the listing is in');
+    listing!();
+    const c2 = await restoring;
+    assert.equal((await state(c2.endpoints[8080]!)).count, 1);
+    assert.equal(unhinted, 0);
+    await inc(c2.endpoints[8080]!);
+    await pagedIn('hinted', 1);
+    const g2 = (await r.checkpoint(c2)).generation;
+    assert.equal(g2, g1 + 1);
+
+    // A stale hint: generation 1 verifies and is restored first, the listing names 2, so 2 is
+    // restored instead, with its state, and nothing of the first attempt is left.
+    holdListing = false;
+    const c3 = await r.restore(s, undefined, { generation: g1 });
+    assert.equal((await state(c3.endpoints[8080]!)).count, 2, 'the newest generation came back');
+    assert.equal(unhinted, 1, 'restored again without the hint');
+    assert.equal(r.containers().length, 1);
+    assert.equal(await verify(c3.endpoints[8080]!), '200 PASS');
+    await r.stop(c3);
+  });
+
   it('with restoreEarly off (the look-up first, as without python3) the app comes back, its ActiveSet prefetched', async () => {
     const r = await runtime('w-late', 360, { restoreEarly: false });
     const s = spec('late', 'activeset');

@@ -302,6 +302,33 @@ for (const backend of backends) {
       assert.equal(await images.latest('none', 1), undefined);
     });
 
+    it('lookup(app, expected): the expected manifest settles while the listing is held; newest is latest()\'s answer', async () => {
+      const b = open();
+      const { images } = b;
+      const v = imageDir({ 'a.img': randomBytes(2 * CHUNK) });
+      for (let i = 0; i < 3; i++) await images.put('app', v);
+      let release: (() => void) | undefined;
+      b.store.hook = async (op) => {
+        if (op === 'list') await new Promise<void>((resolve) => (release = resolve));
+      };
+      const l = images.lookup('app', 2);
+      let listed = false;
+      void l.newest.then(() => (listed = true));
+      assert.equal((await l.expected)!.generation, 2, 'the expected manifest, while the listing is out');
+      assert.equal(listed, false);
+      await until(() => release !== undefined, 'the listing to be asked for');
+      release!();
+      assert.equal((await l.newest)!.generation, 3, 'the listing decides: 3 is the newest');
+      b.store.hook = undefined;
+      assert.equal(await images.lookup('app', 4).expected, undefined, 'a generation not stored');
+      assert.equal((await images.lookup('app', 4).newest)!.generation, 3);
+      assert.equal(await images.lookup('app', 0).expected, undefined, 'not a generation');
+      b.corrupt(manifestKey('app', 3));
+      const corrupt = images.lookup('app', 3);
+      assert.equal(await corrupt.expected, undefined, 'a manifest that does not verify is never the expected one');
+      assert.equal((await corrupt.newest)!.generation, 2);
+    });
+
     it('numbers generations upward and never changes a stored one', async () => {
       const b = open();
       const { images } = b;

@@ -196,6 +196,16 @@ const RUNC_EXIT_TIMEOUT_MS = 10_000;
 const PASSED_ENV = ['LANG', 'LC_ALL', 'TZ'];
 const LOG_TAIL_LINES = 20;
 const LOG_TAIL_BYTES = 16 * 1024;
+/** A restore went ahead on a hinted generation the listing then found was not the newest. */
+class StaleHint extends Error {
+  constructor(
+    readonly hinted: number,
+    readonly newest: number,
+  ) {
+    super(`generation ${hinted} is not the newest (${newest})`);
+  }
+}
+
 /** runc hands this CRIU config file to CRIU (annotation org.criu.config) */
 const CRIU_CONFIG_ANNOTATION = 'org.criu.config';
 
@@ -550,28 +560,39 @@ export class OciRuntime implements ContainerRuntime {
    * before the manifest is in, so that `runc restore` starts at once and only its reads of the
    * image wait for the look-up (earlyLazyImage); make the netns afresh unless it was kept,
    * `runc restore`, wait until every port accepts. `hint.generation` (the gateway's record of the
-   * newest generation) lets the look-up read that manifest beside its listing. Nothing is left running or half-made when it
+   * newest generation) lets the look-up read that manifest beside its listing, and an early
+   * restore start on it before the listing is in (ImageStore.lookup); should the listing name a
+   * newer one, the container is removed before it is ready and the newest restored instead.
+   * Nothing is left running or half-made when it
    * throws: a missing image is PICO_ERR_IMAGE_MISSING, a corrupt one or a page that cannot be
    * had keeps the store's error (PICO_ERR_IMAGE_CORRUPT, PICO_ERR_STORE). `signal` aborting
    * before the container is ready removes the restored container (the image stays stored:
    * nothing is lost) and rejects with PICO_ERR_SHUTTING_DOWN.
    */
   async restore(spec: AppSpec, signal?: AbortSignal, hint: RestoreHint = {}): Promise<Container> {
-    return this.queue.run(spec.name, async () => {
-      throwIfCancelled(spec, 'restore', signal);
-      this.assertNoContainer(spec.name);
-      const log = this.log.child({ app: spec.name });
-      const t0 = performance.now();
-      const mode = spec.restore ?? 'activeset';
-      // Read beside the manifest's look-up; a failure is the lazy restore's to report.
-      const activeSet = mode === 'activeset' ? this.opts.activeSets?.read(spec.name) : undefined;
-      const latest = this.store.latest(spec.name, hint.generation);
-      const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name) : undefined;
-      activeSet?.catch(() => undefined);
-      let manifestMs = 0;
-      const lookedUp = latest.then(
+    return this.queue.run(spec.name, () => this.restoreNow(spec, signal, hint));
+  }
+
+  private async restoreNow(spec: AppSpec, signal: AbortSignal | undefined, hint: RestoreHint): Promise<Container> {
+    throwIfCancelled(spec, 'restore', signal);
+    this.assertNoContainer(spec.name);
+    const log = this.log.child({ app: spec.name });
+    const t0 = performance.now();
+    const mode = spec.restore ?? 'activeset';
+    const early = mode !== 'full' && (this.opts.restoreEarly ?? true) && LazyRestore.canBegin();
+    // Read beside the manifest's look-up; a failure is the lazy restore's to report.
+    const activeSet = mode === 'activeset' ? this.opts.activeSets?.read(spec.name) : undefined;
+    // An early restore goes ahead on the hinted generation's manifest as soon as it verifies,
+    // before the listing (the slowest of the look-up's reads) is in; `confirmed` then checks
+    // it was the newest before the app is made ready (a stale hint: restored again, unhinted).
+    const look = early && hint.generation !== undefined && this.store.lookup ? this.store.lookup(spec.name, hint.generation) : undefined;
+    const latest = look ? look.newest : this.store.latest(spec.name, hint.generation);
+    const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name) : undefined;
+    activeSet?.catch(() => undefined);
+    let manifestMs = 0;
+    const found = (from: Promise<ImageManifest | undefined>): Promise<ImageManifest> =>
+      from.then(
         (m) => {
-          manifestMs = performance.now() - t0;
           if (!m) throw new PicoError('PICO_ERR_IMAGE_MISSING', `app ${spec.name} has no stored image to restore`);
           return m;
         },
@@ -579,112 +600,128 @@ export class OciRuntime implements ContainerRuntime {
           throw rethrow(err, 'PICO_ERR_STORE', `app ${spec.name}: cannot look up its newest image`);
         },
       );
-      const record = this.record(spec.name);
-      const net = this.records.network(record);
-      const p = this.records.paths(spec.name);
-      rmSync(p.restore, { recursive: true, force: true });
-      rmSync(p.restoreWork, { recursive: true, force: true });
-      let img: RestoreImage;
-      if (mode !== 'full' && (this.opts.restoreEarly ?? true) && LazyRestore.canBegin()) {
-        // `runc restore` starts before the manifest is in: its reads of the image wait for it.
-        img = await this.earlyLazyImage(spec, mode, record, log, { activeSet, packs }, lookedUp);
-      } else {
-        const manifest = await lookedUp;
-        img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log, { activeSet, packs });
-      }
-      const fetchedMs = performance.now() - t0;
-      if (signal?.aborted) {
-        await img.release(false);
-        throwIfCancelled(spec, 'restore', signal);
-      }
-      // The netns kept while the app was stored (CRIU-locked; the restore unlocks it), or afresh.
-      const keptNetwork = networkExists(net);
-      await this.prepare(spec, record, net, 'restore', async () => {
-        await this.removeStale(record);
-        await this.writeBundle(spec, record, net);
-        // The app's stdout and stderr are this file: CRIU reopens it by path. A worker that did
-        // not run the app before has none yet.
-        closeSync(openSync(this.logFile(spec.name), 'a'));
-        if (!keptNetwork) await createNetwork(net);
-      }).catch(async (err: unknown) => {
-        await img.release(false);
-        throw err;
-      });
-      await this.prepareCriu();
-      const preparedMs = performance.now() - t0;
-      const logFrom = fileSize(this.logFile(spec.name));
-      let att: AttachedContainer;
-      let manifest: ImageManifest;
-      try {
-        // An early image whose manifest could not be had already: no runc for it.
-        if (img.lazy?.failure) throw img.lazy.failure;
-        const attaching = this.runc.restoreAttached(record.id, {
-          bundle: p.bundle,
-          imagePath: img.path,
-          workPath: p.restoreWork,
-          tcpEstablished: this.appOptions(spec.name).tcpEstablished ?? true,
-          lazyPages: img.lazy !== undefined,
-        });
-        // runc is spawned by now (restoreAttached spawns before its first await): the daemon's
-        // spawn, which holds this process too, comes second. CRIU waits for it at the relay.
-        img.lazy?.spawnDaemon();
-        att = await attaching;
-        // runc read the image, so the manifest is in; an early image's attach() may still be settling.
-        manifest = await img.manifest;
-      } catch (err) {
-        await this.runc.delete(record.id, { force: true }).catch(() => undefined);
-        await img.release(false);
-        await this.cleanupNetwork(net, log);
-        // A page that could not be had is the cause, not CRIU's failure that followed from it.
-        if (img.lazy?.failure) throw img.lazy.failure;
-        const generation = await img.manifest.then((m) => m.generation).catch(() => '?');
-        throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${generation} failed: ${describeError(err)}`, { cause: err });
-      }
-      const restoredMs = performance.now() - t0;
-      const c = this.adopt(spec, record, net, att);
-      if (img.lazy) {
-        c.lazy = img.lazy;
-        img.lazy.restored();
-        // A daemon that dies before every page is in leaves the process without memory.
-        void img.lazy.finished.then((o) => {
-          if (c.lazy === img.lazy) c.lazy = undefined;
-          this.opts.onLazyRestore?.(spec.name, mode as 'lazy' | 'activeset', o);
-          if (!o.ok && c.phase !== 'gone' && c.phase !== 'stopping') void this.killForPages(c, o.error);
-          void img.release(o.ok);
-        });
-      } else {
-        await img.release(true);
-      }
-      try {
-        await this.becomeReady(c, logFrom, 'restore', signal);
-      } catch (err) {
-        if (img.lazy) {
-          await img.lazy.abort();
-          await img.release(false);
-          if (img.lazy.failure) throw img.lazy.failure;
-        }
-        throw err;
-      }
-      log.info(
-        {
-          generation: manifest.generation,
-          pid: c.pid,
-          mode,
-          image: img.source,
-          manifestMs: Math.round(manifestMs),
-          fetchMs: Math.round(fetchedMs),
-          prepareMs: Math.round(preparedMs - fetchedMs),
-          keptNetwork,
-          restoreMs: Math.round(restoredMs - preparedMs),
-          criuMs: att.timing.criuMs,
-          runcSpawnMs: att.timing.spawnMs,
-          ...(img.lazy ? { prefetch: img.lazy.prefetchStats() } : {}),
-          readyMs: Math.round(performance.now() - t0 - restoredMs),
-        },
-        'container restored',
-      );
-      return c;
+    const lookedUp = found(latest);
+    const served = (look ? found(look.expected.catch(() => undefined).then((m) => m ?? latest)) : lookedUp).then((m) => {
+      manifestMs = performance.now() - t0;
+      return m;
     });
+    const confirmed = served.then(async (m) => {
+      const newest = await lookedUp;
+      return newest.generation === m.generation && newest.checksum === m.checksum ? null : newest;
+    });
+    confirmed.catch(() => undefined);
+    const record = this.record(spec.name);
+    const net = this.records.network(record);
+    const p = this.records.paths(spec.name);
+    rmSync(p.restore, { recursive: true, force: true });
+    rmSync(p.restoreWork, { recursive: true, force: true });
+    let img: RestoreImage;
+    if (early) {
+      // `runc restore` starts before the manifest is in: its reads of the image wait for it.
+      img = await this.earlyLazyImage(spec, mode as 'lazy' | 'activeset', record, log, { activeSet, packs }, served);
+    } else {
+      const manifest = await lookedUp;
+      img = mode === 'full' ? await this.fullImage(spec, manifest, log) : await this.lazyImage(spec, manifest, mode, record, log, { activeSet, packs });
+    }
+    const fetchedMs = performance.now() - t0;
+    if (signal?.aborted) {
+      await img.release(false);
+      throwIfCancelled(spec, 'restore', signal);
+    }
+    // The netns kept while the app was stored (CRIU-locked; the restore unlocks it), or afresh.
+    const keptNetwork = networkExists(net);
+    await this.prepare(spec, record, net, 'restore', async () => {
+      await this.removeStale(record);
+      await this.writeBundle(spec, record, net);
+      // The app's stdout and stderr are this file: CRIU reopens it by path. A worker that did
+      // not run the app before has none yet.
+      closeSync(openSync(this.logFile(spec.name), 'a'));
+      if (!keptNetwork) await createNetwork(net);
+    }).catch(async (err: unknown) => {
+      await img.release(false);
+      throw err;
+    });
+    await this.prepareCriu();
+    const preparedMs = performance.now() - t0;
+    const logFrom = fileSize(this.logFile(spec.name));
+    let att: AttachedContainer;
+    let manifest: ImageManifest;
+    try {
+      // An early image whose manifest could not be had already: no runc for it.
+      if (img.lazy?.failure) throw img.lazy.failure;
+      const attaching = this.runc.restoreAttached(record.id, {
+        bundle: p.bundle,
+        imagePath: img.path,
+        workPath: p.restoreWork,
+        tcpEstablished: this.appOptions(spec.name).tcpEstablished ?? true,
+        lazyPages: img.lazy !== undefined,
+      });
+      // runc is spawned by now (restoreAttached spawns before its first await): the daemon's
+      // spawn, which holds this process too, comes second. CRIU waits for it at the relay.
+      img.lazy?.spawnDaemon();
+      att = await attaching;
+      // runc read the image, so the manifest is in; an early image's attach() may still be settling.
+      manifest = await img.manifest;
+      const newer = await confirmed;
+      if (newer) throw new StaleHint(manifest.generation, newer.generation);
+    } catch (err) {
+      await this.runc.delete(record.id, { force: true }).catch(() => undefined);
+      await img.release(false);
+      await this.cleanupNetwork(net, log);
+      if (err instanceof StaleHint) {
+        // Killed before it was ready: nothing reached it, and nothing of it is kept.
+        log.warn({ hinted: err.hinted, newest: err.newest }, 'the hinted generation is not the newest: restoring the newest');
+        return this.restoreNow(spec, signal, {});
+      }
+      // A page that could not be had is the cause, not CRIU's failure that followed from it.
+      if (img.lazy?.failure) throw img.lazy.failure;
+      const generation = await img.manifest.then((m) => m.generation).catch(() => '?');
+      throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${generation} failed: ${describeError(err)}`, { cause: err });
+    }
+    const restoredMs = performance.now() - t0;
+    const c = this.adopt(spec, record, net, att);
+    if (img.lazy) {
+      c.lazy = img.lazy;
+      img.lazy.restored();
+      // A daemon that dies before every page is in leaves the process without memory.
+      void img.lazy.finished.then((o) => {
+        if (c.lazy === img.lazy) c.lazy = undefined;
+        this.opts.onLazyRestore?.(spec.name, mode as 'lazy' | 'activeset', o);
+        if (!o.ok && c.phase !== 'gone' && c.phase !== 'stopping') void this.killForPages(c, o.error);
+        void img.release(o.ok);
+      });
+    } else {
+      await img.release(true);
+    }
+    try {
+      await this.becomeReady(c, logFrom, 'restore', signal);
+    } catch (err) {
+      if (img.lazy) {
+        await img.lazy.abort();
+        await img.release(false);
+        if (img.lazy.failure) throw img.lazy.failure;
+      }
+      throw err;
+    }
+    log.info(
+      {
+        generation: manifest.generation,
+        pid: c.pid,
+        mode,
+        image: img.source,
+        manifestMs: Math.round(manifestMs),
+        fetchMs: Math.round(fetchedMs),
+        prepareMs: Math.round(preparedMs - fetchedMs),
+        keptNetwork,
+        restoreMs: Math.round(restoredMs - preparedMs),
+        criuMs: att.timing.criuMs,
+        runcSpawnMs: att.timing.spawnMs,
+        ...(img.lazy ? { prefetch: img.lazy.prefetchStats() } : {}),
+        readyMs: Math.round(performance.now() - t0 - restoredMs),
+      },
+      'container restored',
+    );
+    return c;
   }
 
   /**

@@ -61,8 +61,8 @@ export interface LazyImageOptions {
   cache: ChunkCache;
   /** a local copy of exactly this image (same manifest), read before the store */
   localDir?: string;
-  /** the ActiveSet's chunks known by hash (see prefetch()) */
-  prefetch: readonly PlannedChunk[];
+  /** the ActiveSet's chunks known by hash (see prefetch()); may settle after the mount is served */
+  prefetch: readonly PlannedChunk[] | Promise<readonly PlannedChunk[]>;
   /** fetches in flight for the prefetch and the sweep; default: the store's concurrency, else 16 */
   concurrency?: number;
   /**
@@ -172,7 +172,7 @@ export class LazyImage {
    * chunk that cannot be had. The pagemaps are advice here: one that does not parse costs
    * prefetching, not the restore (CRIU reads it and fails visibly if it is really broken).
    */
-  async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[], packs: RestorePacks = {}): Promise<void> {
+  async prefetch(plan?: (locate: PageLocator) => readonly PlannedChunk[] | Promise<readonly PlannedChunk[]>, packs: RestorePacks = {}): Promise<void> {
     const t0 = performance.now();
     this.packsIn.restore = packs.restore ? this.unpack(packs.restore, 'restore') : Promise.resolve(false);
     this.packsIn.activeset = packs.activeset ? this.unpack(packs.activeset, 'activeset') : Promise.resolve(false);
@@ -201,10 +201,10 @@ export class LazyImage {
     const first = fetch(add(metadata), 'prefetched');
     const second = activeSetPacked.then(async (activeSetOk) => {
       if (restorePacked && activeSetOk) return;
-      const byHash = activeSetOk ? [] : add(this.o.prefetch);
+      const byHash = activeSetOk ? [] : add(await this.o.prefetch);
       const maps = await this.pagemaps();
       const eager = restorePacked ? [] : add(eagerChunks(this.o.manifest, maps));
-      const byAddress = !activeSetOk && plan ? add(plan(pagemapLocator(maps))) : [];
+      const byAddress = !activeSetOk && plan ? add(await plan(pagemapLocator(maps))) : [];
       // Not warmed, not counted as prefetched: only there for the kernel's readahead.
       const core = pages.length;
       const ahead = add(readaheadChunks(this.o.manifest, pages));

@@ -3,7 +3,7 @@ import path from 'node:path';
 import type { Logger } from '../../shared/log.js';
 import type { RestoreMode } from '../../shared/protocol.js';
 import type { RestorePacks } from '../../pagestore/restore-pack.js';
-import { covering, type ActiveSetRecord, type ActiveSetStore, type PageRange, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
+import { covering, type ActiveSetRecord, type ActiveSetStore, type PageLocator, type PageRange, type PlannedChunk, type UsedChunk } from '../../pagestore/activeset.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { fileChunks, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { imageUnreadable, LazyImage, noImageStats, type LazyImageStats } from './lazy-image.js';
@@ -168,15 +168,15 @@ export class LazyRestore {
     const o = this.o;
     if (this.aborted) throw this.failure ?? new Error(`the restore of ${o.app} was aborted`);
     this.manifest = manifest;
-    let record: ActiveSetRecord | undefined;
-    if (o.mode === 'activeset' && o.activeSets) {
-      record = await (o.activeSet ?? o.activeSets.read(o.app)).catch((err: unknown) => {
-        o.log.warn({ err: (err as Error).message }, 'cannot read the ActiveSet; restoring without prefetch');
-        return undefined;
-      });
-    }
-    const sets = record ? o.activeSets : undefined;
-    const recordMs = performance.now() - this.startedAt;
+    // The mount is served without waiting for the record: it only adds to what the packs bring
+    // (whole, usually), and the prefetch waits for it where it needs it.
+    const sets = o.mode === 'activeset' ? o.activeSets : undefined;
+    const record: Promise<ActiveSetRecord | undefined> = sets
+      ? (o.activeSet ?? sets.read(o.app)).catch((err: unknown) => {
+          o.log.warn({ err: (err as Error).message }, 'cannot read the ActiveSet; restoring without prefetch');
+          return undefined;
+        })
+      : Promise.resolve(undefined);
     const image = await LazyImage.open({
       manifest,
       mountpoint: o.mountpoint,
@@ -184,7 +184,7 @@ export class LazyRestore {
       store: o.store,
       cache: o.cache,
       ...(localDir ? { localDir } : {}),
-      prefetch: sets ? sets.plan(manifest, record) : [],
+      prefetch: record.then((r) => (r && sets ? sets.plan(manifest, r) : [])),
       onFailure: async (err) => {
         this.failure ??= imageUnreadable(o.app, manifest.generation, err);
         await o.onPageFailure(this.failure);
@@ -200,11 +200,15 @@ export class LazyRestore {
       await image.close().catch(() => undefined);
       throw this.failure ?? new Error(`the restore of ${o.app} was aborted`);
     }
-    o.log.debug({ activeSetMs: Math.round(recordMs), ms: Math.round(performance.now() - this.startedAt) }, 'the lazy image is mounted');
+    o.log.debug({ ms: Math.round(performance.now() - this.startedAt) }, 'the lazy image is mounted');
     // Not awaited: the daemon and `runc restore` start at once, and their reads of the mount wait
     // for the packs that carry what they read (lazy-image.ts). A chunk that cannot be had fails
     // the read that needs it (after onFailure): the restore fails visibly there.
-    void image.prefetch(sets ? (locate) => sets.plan(manifest, record, locate) : undefined, o.mode === 'activeset' ? o.packs : undefined).then(
+    const plan = async (locate: PageLocator): Promise<readonly PlannedChunk[]> => {
+      const r = await record;
+      return r && sets ? sets.plan(manifest, r, locate) : [];
+    };
+    void image.prefetch(plan, o.mode === 'activeset' ? o.packs : undefined).then(
       () => {
         if (!this.aborted) void image.warmPageCache(); // beside `criu restore`, which does not read those pages
       },
