@@ -732,12 +732,19 @@ export class ChunkedImageStore implements ImageStore {
     // The expected manifest is read beside the listing; the listing still decides which is newest.
     const manifest = this.readManifest(app, expected);
     manifest.catch(() => undefined);
-    const expectedManifest = manifest.then((r) => ('missing' in r || 'corrupt' in r ? undefined : r));
+    const t0 = performance.now();
+    const ms = (): number => Math.round(performance.now() - t0);
+    let expectedMs: number | undefined;
+    const expectedManifest = manifest.then((r) => {
+      expectedMs = ms();
+      return 'missing' in r || 'corrupt' in r ? undefined : r;
+    });
     expectedManifest.catch(() => undefined); // latest() does not look at it; `newest` reports the failure
-    return {
-      expected: expectedManifest,
-      newest: this.generationNumbers(app).then((gens) => this.newestVerified(app, gens, undefined, { generation: expected, manifest })),
-    };
+    const newest = this.generationNumbers(app).then((gens) => {
+      this.log.debug({ app, expected, listMs: ms(), expectedMs: expectedMs ?? null }, 'listed the stored generations');
+      return this.newestVerified(app, gens, undefined, { generation: expected, manifest });
+    });
+    return { expected: expectedManifest, newest };
   }
 
   /** Every stored generation of `app`, newest first, with whether its manifest verifies. */

@@ -318,11 +318,16 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
     // The runtime's store, with lookup()'s listing held until the test lets it through.
     let listing: (() => void) | undefined;
     let holdListing = true;
+    let failListing = false;
     let unhinted = 0;
     const held = Object.create(store) as ChunkedImageStore;
     held.lookup = (app: string, expected: number) => {
       const l = store.lookup(app, expected);
-      const newest = holdListing ? new Promise<Awaited<typeof l.newest>>((resolve, reject) => (listing = () => l.newest.then(resolve, reject))) : l.newest;
+      const newest = failListing
+        ? new Promise<never>((_, reject) => setTimeout(() => reject(new PicoError('PICO_ERR_STORE', 'the listing failed (injected)')), 300))
+        : holdListing
+          ? new Promise<Awaited<typeof l.newest>>((resolve, reject) => (listing = () => l.newest.then(resolve, reject)))
+          : l.newest;
       return { expected: l.expected, newest };
     };
     held.latest = (app: string, expected?: number) => {
@@ -360,7 +365,18 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
     assert.equal(unhinted, 1, 'restored again without the hint');
     assert.equal(r.containers().length, 1);
     assert.equal(await verify(c3.endpoints[8080]!), '200 PASS');
-    await r.stop(c3);
+    await pagedIn('hinted', 2); // the stale attempt was removed before it counted
+    const g3 = (await r.checkpoint(c3)).generation;
+
+    // The listing fails after the restore went ahead: the store's error, and nothing is left.
+    failListing = true;
+    const err = await r.restore(s, undefined, { generation: g3 }).then(
+      () => assert.fail('restored without a listing'),
+      (e: unknown) => e,
+    );
+    assert.ok(isPicoError(err, 'PICO_ERR_STORE'), `restore failed with ${String(err)}`);
+    assert.equal(r.containers().length, 0);
+    await assertNothingRunning(r, 'hinted');
   });
 
   it('with restoreEarly off (the look-up first, as without python3) the app comes back, its ActiveSet prefetched', async () => {

@@ -196,6 +196,7 @@ const RUNC_EXIT_TIMEOUT_MS = 10_000;
 const PASSED_ENV = ['LANG', 'LC_ALL', 'TZ'];
 const LOG_TAIL_LINES = 20;
 const LOG_TAIL_BYTES = 16 * 1024;
+
 /** A restore went ahead on a hinted generation the listing then found was not the newest. */
 class StaleHint extends Error {
   constructor(
@@ -563,9 +564,9 @@ export class OciRuntime implements ContainerRuntime {
    * newest generation) lets the look-up read that manifest beside its listing, and an early
    * restore start on it before the listing is in (ImageStore.lookup); should the listing name a
    * newer one, the container is removed before it is ready and the newest restored instead.
-   * Nothing is left running or half-made when it
-   * throws: a missing image is PICO_ERR_IMAGE_MISSING, a corrupt one or a page that cannot be
-   * had keeps the store's error (PICO_ERR_IMAGE_CORRUPT, PICO_ERR_STORE). `signal` aborting
+   * Nothing is left running or half-made when it throws: a missing image is
+   * PICO_ERR_IMAGE_MISSING, a corrupt one or a page that cannot be had keeps the store's error
+   * (PICO_ERR_IMAGE_CORRUPT, PICO_ERR_STORE). `signal` aborting
    * before the container is ready removes the restored container (the image stays stored:
    * nothing is lost) and rejects with PICO_ERR_SHUTTING_DOWN.
    */
@@ -601,6 +602,7 @@ export class OciRuntime implements ContainerRuntime {
         },
       );
     const lookedUp = found(latest);
+    lookedUp.catch(() => undefined); // an early restore may look at it only once runc is done
     const served = (look ? found(look.expected.catch(() => undefined).then((m) => m ?? latest)) : lookedUp).then((m) => {
       manifestMs = performance.now() - t0;
       return m;
@@ -675,6 +677,8 @@ export class OciRuntime implements ContainerRuntime {
       }
       // A page that could not be had is the cause, not CRIU's failure that followed from it.
       if (img.lazy?.failure) throw img.lazy.failure;
+      // The listing failed after the restore went ahead on the hinted manifest: the store's error.
+      if (isPicoError(err) && (await lookedUp.then(() => false, (e: unknown) => e === err))) throw err;
       const generation = await img.manifest.then((m) => m.generation).catch(() => '?');
       throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${generation} failed: ${describeError(err)}`, { cause: err });
     }
