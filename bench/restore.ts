@@ -50,7 +50,7 @@ import type { LazyOutcome } from '../worker/oci/lazy-restore.js';
 import { OciRuntime, type OciCheckpointResult, type OciRuntimeOptions } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
 import type { Container } from '../worker/runtime.js';
-import { arg, assertSameApp, checkArgs, flag, favordynmodsNote, capturedLogger, firstByte, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, NAME_WIDTH, type Answer } from './wake-common.js';
+import { arg, assertSameApp, capturedLogger, checkArgs, favordynmodsNote, firstByte, flag, freePort, header, heavyApp, kdatNote, median, nodeReadOnlyPaths, row, NAME_WIDTH, type Answer } from './wake-common.js';
 
 const MB = Number(arg('mb', '300'));
 const BOOT_MS = Number(arg('boot-ms', '2000'));

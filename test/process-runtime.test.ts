@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -17,7 +17,10 @@ import { repoFile } from './helpers/paths.js';
 const dir = mkdtempSync(path.join(tmpdir(), 'pico-runtime-'));
 const runtime = new ProcessRuntime(silentLogger());
 const worker = new Worker('test', runtime, silentLogger());
-after(() => worker.stopAll());
+after(async () => {
+  await worker.stopAll();
+  rmSync(dir, { recursive: true, force: true });
+});
 
 function spec(name: string, port: number, over: Partial<AppSpec> = {}): AppSpec {
   return { name, command: ['node', repoFile('examples/hello/server.js')], cwd: dir, env: {}, ports: [port], readyTimeoutMs: 10_000, ...over };
