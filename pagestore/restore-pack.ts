@@ -12,13 +12,18 @@
  *           restore touches a few; packing the pages alone makes the pack several times smaller
  *           than packing their chunks.
  *
- * Each image has two, written side by side and fetched side by side, so that the restore can
- * start on the first while the second is still on its way:
+ * Each image has up to three. The first two are written side by side and fetched side by side,
+ * so that the restore can start on the first while the second is still on its way:
  *   restore    apps/<app>/restore-pack.bin: every image file but the memory pages (chunks) and
  *              the pages `criu restore` reads itself (runs): what the restore reads before the
  *              process resumes; small (~300 KB for the benchmark's app, ~70 KB compressed)
  *   activeset  apps/<app>/activeset-pack.bin: the ActiveSet's pages (runs), which the process
  *              faults on once it runs (~9 MB, ~2 MB compressed)
+ * The third is asked for once the process resumed, so that it takes neither the link from the
+ * manifest nor the CPU from CRIU:
+ *   heads      apps/<app>/heads-pack.bin: the first page of each memory region not in the other
+ *              two (~700 pages for the benchmark's app), which a garbage collection reads all
+ *              at once
  * Only the newest image's are kept.
  *
  * Layout (format 3):
@@ -86,11 +91,16 @@ export interface DecodedRestorePack {
 }
 
 /** Which of an image's two packs (see the top of this file). */
-export type PackPart = 'restore' | 'activeset';
+/**
+ * restore: what `criu restore` reads; activeset: the ActiveSet's pages; heads: the first page of
+ * each memory region (restore-plan.ts, regionHeads), asked for only once the process resumed
+ */
+export type PackPart = 'restore' | 'activeset' | 'heads';
+/** the parts a restore asks for beside the manifest's look-up */
 export const PACK_PARTS: readonly PackPart[] = ['restore', 'activeset'];
 
 export function restorePackKey(app: string, part: PackPart = 'restore'): string {
-  return part === 'restore' ? `apps/${app}/restore-pack.bin` : `apps/${app}/activeset-pack.bin`;
+  return `apps/${app}/${part === 'restore' ? 'restore' : part === 'activeset' ? 'activeset' : 'heads'}-pack.bin`;
 }
 
 /** An image's two packs as a restore reads them: each may be missing (undefined) or fail. */

@@ -10,7 +10,7 @@ import { ActiveSetStore } from '../pagestore/activeset.js';
 import { ChunkCache } from '../pagestore/chunk-cache.js';
 import { ChunkedImageStore, chunkKey } from '../pagestore/chunked-image-store.js';
 import { fileChunks } from '../pagestore/image-store.js';
-import { restorePackKey } from '../pagestore/restore-pack.js';
+import { decodeRestorePack, restorePackKey } from '../pagestore/restore-pack.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import { containerIdFor } from '../worker/oci/app-records.js';
 import { Runc } from '../worker/oci/runc.js';
@@ -130,10 +130,19 @@ describe('oci runtime: lazy restore from S3 (full, lazy, activeset)', { skip, ti
       assert.equal((await inc(ep)).count, 1);
       const boot = await state(ep);
       for (let cycle = 1; cycle <= cycles; cycle++) {
-        await r.checkpoint(c);
+        const stored = await r.checkpoint(c);
+        if (mode === 'activeset' && cycle >= 2) {
+          // With an ActiveSet, the checkpoint also packs the first page of each memory region.
+          const manifest = (await store.latest(app))!;
+          assert.equal(manifest.generation, stored.generation);
+          const names = new Set(manifest.files.flatMap((f) => fileChunks(manifest, f).map((ref) => ref.hash)));
+          const heads = await decodeRestorePack(await objects.get(restorePackKey(app, 'heads')), manifest, names);
+          assert.ok(heads.current && heads.bad === 0 && heads.runs.length > 0, 'a heads pack for this image');
+          assert.ok(heads.runs.every((run) => /^pages-\d+\.img$/.test(run.file) && run.bytes.length % 4096 === 0), 'whole memory pages');
+        }
         if (mode === 'activeset' && cycle === 3) {
           // Damaged restore packs cost the requests they would have saved, never the restore.
-          for (const part of ['restore', 'activeset'] as const) {
+          for (const part of ['restore', 'activeset', 'heads'] as const) {
             const pack = await objects.get(restorePackKey(app, part));
             await objects.put(restorePackKey(app, part), pack.subarray(0, pack.length - 64));
           }

@@ -2,8 +2,8 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { PlannedChunk } from '../pagestore/activeset.js';
 import { fileChunks, type ImageFile, type ImageManifest } from '../pagestore/image-store.js';
-import { PE_LAZY, PE_PRESENT, type Pagemap } from '../worker/oci/pagemap.js';
-import { distinctChunks, eagerChunks, eagerPageRanges, joinRanges, metadataChunks, pagemapLocator, readaheadChunks } from '../worker/oci/restore-plan.js';
+import { PE_LAZY, PE_PARENT, PE_PRESENT, type Pagemap } from '../worker/oci/pagemap.js';
+import { distinctChunks, eagerChunks, eagerPageRanges, joinRanges, metadataChunks, pagemapLocator, readaheadChunks, regionHeads } from '../worker/oci/restore-plan.js';
 
 /*
  * What a lazy restore reads before its process resumes: the plan the prefetch and the restore
@@ -51,6 +51,27 @@ describe('restore plan', () => {
     ]);
     assert.deepEqual(pagemapLocator([{ pid: 1, map }])(1, 0x90000 + 4096 + 5), { file: 'pages-1.img', offset: 194 * KiB });
     assert.equal(pagemapLocator([{ pid: 1, map }])(2, 0x90000), null, 'another task');
+  });
+
+  it('region heads: the first page of each lazy region with bytes, largest regions first, at most max', () => {
+    const map = (pagesId: number): Pagemap => ({
+      pagesId,
+      entries: [
+        { vaddr: 0x10000, pages: 16, flags: PE_PRESENT, offset: 0 }, // eager: in the restore pack
+        { vaddr: 0x40000, pages: 64, flags: PE_PRESENT | PE_LAZY, offset: 64 * KiB },
+        { vaddr: 0x90000, pages: 2, flags: PE_PRESENT | PE_LAZY, offset: 320 * KiB },
+        { vaddr: 0xa0000, pages: 8, flags: PE_PARENT | PE_LAZY, offset: null }, // no bytes here
+        { vaddr: 0xc0000, pages: 17, flags: PE_PRESENT | PE_LAZY, offset: 328 * KiB },
+      ],
+    });
+    const maps = [{ pid: 1, map: map(1) }, { pid: 7, map: map(2) }];
+    const page = (file: string, offset: number) => ({ file, offset, length: 4096 });
+    assert.deepEqual(regionHeads(maps), [
+      page('pages-1.img', 64 * KiB), page('pages-2.img', 64 * KiB),
+      page('pages-1.img', 328 * KiB), page('pages-2.img', 328 * KiB),
+      page('pages-1.img', 320 * KiB), page('pages-2.img', 320 * KiB),
+    ]);
+    assert.deepEqual(regionHeads(maps, 3), [page('pages-1.img', 64 * KiB), page('pages-2.img', 64 * KiB), page('pages-1.img', 328 * KiB)]);
   });
 
   it('readahead: the chunks within 128 KiB after each run of planned ones', () => {

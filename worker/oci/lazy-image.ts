@@ -11,7 +11,7 @@ import { PageRuns } from '../../pagestore/page-runs.js';
 import { decodeRestorePack, type PackPart, type RestorePacks } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
 import { PAGE_SIZE, parsePagemap } from './pagemap.js';
-import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, type FileRange, type TaskPagemap } from './restore-plan.js';
+import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, regionHeads, type FileRange, type TaskPagemap } from './restore-plan.js';
 
 /*
  * The image of a lazy restore: a FUSE directory (pagestore/image-mount.ts) whose reads are
@@ -123,6 +123,8 @@ export class LazyImage {
   private sweeping: Promise<void> | undefined;
   /** reads of memory pages that fetched their chunk */
   private misses = 0;
+  /** the region heads' offsets by pages file, once fetchHeads() read the pagemaps */
+  private heads: Map<string, Set<number>> | undefined;
   private readonly refsByFile = new Map<string, ChunkRef[]>();
   private closed = false;
   private readonly concurrency: number;
@@ -224,13 +226,48 @@ export class LazyImage {
    * ActiveSet pack too. Before prefetch() started, nothing is held.
    */
   private async held(file: ImageFile, pos: number, end: number): Promise<Buffer | undefined> {
-    const { restore, activeset } = this.packsIn;
+    const { restore, activeset, heads } = this.packsIn;
     if (restore) await restore;
     if (!PAGES.test(file.path)) return undefined;
     const now = this.runs.read(file.path, pos, end);
-    if (now || !activeset) return now;
-    await activeset;
+    if (now) return now;
+    if (activeset) {
+      await activeset;
+      const got = this.runs.read(file.path, pos, end);
+      if (got) return got;
+    }
+    if (!heads || !this.isHead(file.path, pos, end)) return undefined;
+    await heads;
     return this.runs.read(file.path, pos, end);
+  }
+
+  /**
+   * Takes the app's heads pack (restore-plan.ts, regionHeads), asked for once the process
+   * resumed: until it is in (within PACK_WAIT_MS, whatever the store does), a read of a region
+   * head that no run holds waits for it instead of fetching its chunk — in a garbage
+   * collection's burst of such faults, one wait instead of a round trip each. Once only.
+   */
+  fetchHeads(pack: Promise<Buffer | undefined>): void {
+    if (this.packsIn.heads || this.closed) return;
+    this.packsIn.heads = this.pagemaps()
+      .then((maps) => {
+        this.heads = new Map();
+        for (const r of regionHeads(maps)) {
+          let set = this.heads.get(r.file);
+          if (!set) this.heads.set(r.file, (set = new Set()));
+          set.add(r.offset);
+        }
+      })
+      .catch(() => undefined)
+      .then(() => this.unpack(pack, 'heads'));
+  }
+
+  /** Whether [pos, end) of `file` holds a region head (known once fetchHeads() read the pagemaps). */
+  private isHead(file: string, pos: number, end: number): boolean {
+    const set = this.heads?.get(file);
+    if (!set) return false;
+    for (let at = pos - (pos % PAGE_SIZE); at < end; at += PAGE_SIZE) if (set.has(at)) return true;
+    return false;
   }
 
   /**

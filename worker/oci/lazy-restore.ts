@@ -26,7 +26,8 @@ import { PAGE_SIZE } from './pagemap.js';
  *   (the runtime: `runc restore --lazy-pages`, connecting to the relay)
  *   spawnDaemon()  `criu lazy-pages` on the mount, behind the relay (which waits for it); the
  *                  process resumes once CRIU is done, and its faults are served
- *   restored()     arms the fallback: the rest of memory follows after sweepAfterMs
+ *   restored()     asks for the heads pack (lazy-image.ts, fetchHeads); arms the fallback: the
+ *                  rest of memory follows after sweepAfterMs
  *   served()       the app answered its first traffic: after a grace the ActiveSet window
  *                  closes, the relay lets CRIU's daemon copy the rest of memory, and the rest of
  *                  the image is fetched in the background
@@ -284,6 +285,8 @@ export class LazyRestore {
    */
   restored(): void {
     this.sweepTimer = setTimeout(() => this.copyRest(), this.o.sweepAfterMs ?? 5000);
+    // Now, not beside the manifest: it would take the link from it and the CPU from CRIU.
+    if (this.o.mode === 'activeset' && this.o.activeSets && this.o.packs) this.image?.fetchHeads(this.o.activeSets.readPack(this.o.app, 'heads'));
   }
 
   /** The first traffic is over (or did not come): fetch, and let CRIU copy, the rest of memory. */

@@ -4,7 +4,7 @@ import type { ActiveSetStore, PageLocator, PlannedChunk } from '../../pagestore/
 import { fileChunks, type ImageManifest } from '../../pagestore/image-store.js';
 import type { PackedChunk, PackedRun } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
-import { eagerRanges, PAGE_SIZE, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
+import { eagerRanges, PAGE_SIZE, PE_LAZY, pageOffset, parsePagemap, type Pagemap } from './pagemap.js';
 
 /*
  * What a lazy restore of an image reads before its process resumes, and the pages it is about to
@@ -115,6 +115,27 @@ export function eagerPageRanges(maps: readonly TaskPagemap[]): FileRange[] {
   return maps.flatMap(({ map }) => eagerRanges(map).map((r) => ({ file: `pages-${map.pagesId}.img`, ...r })));
 }
 
+/** regionHeads(): at most this many pages (16 MiB) */
+export const MAX_REGION_HEADS = 4096;
+
+/**
+ * The first page of each lazy region of every task (a pagemap entry: memory dumped back to back,
+ * e.g. one of V8's 256 KiB heap pages), the largest regions first, at most `max`. Allocators keep
+ * their bookkeeping at the start of each region (V8's page headers and marking bitmaps), and a
+ * garbage collection reads it for every region at once: on the benchmark's app, one wake in
+ * about four ran one on its first request and faulted on 27–40 page headers no recent restore
+ * had used, one serial round trip to the store (~33 ms) each. In the ActiveSet pack they made
+ * every wake slower (a 40–60 % larger pack to fetch and decode beside CRIU), so they have a pack
+ * of their own, asked for once the process resumed.
+ */
+export function regionHeads(maps: readonly TaskPagemap[], max = MAX_REGION_HEADS): FileRange[] {
+  return maps
+    .flatMap(({ map }) => map.entries.filter((e) => e.offset !== null && (e.flags & PE_LAZY) !== 0).map((e) => ({ e, file: `pages-${map.pagesId}.img` })))
+    .sort((a, b) => b.e.pages - a.e.pages)
+    .slice(0, max)
+    .map(({ e, file }) => ({ file, offset: e.offset!, length: PAGE_SIZE }));
+}
+
 /** `ranges` as the fewest ranges covering the same bytes: sorted, overlapping and touching ones joined. */
 export function joinRanges(ranges: readonly FileRange[]): FileRange[] {
   const sorted = ranges.filter((r) => r.length > 0).sort((a, b) => (a.file < b.file ? -1 : a.file > b.file ? 1 : a.offset - b.offset));
@@ -146,14 +167,15 @@ async function readRange(manifest: ImageManifest, dir: string, r: FileRange): Pr
  * Writes the app's two restore packs for `manifest` (pagestore/restore-pack.ts), read from `dir`,
  * the directory the image was stored from: the restore pack (the metadata chunks, and as runs
  * the pages `criu restore` reads itself) and the ActiveSet pack (as runs, the ActiveSet's pages
- * as the app's record plans them for this image, less those already in the restore pack).
+ * as the app's record plans them for this image, less those already in the restore pack) and
+ * the heads pack (the region heads in neither, once the app has an ActiveSet).
  * Returns what was packed.
  */
 export async function writeRestorePack(
   manifest: ImageManifest,
   dir: string,
   activeSets: ActiveSetStore,
-): Promise<{ chunks: number; runs: number; eagerPages: number; activeSetRuns: number; activeSetPages: number; bytes: number }> {
+): Promise<{ chunks: number; runs: number; eagerPages: number; activeSetRuns: number; activeSetPages: number; headPages: number; bytes: number }> {
   const maps: TaskPagemap[] = [];
   for (const file of manifest.files) {
     const m = PAGEMAP.exec(file.path);
@@ -161,12 +183,15 @@ export async function writeRestorePack(
   }
   const record = await activeSets.read(manifest.app);
   const eager = joinRanges(eagerPageRanges(maps));
+  const inRanges = (ranges: FileRange[], r: FileRange): boolean => ranges.some((e) => e.file === r.file && e.offset <= r.offset && r.offset < e.offset + e.length);
   const active = joinRanges(
     activeSets
       .planPages(record, pagemapLocator(maps))
-      .filter((p) => !eager.some((r) => r.file === p.file && r.offset <= p.offset && p.offset < r.offset + r.length))
-      .map((p) => ({ ...p, length: PAGE_SIZE })),
+      .map((p) => ({ ...p, length: PAGE_SIZE }))
+      .filter((r) => !inRanges(eager, r)),
   );
+  // With the first ActiveSet: before it, a restore prefetches nothing but what CRIU reads.
+  const heads = record ? regionHeads(maps).filter((r) => !inRanges(eager, r) && !inRanges(active, r)) : [];
   const chunks: PackedChunk[] = [];
   for (const p of metadataChunks(manifest)) {
     const bytes = await readLocalChunk(dir, p.file, p.ref);
@@ -178,12 +203,13 @@ export async function writeRestorePack(
     for (const r of ranges) out.push({ file: r.file, offset: r.offset, bytes: await readRange(manifest, dir, r) });
     return out;
   };
-  const [restoreBytes, activeSetBytes] = await Promise.all([
+  const [restoreBytes, activeSetBytes, headsBytes] = await Promise.all([
     activeSets.putPack(manifest.app, 'restore', manifest.generation, { manifest: manifest.checksum, chunks, runs: await runs(eager) }),
     runs(active).then((r) => activeSets.putPack(manifest.app, 'activeset', manifest.generation, { manifest: manifest.checksum, chunks: [], runs: r })),
+    runs(heads).then((r) => activeSets.putPack(manifest.app, 'heads', manifest.generation, { manifest: manifest.checksum, chunks: [], runs: r })),
   ]);
   // The page counts tell a dump whose pagemap marked (nearly) every page non-lazy: such a restore
   // faults on nothing, so it records no ActiveSet.
   const pages = (ranges: FileRange[]): number => ranges.reduce((n, r) => n + r.length / PAGE_SIZE, 0);
-  return { chunks: chunks.length, runs: eager.length, eagerPages: pages(eager), activeSetRuns: active.length, activeSetPages: pages(active), bytes: restoreBytes + activeSetBytes };
+  return { chunks: chunks.length, runs: eager.length, eagerPages: pages(eager), activeSetRuns: active.length, activeSetPages: pages(active), headPages: heads.length, bytes: restoreBytes + activeSetBytes + headsBytes };
 }
