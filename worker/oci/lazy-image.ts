@@ -223,7 +223,8 @@ export class LazyImage {
    * the packs that may carry its bytes (each settles within PACK_WAIT_MS, whatever the store
    * does) rather than fetching them chunk by chunk beside them: every read for the restore pack
    * (the metadata chunks it brings go to the cache), a read of memory pages not in it for the
-   * ActiveSet pack too. Before prefetch() started, nothing is held.
+   * ActiveSet pack too, and a read of a region head for the heads pack once fetchHeads() asked
+   * for it. Before prefetch() started, nothing is held.
    */
   private async held(file: ImageFile, pos: number, end: number): Promise<Buffer | undefined> {
     const { restore, activeset, heads } = this.packsIn;
@@ -248,6 +249,7 @@ export class LazyImage {
    * collection's burst of such faults, one wait instead of a round trip each. Once only.
    */
   fetchHeads(pack: Promise<Buffer | undefined>): void {
+    pack.catch(() => undefined); // unpack() reports a failure; until it runs, nothing is unhandled
     if (this.packsIn.heads || this.closed) return;
     this.packsIn.heads = this.pagemaps()
       .then((maps) => {
