@@ -11,7 +11,7 @@ import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { createLogger, type Logger } from '../shared/log.js';
 import type { AppSpec, Endpoint, RestoreMode } from '../shared/protocol.js';
-import { readCgroupMounts } from '../worker/oci/cgroup-host.js';
+import { cgroup2Root, readCgroupMounts } from '../worker/oci/cgroup-host.js';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -49,7 +49,7 @@ export function checkArgs(usage: string): void {
 
 /** Whether the host's cgroup2 has favordynmods now (OciRuntime.create sets it by default). */
 export function favordynmodsNote(): string {
-  const v2 = readCgroupMounts().find((m) => m.fstype === 'cgroup2' && m.root === '/');
+  const v2 = cgroup2Root(readCgroupMounts());
   return v2 ? (v2.superOptions.includes('favordynmods') ? 'on' : 'off') : 'n/a (no cgroup2)';
 }
 

@@ -278,10 +278,10 @@ worker:
     // 2. A wake restores it on wa (the worker that ran it last) in activeset mode. There is no
     //    ActiveSet yet; this restore records one and stores it in S3 before wa can swap the app
     //    out again (a checkpoint waits until every page is in, and the ActiveSet is stored first).
-    //    Now and then (4 runs in ~25) CRIU writes the first image with no page marked lazy: it
-    //    restores all of memory itself, nothing faults, nothing is recorded — cause unknown
-    //    ('restore packs stored' logs eagerPages at debug). Then wa takes one more cycle, whose
-    //    restore must record one.
+    //    Now and then (seen in 4 runs over two sessions) CRIU writes the first image with no
+    //    page marked lazy: it restores all of memory itself, nothing faults, nothing is recorded
+    //    — cause unknown ('restore packs stored' logs eagerPages at debug). Then wa takes one
+    //    more cycle, whose restore must record one.
     let count = 3;
     let stored = g1;
     let cycles = 0;

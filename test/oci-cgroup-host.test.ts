@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { describe, it } from 'node:test';
-import { criuCgroupYard, criuYardNames, favorDynmods, parseCgroupMounts, readCgroupMounts } from '../worker/oci/cgroup-host.js';
+import { cgroup2Root, criuCgroupYard, criuYardNames, favorDynmods, parseCgroupMounts, readCgroupMounts } from '../worker/oci/cgroup-host.js';
 import { run } from '../worker/oci/exec.js';
 
 /*
@@ -65,7 +65,7 @@ describe('oci: the host\'s cgroup mounts (no root needed)', () => {
   });
 });
 
-const v2 = existsSync('/proc/self/mountinfo') ? readCgroupMounts().find((m) => m.fstype === 'cgroup2' && m.root === '/') : undefined;
+const v2 = existsSync('/proc/self/mountinfo') ? cgroup2Root(readCgroupMounts()) : undefined;
 const skip = process.getuid?.() !== 0 ? 'needs root: remounts the host\'s cgroup2' : !v2 ? 'this host has no cgroup2 mount' : false;
 
 describe('oci: favordynmods on the host\'s cgroup2', { skip }, () => {

@@ -602,15 +602,20 @@ export class OciRuntime implements ContainerRuntime {
         },
       );
     const lookedUp = found(latest);
-    lookedUp.catch(() => undefined); // an early restore may look at it only once runc is done
+    // An early restore may look at it only once runc is done; its failure is then the restore's.
+    let lookupFailure: unknown;
+    lookedUp.catch((err: unknown) => (lookupFailure = err));
     const served = (look ? found(look.expected.catch(() => undefined).then((m) => m ?? latest)) : lookedUp).then((m) => {
       manifestMs = performance.now() - t0;
       return m;
     });
-    const confirmed = served.then(async (m) => {
-      const newest = await lookedUp;
-      return newest.generation === m.generation && newest.checksum === m.checksum ? null : newest;
-    });
+    // The newest generation when it is not the one the image was served with, else null.
+    const confirmed = look
+      ? served.then(async (m) => {
+          const newest = await lookedUp;
+          return newest.generation === m.generation && newest.checksum === m.checksum ? null : newest;
+        })
+      : Promise.resolve(null);
     confirmed.catch(() => undefined);
     const record = this.record(spec.name);
     const net = this.records.network(record);
@@ -678,7 +683,7 @@ export class OciRuntime implements ContainerRuntime {
       // A page that could not be had is the cause, not CRIU's failure that followed from it.
       if (img.lazy?.failure) throw img.lazy.failure;
       // The listing failed after the restore went ahead on the hinted manifest: the store's error.
-      if (isPicoError(err) && (await lookedUp.then(() => false, (e: unknown) => e === err))) throw err;
+      if (err === lookupFailure) throw err;
       const generation = await img.manifest.then((m) => m.generation).catch(() => '?');
       throw new PicoError('PICO_ERR_WAKE_FAILED', `app ${spec.name}: restore of generation ${generation} failed: ${describeError(err)}`, { cause: err });
     }

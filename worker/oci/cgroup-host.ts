@@ -68,12 +68,17 @@ export type FavorDynmods =
  * after the worker exits, and a reboot clears it.
  */
 export async function favorDynmods(mounts: readonly CgroupMount[] = readCgroupMounts()): Promise<FavorDynmods> {
-  const v2 = mounts.find((m) => m.fstype === 'cgroup2' && m.root === '/');
+  const v2 = cgroup2Root(mounts);
   if (!v2) return { state: 'none' };
   if (v2.superOptions.includes('favordynmods')) return { state: 'on', mountpoint: v2.mountpoint };
   const r = await run('mount', ['-o', ['remount', ...v2.superOptions, 'favordynmods'].join(','), v2.mountpoint], { timeoutMs: 10_000 });
   if (!succeeded(r)) return { state: 'failed', mountpoint: v2.mountpoint, reason: failureReason(r) };
   return { state: 'set', mountpoint: v2.mountpoint };
+}
+
+/** The mount of the whole cgroup2 hierarchy, if the host has one. */
+export function cgroup2Root(mounts: readonly CgroupMount[]): CgroupMount | undefined {
+  return mounts.find((m) => m.fstype === 'cgroup2' && m.root === '/');
 }
 
 export function readCgroupMounts(): CgroupMount[] {
