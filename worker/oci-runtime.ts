@@ -616,6 +616,8 @@ export class OciRuntime implements ContainerRuntime {
           return newest.generation === m.generation && newest.checksum === m.checksum ? null : newest;
         })
       : Promise.resolve(null);
+    // Awaited only by an early restore (through its image) or `confirmed`: no unhandled rejection.
+    served.catch(() => undefined);
     confirmed.catch(() => undefined);
     const record = this.record(spec.name);
     const net = this.records.network(record);
