@@ -9,7 +9,7 @@
  *
  *   npx tsc -p . && node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5]
  *       [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR]
- *       [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard]
+ *       [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard] [--no-rcu-expedited]
  *
  * The page store is the product's S3 store (S3ObjectStore under ChunkedImageStore, as
  * openImageStore builds it for s3, with its concurrency unless --concurrency) on s3rver, a real
@@ -47,6 +47,7 @@ import { startLinkProcess, type LinkProcess } from '../test/helpers/s3-link-proc
 import { startS3Server, type S3TestServer } from '../test/helpers/s3-server.js';
 import { checkHost } from '../worker/oci/host-check.js';
 import type { LazyOutcome } from '../worker/oci/lazy-restore.js';
+import { rcuExpeditedNote, setRcuExpedited } from '../worker/oci/rcu-host.js';
 import { OciRuntime, type OciCheckpointResult, type OciRuntimeOptions } from '../worker/oci-runtime.js';
 import { ProcessRuntime } from '../worker/process-runtime.js';
 import type { Container } from '../worker/runtime.js';
@@ -65,13 +66,15 @@ const TMP = arg('tmp', os.tmpdir());
 const LOG_FILE = arg('log-file', '');
 /** CRIU mounts its own cgroup yard at every restore, as without OciRuntime's (to measure what it saves) */
 const NO_CGROUP_YARD = flag('no-cgroup-yard');
+/** RCU grace periods stay normal for this run (rcu_expedited 0, put back at the end), as without OciRuntime's setting */
+const NO_RCU_EXPEDITED = flag('no-rcu-expedited');
 const PORT = 8080;
 const APP = 'heavy';
 /** how long a lazy restore may take to page every page in before the benchmark gives up */
 const PAGED_IN_TIMEOUT_MS = 300_000;
 
 const { log, logged } = capturedLogger(arg('log-level', 'info'));
-checkArgs('node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5] [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR] [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard]');
+checkArgs('node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5] [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR] [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard] [--no-rcu-expedited]');
 
 /** One wake of the oci runtime, as measured and as the runtime logged it. */
 interface Wake {
@@ -107,6 +110,7 @@ async function main(): Promise<void> {
   const processRuntime = new ProcessRuntime(log);
   let s3: S3TestServer | undefined;
   let link: LinkProcess | undefined;
+  let rcuWasOn = false;
   try {
     const spec = heavyApp(work, MB, BOOT_MS);
     mkdirSync(path.join(work, 's3'));
@@ -135,7 +139,11 @@ async function main(): Promise<void> {
       defaults: { readOnlyPaths: nodeReadOnlyPaths() },
       localImages: false,
     };
-    const { runtime: first } = await OciRuntime.create({ ...base, hostReport: host });
+    const { runtime: first } = await OciRuntime.create({ ...base, hostReport: host, rcuExpedited: !NO_RCU_EXPEDITED });
+    if (NO_RCU_EXPEDITED && rcuExpeditedNote() === 'on') {
+      setRcuExpedited(false);
+      rcuWasOn = true;
+    }
     runtimes.push(first);
     const yard = NO_CGROUP_YARD ? {} : first.cgroupYard ? { cgroupYard: first.cgroupYard } : {};
     const fixed: OciRuntimeOptions = { ...base, criu: host.criu.path, networkLock: first.networkLock, ...yard, ...(host.runc?.path ? { runc: host.runc.path } : {}) };
@@ -148,7 +156,7 @@ async function main(): Promise<void> {
     );
     console.log(
       `each wake: a new OciRuntime with an empty ${CACHE_MB} MiB chunk cache, no local images; network lock ${first.networkLock}; /run/criu.kdat ${kdatNote()}; ` +
-        `CRIU's cgroup yard ${yard.cgroupYard ?? 'its own (mounted at each restore)'}; cgroup2 favordynmods ${favordynmodsNote()}`,
+        `CRIU's cgroup yard ${yard.cgroupYard ?? 'its own (mounted at each restore)'}; cgroup2 favordynmods ${favordynmodsNote()}; rcu_expedited ${rcuExpeditedNote()}`,
     );
 
     // The app's first start and checkpoint (the image every wake restores, generation after generation).
@@ -333,6 +341,7 @@ async function main(): Promise<void> {
     await link?.close().catch(() => undefined);
     await s3?.stop().catch(() => undefined);
     rmSync(work, { recursive: true, force: true });
+    if (rcuWasOn) setRcuExpedited(true);
     if (LOG_FILE) writeFileSync(LOG_FILE, logged.map((l) => JSON.stringify(l)).join('\n') + '\n');
   }
 }

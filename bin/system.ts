@@ -197,6 +197,7 @@ async function createRuntime(cfg: Readonly<Config>, log: Logger, metrics: Metric
         chunkCache,
         activeSets: new ActiveSetStore(imageStore.store),
         favorDynmods: cfg.worker.favorDynmods,
+        rcuExpedited: cfg.worker.rcuExpedited,
         onCheckpoint: (app, r) => metrics.checkpointed(app, r.imageBytes, r.uploadedBytes),
         onLazyRestore: (app, mode, o) => metrics.lazyRestored(app, mode, o),
       });

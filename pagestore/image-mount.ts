@@ -48,7 +48,7 @@ import { describeError, PicoError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 export { warmFuseServer } from './fuse-child.js';
 import { FuseChild } from './fuse-child.js';
-import { chunkAt, fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
+import { chunksIn, fileChunks, sliceChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 
 /** in ms: how long an fusermount/umount run is waited for */
 const COMMAND_TIMEOUT_MS = 5_000;
@@ -329,7 +329,7 @@ class ImageServer {
         this.counters.bytes += end - pos;
         return [held];
       }
-      const touched = e.refs.slice(chunkAt(e.refs, pos), lastChunk(e.refs, end) + 1);
+      const touched = chunksIn(e.refs, pos, end);
       for (const ref of touched) {
         try {
           this.opts.onRead?.(e.file, ref);
@@ -338,13 +338,8 @@ class ImageServer {
         }
       }
       const bodies = await Promise.all(touched.map((ref) => this.fetch(e.file, ref)));
-      const slices = touched.map((ref, i) => {
-        const from = Math.max(pos, ref.offset);
-        const to = Math.min(end, ref.offset + ref.size);
-        return bodies[i]!.subarray(from - ref.offset, to - ref.offset);
-      });
       this.counters.bytes += end - pos;
-      return slices;
+      return sliceChunks(touched, bodies, pos, end);
     } finally {
       this.counters.reads++;
     }
@@ -436,10 +431,6 @@ class ImageServer {
 }
 
 /** Index of the chunk holding byte `end - 1`. */
-function lastChunk(refs: ChunkRef[], end: number): number {
-  return chunkAt(refs, end - 1);
-}
-
 /**
  * The files of the image (in manifest order: the server names them by index) and its
  * directories by FUSE path ('/a/b'); rejects unsafe or overlapping paths.

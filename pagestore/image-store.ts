@@ -154,6 +154,16 @@ export interface ImageStore {
   apps(): Promise<Array<{ app: string; generation: number }>>;
 }
 
+/** The chunks of `refs` (one file's, in order) that hold bytes of [pos, end); pos < end. */
+export function chunksIn(refs: readonly ChunkRef[], pos: number, end: number): ChunkRef[] {
+  return refs.slice(chunkAt(refs, pos), chunkAt(refs, end - 1) + 1);
+}
+
+/** The bytes [pos, end) as views of `bodies`, the contents of chunksIn(refs, pos, end) in order. */
+export function sliceChunks(touched: readonly ChunkRef[], bodies: readonly Buffer[], pos: number, end: number): Buffer[] {
+  return touched.map((ref, i) => bodies[i]!.subarray(Math.max(pos, ref.offset) - ref.offset, Math.min(end, ref.offset + ref.size) - ref.offset));
+}
+
 /** Index of the chunk holding byte `pos` (binary search over offsets; empty chunks skipped). */
 export function chunkAt(refs: readonly ChunkRef[], pos: number): number {
   let lo = 0;

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFile, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -33,7 +33,9 @@ worker: { runtime: process, listen: 127.0.0.1:0, token: ${WORKER_TOKEN}, shutdow
 `,
   );
   const { proc, logs, up, exit } = await startCli(['worker', '--config', configFile, '--id', id], dir, 'picocenter worker up');
-  return { proc, url: up.url as string, logs, exit };
+  // Gone with the process, however it ended: its directory held only the config.
+  const removed = exit.then((code) => (rmSync(dir, { recursive: true, force: true }), code));
+  return { proc, url: up.url as string, logs, exit: removed };
 }
 
 function gatewayConfig(workerUrl: string, helloPort: number, adminPort = 0): string {

@@ -1,8 +1,9 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { tmpdir } from 'node:os';
 import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { request } from 'undici';
@@ -257,13 +258,15 @@ apps:
 
 describe('picocenter with a broken config', () => {
   it('exits 1 naming the file, line and key', async () => {
-    const dir = path.dirname(repoFile('dist/x'));
+    const dir = mkdtempSync(path.join(tmpdir(), 'pico-e2e-'));
     const file = path.join(dir, 'broken-config.yaml');
     writeFileSync(file, 'gateway:\n  dns: { zones: [apps.test] }\n  admin: { token: secret-token }\n  htp: {}\n');
-    const err = await run(process.execPath, [CLI, 'up', '--config', file]).then(
-      () => assert.fail('accepted'),
-      (e: { code: number; stderr: string }) => e,
-    );
+    const err = await run(process.execPath, [CLI, 'up', '--config', file])
+      .then(
+        () => assert.fail('accepted'),
+        (e: { code: number; stderr: string }) => e,
+      )
+      .finally(() => rmSync(dir, { recursive: true, force: true }));
     assert.equal(err.code, 1);
     assert.match(err.stderr, /broken-config\.yaml:4: gateway\.htp: unknown key/);
   });

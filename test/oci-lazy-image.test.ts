@@ -10,6 +10,8 @@ import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
 import { encodeRestorePack } from '../pagestore/restore-pack.js';
 import { silentLogger } from '../shared/log.js';
 import { LazyImage } from '../worker/oci/lazy-image.js';
+import { PE_LAZY, PE_PRESENT } from '../worker/oci/pagemap.js';
+import { pagemapImage } from './helpers/pagemap.js';
 import { until } from './helpers/poll.js';
 import { watchdog } from './helpers/watchdog.js';
 
@@ -54,6 +56,13 @@ const draft = {
 };
 const manifest = { ...draft, checksum: manifestChecksum(draft as unknown as ImageManifest) } as ImageManifest;
 
+// The same image with a pagemap: pages-1.img holds 64 lazy memory regions of one chunk each, so
+// the first page of every chunk is a region head (restore-plan.ts, regionHeads).
+const pagemap = pagemapImage(pageHashes.map((_, i) => ({ vaddr: (i + 1) * 0x100000, pages: CHUNK / 4096, flags: PE_PRESENT | PE_LAZY })));
+const pagemapChunk = { hash: addChunk(pagemap), bytes: pagemap };
+const mappedDraft = { ...draft, files: [...draft.files, { path: 'pagemap-1.img', size: pagemap.length, mode: 0o600, chunks: [pagemapChunk.hash], sizes: [pagemap.length] }] };
+const mapped = { ...mappedDraft, checksum: manifestChecksum(mappedDraft as unknown as ImageManifest) } as ImageManifest;
+
 // Runs as a restore pack carries them: the bytes of the image at their offsets. One is longer
 // than the kernel's largest read, and most end inside a chunk.
 const runs = [
@@ -64,13 +73,15 @@ const runs = [
   [40 * CHUNK + 4096, 100],
 ].map(([offset, pages]) => ({ file: 'pages-1.img', offset: offset!, bytes: Buffer.alloc(pages! * 4096, Math.floor(offset! / CHUNK)) }));
 
-/** A store that counts what it is asked for. */
-function countingStore(): ImageStore & { asked: number[] } {
+/** A store that counts what it is asked for (chunks of pages-1.img by index, others as -1); `slow` waits for `until`. */
+function countingStore(slow?: { chunk: number; until: Promise<void> }): ImageStore & { asked: number[] } {
   const asked: number[] = [];
   return {
     asked,
     getChunk: async (hash: string) => {
-      asked.push(pageHashes.indexOf(hash));
+      const i = pageHashes.indexOf(hash);
+      asked.push(i);
+      if (slow && i === slow.chunk) await slow.until;
       return chunks.get(hash)!;
     },
   } as unknown as ImageStore & { asked: number[] };
@@ -86,10 +97,10 @@ function dd(file: string, skip: number, count: number): Promise<Buffer> {
   });
 }
 
-async function open(store: ImageStore, name: string, sweepAfterMisses?: number): Promise<LazyImage> {
+async function open(store: ImageStore, name: string, sweepAfterMisses?: number, image = manifest): Promise<LazyImage> {
   return LazyImage.open({
     sweepAfterMisses,
-    manifest,
+    manifest: image,
     mountpoint: path.join(work, name),
     store,
     cache: await ChunkCache.open({ memoryBytes: 64 * 1024 * 1024 }),
@@ -195,5 +206,29 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       },
       3,
     );
+  });
+  it('a read of a region head takes its own chunk or the heads pack, whichever comes first', async () => {
+    let release!: () => void;
+    const slowChunk = 30;
+    const store = countingStore({ chunk: slowChunk, until: new Promise<void>((resolve) => (release = resolve)) });
+    const img = await open(store, 'e', undefined, mapped);
+    try {
+      const restorePack = await encodeRestorePack(3, { manifest: mapped.checksum, chunks: [coreChunk, pagemapChunk], runs: [] });
+      await img.prefetch(undefined, { restore: Promise.resolve(restorePack), activeset: Promise.resolve(undefined) });
+      let deliver!: (b: Buffer) => void;
+      img.fetchHeads(new Promise<Buffer>((resolve) => (deliver = resolve)));
+      const file = path.join(img.path, 'pages-1.img');
+      // The pack is late (before, this read waited for it, up to PACK_WAIT_MS): the chunk answers.
+      assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12));
+      assert.ok(store.asked.includes(12), 'the head read fetched its chunk');
+      // The chunk is late: the pack, once in, answers; the bytes tell which did.
+      const reading = dd(file, slowChunk * CHUNK, 4096);
+      await until(() => store.asked.includes(slowChunk), 'the head read fetching its chunk');
+      deliver(await encodeRestorePack(3, { manifest: mapped.checksum, chunks: [], runs: [{ file: 'pages-1.img', offset: slowChunk * CHUNK, bytes: Buffer.alloc(CHUNK, 0xee) }] }));
+      assert.deepEqual(await reading, Buffer.alloc(4096, 0xee), "the pack's bytes, while the chunk is still on its way");
+    } finally {
+      release();
+      await img.close();
+    }
   });
 });

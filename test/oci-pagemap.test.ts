@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { eagerRanges, entryAt, pageOffset, parsePagemap, PE_LAZY, PE_PRESENT } from '../worker/oci/pagemap.js';
 import { pageRanges } from '../worker/oci/lazy-restore.js';
+import { pagemapEntry } from './helpers/pagemap.js';
 
 /*
  * CRIU's pagemap image, as criu 4.2.1 writes it: the first bytes below are the start of a real
@@ -14,22 +15,6 @@ const REAL = Buffer.from(
     '0b000000' + '088080922b' + '1000' + '2004' + '2805',
   'hex',
 );
-
-/** One more entry: vaddr, pages (field 5), flags. */
-function entry(vaddr: number, pages: number, flags: number): Buffer {
-  const varint = (n: number): number[] => {
-    const out: number[] = [];
-    while (n >= 0x80) {
-      out.push((n % 0x80) | 0x80);
-      n = Math.floor(n / 0x80);
-    }
-    return [...out, n];
-  };
-  const msg = Buffer.from([0x08, ...varint(vaddr), 0x10, 0, 0x20, ...varint(flags), 0x28, ...varint(pages)]);
-  const len = Buffer.alloc(4);
-  len.writeUInt32LE(msg.length);
-  return Buffer.concat([len, msg]);
-}
 
 describe('CRIU pagemap', () => {
   it('reads a real image: each entry with its place in the pages file', () => {
@@ -46,7 +31,7 @@ describe('CRIU pagemap', () => {
   });
 
   it('zero pages have no bytes; lazy pages are not read by the restore itself', () => {
-    const map = parsePagemap(Buffer.concat([REAL.subarray(0, 14), entry(0x10000, 2, PE_PRESENT | PE_LAZY), entry(0x20000, 3, 0), entry(0x30000, 1, PE_PRESENT)]));
+    const map = parsePagemap(Buffer.concat([REAL.subarray(0, 14), pagemapEntry(0x10000, 2, PE_PRESENT | PE_LAZY), pagemapEntry(0x20000, 3, 0), pagemapEntry(0x30000, 1, PE_PRESENT)]));
     assert.deepEqual(map.entries.map((e) => e.offset), [0, null, 2 * 4096]);
     assert.equal(pageOffset(map, 0x20000), null);
     assert.deepEqual(eagerRanges(map), [{ offset: 2 * 4096, length: 4096 }]);

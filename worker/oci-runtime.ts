@@ -11,6 +11,7 @@ import type { AppSpec, Endpoints } from '../shared/protocol.js';
 import { AppRecords, DEFAULT_PREFIX, DEFAULT_SLOTS, type AppRecord, type SlotRange } from './oci/app-records.js';
 import { hasOlderLayout, hostFacts, LOG_FILE, writeBundle, type HostDirs, type HostFacts } from './oci/bundle.js';
 import { tuneCgroups } from './oci/cgroup-host.js';
+import { tuneRcu } from './oci/rcu-host.js';
 import { prepareHostDirs } from './oci/host-dirs.js';
 import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
@@ -142,6 +143,13 @@ export interface OciCreateOptions extends Omit<OciRuntimeOptions, 'criu'> {
    * until a reboot. Default true.
    */
   favorDynmods?: boolean;
+  /**
+   * Set the kernel's rcu_expedited when it is not (see worker/oci/rcu-host.ts): CRIU's waits for
+   * RCU grace periods in every restore (~20-30 ms in all here) become expedited ones. A host-wide
+   * setting that stays until a reboot; it costs every CPU an interrupt per grace period. Default
+   * true.
+   */
+  rcuExpedited?: boolean;
 }
 
 /** What OciRuntime.create found and cleaned up from a previous worker. */
@@ -343,6 +351,7 @@ export class OciRuntime implements ContainerRuntime {
     const host = opts.hostReport ?? (await checkHost());
     if (!host.ok || !host.criu) throw new PicoError('PICO_ERR_HOST_UNSUPPORTED', host.message);
     const cgroups = await tuneCgroups(opts);
+    const rcuExpedited = tuneRcu(opts);
     const runtime = new OciRuntime({
       ...opts,
       criu: opts.criu ?? host.criu.path,
@@ -351,7 +360,7 @@ export class OciRuntime implements ContainerRuntime {
       cgroupYard: opts.cgroupYard ?? cgroups.yard,
     });
     await runtime.dirs();
-    opts.log.info({ stateDir: runtime.stateDir, networkLock: runtime.networkLock, cgroupYard: runtime.cgroupYard ?? null, favorDynmods: cgroups.favorDynmods }, host.message);
+    opts.log.info({ stateDir: runtime.stateDir, networkLock: runtime.networkLock, cgroupYard: runtime.cgroupYard ?? null, favorDynmods: cgroups.favorDynmods, rcuExpedited }, host.message);
     await runtime.prepareCriu();
     // Lazy restores need the relay (python3) and an image mount server (node): both start
     // slowly, so the first ones are started now.

@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -26,7 +26,7 @@ export interface RunningPicocenter {
   /** GET/POST on the admin API with the token; returns status and parsed JSON (or text). */
   admin(method: 'GET' | 'POST', p: string, token?: string | null): Promise<{ status: number; body: any }>;
   appState(app: string): Promise<string>;
-  /** SIGTERM and wait for the exit; returns the exit code. */
+  /** SIGTERM and wait for the exit, then remove `dir`; returns the exit code. */
   stop(): Promise<number | null>;
 }
 
@@ -127,7 +127,9 @@ export async function startPicocenter(configYaml: string, options: StartOptions 
     },
     async stop() {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
-      return exit;
+      const code = await exit;
+      rmSync(dir, { recursive: true, force: true });
+      return code;
     },
   };
 }

@@ -6,7 +6,7 @@ import type { PageLocator, PlannedChunk } from '../../pagestore/activeset.js';
 import { mapBounded } from '../../pagestore/bounded.js';
 import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount, type PendingMount, type ServeOptions } from '../../pagestore/image-mount.js';
-import { chunkAt, fileChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
+import { chunkAt, chunksIn, fileChunks, sliceChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { PageRuns } from '../../pagestore/page-runs.js';
 import { decodeRestorePack, type PackPart, type RestorePacks } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
@@ -143,15 +143,7 @@ export class LazyImage {
     const img = new LazyImage(o);
     const serve: ServeOptions = {
       manifest: o.manifest,
-      chunk: async (ref, file) => {
-        const got = await img.chunk(file, ref);
-        if (got.from === 'fetch') {
-          img.counts.demand++;
-          o.log.trace({ file: file.path, offset: ref.offset, size: ref.size }, 'a read of the mount fetched a chunk');
-          if (PAGES.test(file.path)) img.missed(file, ref);
-        } else img.counts.hits++;
-        return got.buf;
-      },
+      chunk: (ref, file) => img.demand(file, ref),
       onFailure: (err) => o.onFailure(err),
       held: (file, pos, end) => img.held(file, pos, end),
     };
@@ -223,8 +215,9 @@ export class LazyImage {
    * the packs that may carry its bytes (each settles within PACK_WAIT_MS, whatever the store
    * does) rather than fetching them chunk by chunk beside them: every read for the restore pack
    * (the metadata chunks it brings go to the cache), a read of memory pages not in it for the
-   * ActiveSet pack too, and a read of a region head for the heads pack once fetchHeads() asked
-   * for it. Before prefetch() started, nothing is held.
+   * ActiveSet pack too; a read of a region head, once fetchHeads() asked for its pack, takes
+   * that pack or its own chunks, whichever comes first. Before prefetch() started, nothing is
+   * held.
    */
   private async held(file: ImageFile, pos: number, end: number): Promise<Buffer | undefined> {
     const { restore, activeset, heads } = this.packsIn;
@@ -238,15 +231,24 @@ export class LazyImage {
       if (got) return got;
     }
     if (!heads || !this.isHead(file.path, pos, end)) return undefined;
-    await heads;
-    return this.runs.read(file.path, pos, end);
+    // The heads pack or the read's own chunks, whichever is first. The pack lands 40-60 ms after
+    // the process resumed (a round trip, ~1 MB, its decoding), one chunk in one round trip: a
+    // lone fault on a region head takes the chunk, a garbage collection's burst of them the pack
+    // (it is in by the second or third fault). A failed fetch counts as not held: the mount then
+    // fetches the chunk itself and fails the read visibly.
+    const touched = chunksIn(this.chunksOf(file), pos, end);
+    const own = Promise.all(touched.map((ref) => this.demand(file, ref))).then((bodies) => Buffer.concat(sliceChunks(touched, bodies, pos, end)));
+    own.catch(() => undefined);
+    const packed = heads.then(() => this.runs.read(file.path, pos, end));
+    return (await Promise.race([packed, own])) ?? own;
   }
 
   /**
    * Takes the app's heads pack (restore-plan.ts, regionHeads), asked for once the process
    * resumed: until it is in (within PACK_WAIT_MS, whatever the store does), a read of a region
-   * head that no run holds waits for it instead of fetching its chunk — in a garbage
-   * collection's burst of such faults, one wait instead of a round trip each. Once only.
+   * head that no run holds races it against its own chunks (see held()) — in a garbage
+   * collection's burst of such faults, a round trip or two and then the pack, instead of a
+   * round trip each. Once only.
    */
   fetchHeads(pack: Promise<Buffer | undefined>): void {
     pack.catch(() => undefined); // unpack() reports a failure; until it runs, nothing is unhandled
@@ -455,6 +457,17 @@ export class LazyImage {
     await this.mount?.close();
     this.mount = undefined;
     await this.sweeping;
+  }
+
+  /** A chunk a read of the mount needs, counted as a hit or a demand fetch (a miss, for memory pages). */
+  private async demand(file: ImageFile, ref: ChunkRef): Promise<Buffer> {
+    const got = await this.chunk(file, ref);
+    if (got.from === 'fetch') {
+      this.counts.demand++;
+      this.o.log.trace({ file: file.path, offset: ref.offset, size: ref.size }, 'a read of the mount fetched a chunk');
+      if (PAGES.test(file.path)) this.missed(file, ref);
+    } else this.counts.hits++;
+    return got.buf;
   }
 
   private chunk(file: ImageFile, ref: ChunkRef): ReturnType<ChunkCache['get']> {
