@@ -24,10 +24,10 @@
  * An ActiveSet is advice: a missing, damaged or stale record costs prefetching, never a restore.
  * Writes race only between two restores of one app on two workers; the last one wins.
  */
-import { isNotFound, type ObjectStore } from './object-store.js';
+import { getStreamed, isNotFound, type ObjectStore } from './object-store.js';
 import { canonicalJson, sha256 } from './chunked-image-store.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
-import { encodeRestorePack, PACK_PARTS, restorePackKey, type PackPart, type RestorePackContents, type RestorePacks } from './restore-pack.js';
+import { encodeRestorePack, PACK_PARTS, restorePackKey, type PackBytes, type PackPart, type RestorePackContents, type RestorePacks } from './restore-pack.js';
 
 export const ACTIVESET_FORMAT_VERSION = 1;
 const PAGE_SIZE = 4096;
@@ -138,10 +138,13 @@ export class ActiveSetStore {
     return body.length;
   }
 
-  /** One of the app's restore packs as stored, or undefined when it has none. Store failures reject. */
-  async readPack(app: string, part: PackPart = 'restore'): Promise<Buffer | undefined> {
+  /**
+   * One of the app's restore packs as stored, or undefined when it has none; its bytes as they
+   * arrive where the store streams them (decodeRestorePack takes both). Store failures reject.
+   */
+  async readPack(app: string, part: PackPart = 'restore'): Promise<PackBytes | undefined> {
     try {
-      return await this.store.get(restorePackKey(app, part));
+      return await getStreamed(this.store, restorePackKey(app, part));
     } catch (err) {
       if (isNotFound(err)) return undefined;
       throw err;

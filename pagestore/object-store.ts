@@ -43,11 +43,23 @@ export interface ObjectStore {
    * view of it (callers that reuse buffers avoid fresh allocations); it may also ignore `into`.
    */
   get(key: string, into?: Buffer): Promise<Buffer>;
+  /**
+   * The object's bytes as they arrive, for a reader that can use them before the last one is in
+   * (a restore pack, decoded while it downloads). Resolves once the store answered; rejects as
+   * get() does when the object cannot be had. A failure after that is thrown by the iteration
+   * and not retried. Optional: getStreamed() falls back to get().
+   */
+  getStream?(key: string): Promise<AsyncIterable<Buffer>>;
   head(key: string): Promise<ObjectInfo | undefined>;
   list(prefix: string): AsyncIterable<string>;
   delete(key: string): Promise<void>;
   /** For messages: where this store is, e.g. `fs:/var/lib/picocenter/images`. */
   readonly location: string;
+}
+
+/** store.getStream(key) when the store streams, else get(key) as one piece. */
+export async function getStreamed(store: ObjectStore, key: string): Promise<AsyncIterable<Buffer> | Buffer> {
+  return store.getStream ? store.getStream(key) : store.get(key);
 }
 
 /** Names of in-progress writes start with this; no key segment may. */

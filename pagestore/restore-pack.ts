@@ -45,11 +45,10 @@
  * written costs the requests it would have saved, never a restore.
  */
 import { promisify } from 'node:util';
-import { deflateRaw, inflateRaw } from 'node:zlib';
+import { createInflateRaw, deflateRaw, type InflateRaw } from 'node:zlib';
 import { sha256 } from './chunked-image-store.js';
 
 const deflate = promisify(deflateRaw);
-const inflate = promisify(inflateRaw);
 
 export const RESTORE_PACK_FORMAT = 3;
 /** the format before the body was compressed; still read */
@@ -104,7 +103,10 @@ export function restorePackKey(app: string, part: PackPart = 'restore'): string 
 }
 
 /** An image's two packs as a restore reads them: each may be missing (undefined) or fail. */
-export type RestorePacks = Partial<Record<PackPart, Promise<Buffer | undefined>>>;
+export type RestorePacks = Partial<Record<PackPart, Promise<PackBytes | undefined>>>;
+
+/** A pack's bytes: whole, or as they arrive from the store (ObjectStore.getStream). */
+export type PackBytes = Buffer | AsyncIterable<Buffer>;
 
 /** The pack's bytes (compressed on the thread pool). */
 export async function encodeRestorePack(generation: number, pack: RestorePackContents): Promise<Buffer> {
@@ -129,20 +131,52 @@ const isSize = (n: unknown): n is number => Number.isSafeInteger(n) && (n as num
 /**
  * The entries of a pack that the restore of `manifest` may use: chunks restricted to `wanted`
  * (the hashes it names), runs only when the pack was written for this manifest; each checked
- * against its sha256. Rejects when the pack's frame is not one. Slices share the body (`buf`
- * itself in format 2). The hashing (~10 MB for the benchmark's app) leaves the event loop a turn
- * after each MiB (verifier).
+ * against its sha256. Rejects when the pack's frame is not one. Slices share the body.
+ *
+ * `input` may be the bytes as they arrive (ObjectStore.getStream): the body is then inflated and
+ * each entry hashed as soon as its bytes are in, while the rest is still on the link, so that
+ * the pack is usable a few milliseconds after its last byte instead of a whole decode later (the
+ * benchmark's ActiveSet pack, ~2.2 MB inflating to ~9 MB, took 43–84 ms to decode once in, beside
+ * CRIU). Between two pieces of input the event loop has its turns (the image mount's reads).
  */
-export async function decodeRestorePack(buf: Buffer, manifest: { checksum: string }, wanted: ReadonlySet<string>): Promise<DecodedRestorePack> {
-  if (buf.length < HEADER || !buf.subarray(0, 4).equals(MAGIC)) throw new Error('not a restore pack (bad magic)');
-  const format = buf.readUInt32LE(4);
-  if (format !== RESTORE_PACK_FORMAT && format !== PLAIN_FORMAT) throw new Error(`restore pack format ${format} is not ${PLAIN_FORMAT} or ${RESTORE_PACK_FORMAT}`);
-  const generation = buf.readUInt32LE(8);
-  const indexEnd = HEADER + buf.readUInt32LE(12);
-  if (indexEnd > buf.length) throw new Error('restore pack: the index runs past the end');
+export async function decodeRestorePack(input: PackBytes, manifest: { checksum: string }, wanted: ReadonlySet<string>): Promise<DecodedRestorePack> {
+  let head: Buffer = Buffer.alloc(0);
+  let body: BodySink | undefined;
+  for await (const piece of Buffer.isBuffer(input) ? [input] : input) {
+    if (body) {
+      await body.write(piece);
+      continue;
+    }
+    head = head.length === 0 ? piece : Buffer.concat([head, piece]);
+    if (head.length >= 4 && !head.subarray(0, 4).equals(MAGIC)) throw new Error('not a restore pack (bad magic)');
+    if (head.length < HEADER) continue;
+    const indexEnd = HEADER + head.readUInt32LE(12);
+    const format = head.readUInt32LE(4);
+    if (format !== RESTORE_PACK_FORMAT && format !== PLAIN_FORMAT) throw new Error(`restore pack format ${format} is not ${PLAIN_FORMAT} or ${RESTORE_PACK_FORMAT}`);
+    if (head.length < indexEnd) continue;
+    const index = parseIndex(head.subarray(HEADER, indexEnd));
+    body = new BodySink(format, head.readUInt32LE(8), index, index.manifest === manifest.checksum, wanted);
+    if (head.length > indexEnd) await body.write(head.subarray(indexEnd));
+  }
+  if (!body) {
+    if (head.length < HEADER) throw new Error(head.length >= 4 ? 'restore pack: truncated in its header' : 'not a restore pack (bad magic)');
+    throw new Error('restore pack: the index runs past the end');
+  }
+  return body.end();
+}
+
+interface PackIndex {
+  manifest: string;
+  chunks: Array<[string, number]>;
+  runs: Array<[string, number, number, string]>;
+  /** in bytes: the body, inflated */
+  total: number;
+}
+
+function parseIndex(bytes: Buffer): PackIndex {
   let index: { manifest?: unknown; chunks?: unknown; runs?: unknown };
   try {
-    index = JSON.parse(buf.subarray(HEADER, indexEnd).toString('utf8')) as typeof index;
+    index = JSON.parse(bytes.toString('utf8')) as typeof index;
   } catch {
     throw new Error('restore pack: the index is not JSON');
   }
@@ -157,57 +191,109 @@ export async function decodeRestorePack(buf: Buffer, manifest: { checksum: strin
   ) {
     throw new Error('restore pack: malformed index');
   }
-  const chunkEntries = chunks as Array<[string, number]>;
-  const runEntries = runs as Array<[string, number, number, string]>;
-  const total = chunkEntries.reduce((n, [, size]) => n + size, 0) + runEntries.reduce((n, [, , length]) => n + length, 0);
-  const body = format === PLAIN_FORMAT ? buf.subarray(indexEnd) : await inflateBody(buf.subarray(indexEnd), total);
-  if (body.length !== total) throw new Error(`restore pack: the index names ${total} bytes, the pack holds ${body.length}`);
-  const current = index.manifest === manifest.checksum;
-  const out: DecodedRestorePack = { generation, current, chunks: [], runs: [], bad: 0 };
-  let at = 0;
-  const slice = (size: number): Buffer => body.subarray(at, (at += size));
-  const verified = verifier();
-  for (const [hash, size] of chunkEntries) {
-    const bytes = slice(size);
-    if (!wanted.has(hash)) continue;
-    if (await verified(bytes, hash)) out.chunks.push({ hash, bytes });
-    else out.bad++;
-  }
-  if (!current) return out;
-  for (const [file, offset, length, hash] of runEntries) {
-    const bytes = slice(length);
-    if (await verified(bytes, hash)) out.runs.push({ file, offset, bytes });
-    else out.bad++;
-  }
-  return out;
+  const c = chunks as PackIndex['chunks'];
+  const r = runs as PackIndex['runs'];
+  const total = c.reduce((n, [, size]) => n + size, 0) + r.reduce((n, [, , length]) => n + length, 0);
+  return { manifest: index.manifest, chunks: c, runs: r, total };
 }
-
-/** The body of a format-3 pack, inflated: never more than the `total` bytes its index names (+1, to tell). */
-async function inflateBody(deflated: Buffer, total: number): Promise<Buffer> {
-  try {
-    return await inflate(deflated, { maxOutputLength: total + 1 });
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ERR_BUFFER_TOO_LARGE') throw new Error(`restore pack: the body inflates to more than the ${total} bytes the index names`);
-    throw new Error(`restore pack: the body does not inflate (${(err as Error).message})`);
-  }
-}
-
-/** in bytes: hashed between two turns of the event loop */
-const HASH_SLICE = 1024 * 1024;
 
 /**
- * Checks bytes against their sha256, giving the event loop a turn after every HASH_SLICE bytes
- * hashed: it answers the image mount's reads and the restore's children meanwhile.
+ * A pack's body as it comes: inflated (format 3) or copied (format 2) into one buffer of the
+ * size the index names, each entry checked as soon as its last byte is in. More bytes than the
+ * index names stop it at once (a deflate bomb inflates no further than that).
  */
-function verifier(): (bytes: Buffer, hash: string) => Promise<boolean> {
-  let since = 0;
-  return async (bytes, hash) => {
-    if (since >= HASH_SLICE) {
-      since = 0;
-      await new Promise((resolve) => setImmediate(resolve));
+class BodySink {
+  private readonly out: Buffer;
+  private filled = 0;
+  /** the next entry to check, and where its bytes start */
+  private next = 0;
+  private at = 0;
+  private readonly entries: Array<{ size: number; check: (bytes: Buffer) => void }> = [];
+  private readonly inflater: InflateRaw | undefined;
+  private failure: Error | undefined;
+  private readonly inflated: Promise<void> | undefined;
+  private readonly result: DecodedRestorePack;
+
+  constructor(format: number, generation: number, private readonly index: PackIndex, current: boolean, wanted: ReadonlySet<string>) {
+    this.out = Buffer.allocUnsafe(index.total);
+    this.result = { generation, current, chunks: [], runs: [], bad: 0 };
+    for (const [hash, size] of index.chunks) {
+      this.entries.push({
+        size,
+        check: (bytes) => {
+          if (!wanted.has(hash)) return;
+          if (sha256(bytes) === hash) this.result.chunks.push({ hash, bytes });
+          else this.result.bad++;
+        },
+      });
     }
-    since += bytes.length;
-    return sha256(bytes) === hash;
-  };
+    for (const [file, offset, length, hash] of index.runs) {
+      this.entries.push({
+        size: length,
+        check: (bytes) => {
+          if (!current) return;
+          if (sha256(bytes) === hash) this.result.runs.push({ file, offset, bytes });
+          else this.result.bad++;
+        },
+      });
+    }
+    if (format === PLAIN_FORMAT) return;
+    const inflater = createInflateRaw();
+    this.inflater = inflater;
+    inflater.on('data', (d: Buffer) => this.take(d));
+    this.inflated = new Promise<void>((resolve, reject) => {
+      inflater.once('end', resolve);
+      inflater.once('error', (err: Error) => reject(this.failure ?? new Error(`restore pack: the body does not inflate (${err.message})`)));
+      inflater.once('close', () => (this.failure ? reject(this.failure) : undefined));
+    });
+    this.inflated.catch(() => undefined);
+  }
+
+  async write(piece: Buffer): Promise<void> {
+    if (this.failure) throw this.failure;
+    if (!this.inflater) {
+      if (this.filled + piece.length > this.out.length) throw new Error(`restore pack: the index names ${this.index.total} bytes, the pack holds more`);
+      this.take(piece);
+      return;
+    }
+    const inflater = this.inflater;
+    if (!inflater.write(piece)) {
+      // Destroyed (too many bytes, a broken body) instead of drained: `inflated` tells why.
+      await new Promise<void>((resolve) => {
+        const go = (): void => {
+          inflater.off('drain', go).off('close', go);
+          resolve();
+        };
+        inflater.on('drain', go).on('close', go);
+      });
+    }
+    if (this.failure) throw this.failure;
+    if (inflater.destroyed) await this.inflated;
+  }
+
+  async end(): Promise<DecodedRestorePack> {
+    if (this.inflater) {
+      this.inflater.end();
+      await this.inflated;
+    }
+    if (this.failure) throw this.failure;
+    if (this.filled !== this.out.length) throw new Error(`restore pack: the index names ${this.index.total} bytes, the pack holds ${this.filled}`);
+    return this.result;
+  }
+
+  private take(bytes: Buffer): void {
+    if (this.failure) return;
+    if (this.filled + bytes.length > this.out.length) {
+      this.failure = new Error(`restore pack: the body inflates to more than the ${this.index.total} bytes the index names`);
+      this.inflater?.destroy();
+      return;
+    }
+    bytes.copy(this.out, this.filled);
+    this.filled += bytes.length;
+    while (this.next < this.entries.length && this.at + this.entries[this.next]!.size <= this.filled) {
+      const e = this.entries[this.next++]!;
+      e.check(this.out.subarray(this.at, (this.at += e.size)));
+    }
+  }
 }
+

@@ -44,6 +44,7 @@ import type { Readable } from 'node:stream';
 import {
   DeleteObjectCommand,
   GetObjectCommand,
+  type GetObjectCommandOutput,
   HeadBucketCommand,
   HeadObjectCommand,
   ListObjectsV2Command,
@@ -288,26 +289,38 @@ export class S3ObjectStore implements ObjectStore {
   async get(key: string, into?: Buffer): Promise<Buffer> {
     checkKey(key, 'get');
     const out = await this.retrying('get', key, async () => {
-      let res;
-      try {
-        res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.s3Key(key) }));
-      } catch (err) {
-        const f = classify(err);
-        if (f.code === 'NoSuchKey') {
-          this.bucketSeen = true;
-          throw new ObjectNotFoundError(key, this.location, { cause: err });
-        }
-        if (f.status === 404 && f.code !== 'NoSuchBucket') {
-          // A 404 without S3's code (some servers, some proxies): absent only if the bucket is there.
-          if (!this.bucketSeen) await this.checkBucket('get', key);
-          throw new ObjectNotFoundError(key, this.location, { cause: err });
-        }
-        throw err;
-      }
+      const res = await this.getObject(key);
       return readBody(res.Body as Readable | undefined, res.ContentLength, into);
     });
     this.bucketSeen = true;
     return out;
+  }
+
+  async getStream(key: string): Promise<AsyncIterable<Buffer>> {
+    checkKey(key, 'get');
+    const res = await this.retrying('get', key, () => this.getObject(key));
+    this.bucketSeen = true;
+    // Read at once whoever iterates: a pack nobody decodes (a restore that failed first) must
+    // not keep its connection busy.
+    return drained(streamedBody(key, res.Body as Readable | undefined, res.ContentLength));
+  }
+
+  private async getObject(key: string): Promise<GetObjectCommandOutput> {
+    try {
+      return await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.s3Key(key) }));
+    } catch (err) {
+      const f = classify(err);
+      if (f.code === 'NoSuchKey') {
+        this.bucketSeen = true;
+        throw new ObjectNotFoundError(key, this.location, { cause: err });
+      }
+      if (f.status === 404 && f.code !== 'NoSuchBucket') {
+        // A 404 without S3's code (some servers, some proxies): absent only if the bucket is there.
+        if (!this.bucketSeen) await this.checkBucket('get', key);
+        throw new ObjectNotFoundError(key, this.location, { cause: err });
+      }
+      throw err;
+    }
   }
 
   async head(key: string): Promise<ObjectInfo | undefined> {
@@ -402,6 +415,54 @@ export class S3ObjectStore implements ObjectStore {
  * Reads a response body fully: into `into` when it is at least `length` bytes, else into a new
  * buffer. A body that ends short of `length` is a TruncatedBody error (retried).
  */
+/** The body's pieces as they come; one that ends short of its Content-Length throws at the end. */
+async function* streamedBody(key: string, body: Readable | undefined, length: number | undefined): AsyncIterable<Buffer> {
+  let got = 0;
+  for await (const c of body ?? []) {
+    got += (c as Buffer).length;
+    yield c as Buffer;
+  }
+  if (length !== undefined && got !== length) throw new StoreError('get', key, `s3 get ${key}: the body ended after ${got} of ${length} bytes`);
+}
+
+/**
+ * The pieces of `source`, read to its end in the background from now on, and yielded to whoever
+ * iterates as they come (each iteration from the first piece).
+ */
+function drained(source: AsyncIterable<Buffer>): AsyncIterable<Buffer> {
+  const pieces: Buffer[] = [];
+  let end: { ok: true } | { ok: false; failure: unknown } | undefined;
+  let waiters: Array<() => void> = [];
+  const wake = (): void => {
+    const w = waiters;
+    waiters = [];
+    for (const f of w) f();
+  };
+  void (async () => {
+    try {
+      for await (const piece of source) {
+        pieces.push(piece);
+        wake();
+      }
+      end = { ok: true };
+    } catch (failure) {
+      end = { ok: false, failure };
+    }
+    wake();
+  })();
+  return {
+    async *[Symbol.asyncIterator]() {
+      for (let i = 0; ; ) {
+        if (i < pieces.length) yield pieces[i++]!;
+        else if (end) {
+          if (!end.ok) throw end.failure;
+          return;
+        } else await new Promise<void>((resolve) => waiters.push(resolve));
+      }
+    },
+  };
+}
+
 async function readBody(body: Readable | undefined, length: number | undefined, into?: Buffer): Promise<Buffer> {
   if (!body) {
     if (length) throw Object.assign(new Error(`response has no body, expected ${length} bytes`), { code: 'TruncatedBody' });

@@ -8,7 +8,7 @@ import { isPicoError } from '../shared/errors.js';
 import { FsObjectStore } from '../pagestore/fs-store.js';
 import { MemoryObjectStore } from '../pagestore/memory-store.js';
 import { openImageStore } from '../pagestore/index.js';
-import { collect, isNotFound, ObjectExistsError, StoreError, TEMP_PREFIX, type ObjectStore } from '../pagestore/object-store.js';
+import { collect, getStreamed, isNotFound, ObjectExistsError, StoreError, TEMP_PREFIX, type ObjectStore } from '../pagestore/object-store.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import { startS3Server, type S3TestServer } from './helpers/s3-server.js';
 
@@ -105,6 +105,18 @@ for (const { name, make, setup, teardown } of backends) {
       for (const key of ['nope', 'a/b/c', 'a']) {
         await assert.rejects(s.get(key), (err: unknown) => isNotFound(err) && isPicoError(err, 'PICO_ERR_IMAGE_MISSING') && err.key === key);
       }
+    });
+
+    it('getStreamed gives the bytes (as they arrive where the backend streams), and rejects an absent key like get', async () => {
+      const s = make();
+      const body = randomBytes(3 * 1024 * 1024 + 17);
+      await s.put('big', body);
+      const got = await getStreamed(s, 'big');
+      const pieces: Buffer[] = [];
+      for await (const piece of Buffer.isBuffer(got) ? [got] : got) pieces.push(piece);
+      assert.ok(Buffer.concat(pieces).equals(body));
+      if (s instanceof S3ObjectStore) assert.ok(pieces.length > 1, `the s3 body came in ${pieces.length} piece(s)`);
+      await assert.rejects(getStreamed(s, 'nope'), (err: unknown) => isNotFound(err) && isPicoError(err, 'PICO_ERR_IMAGE_MISSING'));
     });
 
     it('overwrites, and exclusive puts create only', async () => {

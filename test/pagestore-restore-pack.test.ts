@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { describe, it } from 'node:test';
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { ActiveSetStore } from '../pagestore/activeset.js';
@@ -84,6 +85,33 @@ describe('restore pack', () => {
     await assert.rejects(() => decodeRestorePack(index('{"manifest":"x","chunks":[],"runs":[["pages-1.img",-1,0,"' + 'a'.repeat(64) + '"]]}'), image, wanted), /malformed/);
     await assert.rejects(() => decodeRestorePack(index('[]'), image, wanted), /malformed/, 'a format-1 index');
     await assert.rejects(() => decodeRestorePack(index('{'), image, wanted), /not JSON/);
+  });
+
+  it('decodes from its bytes as they arrive, piece by piece, as from the whole; a stream that breaks or ends short is refused', async () => {
+    const heap = randomBytes(40 * 1024);
+    const buf = await encodeRestorePack(7, pack([a, b], [run1, { file: 'pages-1.img', offset: 65536, bytes: heap }]));
+    async function* pieces(bytes: Buffer, size: number, fail?: Error): AsyncIterable<Buffer> {
+      for (let at = 0; at < bytes.length; at += size) {
+        await new Promise((resolve) => setImmediate(resolve));
+        yield bytes.subarray(at, at + size);
+      }
+      if (fail) throw fail;
+    }
+    const wanted = new Set([a.hash, b.hash]);
+    const whole = await decodeRestorePack(buf, image, wanted);
+    for (const [name, bytes] of [['format 3', buf], ['format 2', plain(buf)]] as const) {
+      for (const size of [7, 1000, 64 * 1024]) {
+        const got = await decodeRestorePack(pieces(bytes, size), image, wanted);
+        assert.deepEqual(got.chunks.map((c) => c.hash), whole.chunks.map((c) => c.hash), `${name}, pieces of ${size}`);
+        assert.deepEqual(got.runs.map((r) => [r.offset, sha256(r.bytes)]), whole.runs.map((r) => [r.offset, sha256(r.bytes)]), `${name}, pieces of ${size}`);
+        assert.equal(got.bad, 0);
+      }
+    }
+    assert.ok(whole.runs[1]?.bytes.equals(heap));
+    await assert.rejects(() => decodeRestorePack(pieces(buf, 1000, new Error('socket hang up')), image, wanted), /socket hang up/);
+    await assert.rejects(() => decodeRestorePack(pieces(buf.subarray(0, buf.length - 100), 1000), image, wanted), /does not inflate/);
+    await assert.rejects(() => decodeRestorePack(pieces(buf.subarray(0, 10), 3), image, wanted), /truncated in its header/);
+    await assert.rejects(() => decodeRestorePack(pieces(Buffer.concat([plain(buf), Buffer.from('x')]), 999), image, wanted), /holds more/);
   });
 
   it('compresses its body: pages of a heap take a fraction of their size', async () => {
