@@ -27,7 +27,7 @@
 import { getStreamed, isNotFound, type ObjectStore } from './object-store.js';
 import { canonicalJson, sha256 } from './chunked-image-store.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
-import { encodeRestorePack, PACK_PARTS, restorePackKey, type PackBytes, type PackPart, type RestorePackContents, type RestorePacks } from './restore-pack.js';
+import { encodeRestorePack, PACK_PARTS, readRestorePack, restorePackKey, type PackPart, type ReadRestorePack, type RestorePackContents, type RestorePacks } from './restore-pack.js';
 
 export const ACTIVESET_FORMAT_VERSION = 1;
 const PAGE_SIZE = 4096;
@@ -139,21 +139,23 @@ export class ActiveSetStore {
   }
 
   /**
-   * One of the app's restore packs as stored, or undefined when it has none; its bytes as they
-   * arrive where the store streams them (decodeRestorePack takes both). Store failures reject.
+   * One of the app's restore packs, read (readRestorePack) as its bytes arrive where the store
+   * streams them, or undefined when it has none. Store failures and a pack that is not one reject.
    */
-  async readPack(app: string, part: PackPart = 'restore'): Promise<PackBytes | undefined> {
+  async readPack(app: string, part: PackPart = 'restore'): Promise<ReadRestorePack | undefined> {
+    let bytes;
     try {
-      return await getStreamed(this.store, restorePackKey(app, part));
+      bytes = await getStreamed(this.store, restorePackKey(app, part));
     } catch (err) {
       if (isNotFound(err)) return undefined;
       throw err;
     }
+    return readRestorePack(bytes);
   }
 
   /**
-   * Both of the app's restore packs, asked for at once; each promise is already caught
-   * (unhandled rejections: none). Both go beside the manifest's look-up: `runc restore` starts
+   * Both of the app's restore packs, asked for at once and each read as its bytes arrive; each
+   * promise is already caught (unhandled rejections: none). Both go beside the manifest's look-up: `runc restore` starts
    * before the manifest is in (lazy-restore.ts, begin), so what waits for the packs is CRIU's
    * first reads and the first page faults, not the look-up. (Asked for after the manifest, the
    * ActiveSet pack arrived while CRIU ran; in the S3 benchmark CRIU took 130–140 ms then, against

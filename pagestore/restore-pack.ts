@@ -58,6 +58,8 @@ const DEFLATE_LEVEL = 1;
 const MAGIC = Buffer.from('PCPK');
 const HEADER = 16;
 const HASH = /^[0-9a-f]{64}$/;
+/** in bytes: the most a pack's body may inflate to (its index says how much, and that much is allocated at once) */
+const MAX_BODY = 1024 * 1024 * 1024;
 
 export interface PackedChunk {
   hash: string;
@@ -103,7 +105,7 @@ export function restorePackKey(app: string, part: PackPart = 'restore'): string 
 }
 
 /** An image's two packs as a restore reads them: each may be missing (undefined) or fail. */
-export type RestorePacks = Partial<Record<PackPart, Promise<PackBytes | undefined>>>;
+export type RestorePacks = Partial<Record<PackPart, Promise<ReadRestorePack | undefined>>>;
 
 /** A pack's bytes: whole, or as they arrive from the store (ObjectStore.getStream). */
 export type PackBytes = Buffer | AsyncIterable<Buffer>;
@@ -129,17 +131,33 @@ export async function encodeRestorePack(generation: number, pack: RestorePackCon
 const isSize = (n: unknown): n is number => Number.isSafeInteger(n) && (n as number) >= 0;
 
 /**
- * The entries of a pack that the restore of `manifest` may use: chunks restricted to `wanted`
- * (the hashes it names), runs only when the pack was written for this manifest; each checked
- * against its sha256. Rejects when the pack's frame is not one. Slices share the body.
+ * A pack as read: every entry whose bytes hash to what its index says, the others counted. Slices
+ * share the body. Which of them a restore may use is packFor()'s to say.
+ */
+export interface ReadRestorePack {
+  generation: number;
+  /** the checksum of the manifest the runs were cut from */
+  manifest: string;
+  chunks: PackedChunk[];
+  runs: PackedRun[];
+  /** hashes of the chunks whose bytes did not hash to them */
+  badChunks: string[];
+  /** runs whose bytes did not hash to what the index says */
+  badRuns: number;
+}
+
+/**
+ * Reads a pack: its frame, then its body, each entry checked against its sha256. Rejects when
+ * the frame is not one. Needs nothing of the image it is for, so a restore reads it while the
+ * manifest is still on its way.
  *
  * `input` may be the bytes as they arrive (ObjectStore.getStream): the body is then inflated and
- * each entry hashed as soon as its bytes are in, while the rest is still on the link, so that
- * the pack is usable a few milliseconds after its last byte instead of a whole decode later (the
+ * each entry hashed as soon as its bytes are in, while the rest is still on the link, so that the
+ * pack is usable a few milliseconds after its last byte instead of a whole decode later (the
  * benchmark's ActiveSet pack, ~2.2 MB inflating to ~9 MB, took 43–84 ms to decode once in, beside
  * CRIU). Between two pieces of input the event loop has its turns (the image mount's reads).
  */
-export async function decodeRestorePack(input: PackBytes, manifest: { checksum: string }, wanted: ReadonlySet<string>): Promise<DecodedRestorePack> {
+export async function readRestorePack(input: PackBytes): Promise<ReadRestorePack> {
   let head: Buffer = Buffer.alloc(0);
   let body: BodySink | undefined;
   for await (const piece of Buffer.isBuffer(input) ? [input] : input) {
@@ -154,8 +172,7 @@ export async function decodeRestorePack(input: PackBytes, manifest: { checksum: 
     const format = head.readUInt32LE(4);
     if (format !== RESTORE_PACK_FORMAT && format !== PLAIN_FORMAT) throw new Error(`restore pack format ${format} is not ${PLAIN_FORMAT} or ${RESTORE_PACK_FORMAT}`);
     if (head.length < indexEnd) continue;
-    const index = parseIndex(head.subarray(HEADER, indexEnd));
-    body = new BodySink(format, head.readUInt32LE(8), index, index.manifest === manifest.checksum, wanted);
+    body = new BodySink(format, head.readUInt32LE(8), parseIndex(head.subarray(HEADER, indexEnd)));
     if (head.length > indexEnd) await body.write(head.subarray(indexEnd));
   }
   if (!body) {
@@ -163,6 +180,27 @@ export async function decodeRestorePack(input: PackBytes, manifest: { checksum: 
     throw new Error('restore pack: the index runs past the end');
   }
   return body.end();
+}
+
+/**
+ * The entries of a read pack that the restore of `manifest` may use: chunks restricted to
+ * `wanted` (the hashes it names), runs only when the pack was written for this manifest (run
+ * offsets are positions in one image's files). `bad` counts only entries it would have used.
+ */
+export function packFor(pack: ReadRestorePack, manifest: { checksum: string }, wanted: ReadonlySet<string>): DecodedRestorePack {
+  const current = pack.manifest === manifest.checksum;
+  return {
+    generation: pack.generation,
+    current,
+    chunks: pack.chunks.filter((c) => wanted.has(c.hash)),
+    runs: current ? pack.runs : [],
+    bad: pack.badChunks.filter((h) => wanted.has(h)).length + (current ? pack.badRuns : 0),
+  };
+}
+
+/** readRestorePack, then packFor. */
+export async function decodeRestorePack(input: PackBytes, manifest: { checksum: string }, wanted: ReadonlySet<string>): Promise<DecodedRestorePack> {
+  return packFor(await readRestorePack(input), manifest, wanted);
 }
 
 interface PackIndex {
@@ -194,6 +232,7 @@ function parseIndex(bytes: Buffer): PackIndex {
   const c = chunks as PackIndex['chunks'];
   const r = runs as PackIndex['runs'];
   const total = c.reduce((n, [, size]) => n + size, 0) + r.reduce((n, [, , length]) => n + length, 0);
+  if (total > MAX_BODY) throw new Error(`restore pack: the index names ${total} bytes, more than a pack may hold (${MAX_BODY})`);
   return { manifest: index.manifest, chunks: c, runs: r, total };
 }
 
@@ -212,18 +251,17 @@ class BodySink {
   private readonly inflater: InflateRaw | undefined;
   private failure: Error | undefined;
   private readonly inflated: Promise<void> | undefined;
-  private readonly result: DecodedRestorePack;
+  private readonly result: ReadRestorePack;
 
-  constructor(format: number, generation: number, private readonly index: PackIndex, current: boolean, wanted: ReadonlySet<string>) {
+  constructor(format: number, generation: number, private readonly index: PackIndex) {
     this.out = Buffer.allocUnsafe(index.total);
-    this.result = { generation, current, chunks: [], runs: [], bad: 0 };
+    this.result = { generation, manifest: index.manifest, chunks: [], runs: [], badChunks: [], badRuns: 0 };
     for (const [hash, size] of index.chunks) {
       this.entries.push({
         size,
         check: (bytes) => {
-          if (!wanted.has(hash)) return;
           if (sha256(bytes) === hash) this.result.chunks.push({ hash, bytes });
-          else this.result.bad++;
+          else this.result.badChunks.push(hash);
         },
       });
     }
@@ -231,9 +269,8 @@ class BodySink {
       this.entries.push({
         size: length,
         check: (bytes) => {
-          if (!current) return;
           if (sha256(bytes) === hash) this.result.runs.push({ file, offset, bytes });
-          else this.result.bad++;
+          else this.result.badRuns++;
         },
       });
     }
@@ -271,7 +308,7 @@ class BodySink {
     if (inflater.destroyed) await this.inflated;
   }
 
-  async end(): Promise<DecodedRestorePack> {
+  async end(): Promise<ReadRestorePack> {
     if (this.inflater) {
       this.inflater.end();
       await this.inflated;

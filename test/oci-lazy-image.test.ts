@@ -7,7 +7,7 @@ import { after, describe, it } from 'node:test';
 import { ChunkCache } from '../pagestore/chunk-cache.js';
 import { manifestChecksum, sha256 } from '../pagestore/chunked-image-store.js';
 import type { ImageManifest, ImageStore } from '../pagestore/image-store.js';
-import { encodeRestorePack } from '../pagestore/restore-pack.js';
+import { encodeRestorePack, readRestorePack } from '../pagestore/restore-pack.js';
 import { silentLogger } from '../shared/log.js';
 import { LazyImage } from '../worker/oci/lazy-image.js';
 import { PE_LAZY, PE_PRESENT } from '../worker/oci/pagemap.js';
@@ -125,7 +125,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
   it('takes metadata and pages from the pack, serves the runs, and warms them without reading ahead into chunks', async () => {
     await withImage('a', async (img, store) => {
       const pack = await encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
-      await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
+      await img.prefetch(undefined, { restore: readRestorePack(pack), activeset: Promise.resolve(undefined) });
       const s = img.stats();
       assert.equal(s.packed, 1);
       assert.equal(s.packedPages, 162);
@@ -147,11 +147,11 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
   it('reads wait for the packs that may carry their bytes, then are served from them', async () => {
     await withImage('c', async (img, store) => {
       let deliver!: (b: Buffer) => void;
-      const late = new Promise<Buffer>((resolve) => (deliver = resolve));
+      const late = new Promise<Buffer>((resolve) => (deliver = resolve)).then(readRestorePack);
       // The restore pack carries the page at 50 chunks (as it carries the pages criu restore reads).
       const eager = { file: 'pages-1.img', offset: 50 * CHUNK, bytes: Buffer.alloc(4096, 50) };
       const restorePack = await encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs: [eager] });
-      const prefetched = img.prefetch(undefined, { restore: Promise.resolve(restorePack), activeset: late });
+      const prefetched = img.prefetch(undefined, { restore: readRestorePack(restorePack), activeset: late });
       const file = path.join(img.path, 'pages-1.img');
       const reading = dd(file, 10 * CHUNK, 4096);
       const metadata = await dd(path.join(img.path, 'core-1.img'), 0, core.length);
@@ -170,7 +170,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
   it('a pack of another image: its chunks are used, its runs are not; memory is prefetched by chunk', async () => {
     await withImage('b', async (img, store) => {
       const pack = await encodeRestorePack(2, { manifest: 'f'.repeat(64), chunks: [coreChunk], runs });
-      await img.prefetch(undefined, { restore: Promise.resolve(pack) });
+      await img.prefetch(undefined, { restore: readRestorePack(pack) });
       assert.equal(img.stats().packed, 1);
       assert.equal(img.stats().packedPages, 0);
       assert.equal(img.prefetchedPage('pages-1.img', 10 * CHUNK), false);
@@ -183,7 +183,7 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
       'd',
       async (img, store) => {
         const pack = await encodeRestorePack(3, { manifest: manifest.checksum, chunks: [coreChunk], runs });
-        await img.prefetch(undefined, { restore: Promise.resolve(pack), activeset: Promise.resolve(undefined) });
+        await img.prefetch(undefined, { restore: readRestorePack(pack), activeset: Promise.resolve(undefined) });
         const file = path.join(img.path, 'pages-1.img');
         const asked = (): number[] => [...new Set(store.asked)].sort((a, b) => a - b);
         assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12));
@@ -214,9 +214,9 @@ describe('lazy image with a restore pack', { skip: skipReason }, () => {
     const img = await open(store, 'e', undefined, mapped);
     try {
       const restorePack = await encodeRestorePack(3, { manifest: mapped.checksum, chunks: [coreChunk, pagemapChunk], runs: [] });
-      await img.prefetch(undefined, { restore: Promise.resolve(restorePack), activeset: Promise.resolve(undefined) });
+      await img.prefetch(undefined, { restore: readRestorePack(restorePack), activeset: Promise.resolve(undefined) });
       let deliver!: (b: Buffer) => void;
-      img.fetchHeads(new Promise<Buffer>((resolve) => (deliver = resolve)));
+      img.fetchHeads(new Promise<Buffer>((resolve) => (deliver = resolve)).then(readRestorePack));
       const file = path.join(img.path, 'pages-1.img');
       // The pack is late (before, this read waited for it, up to PACK_WAIT_MS): the chunk answers.
       assert.deepEqual(await dd(file, 12 * CHUNK, 4096), Buffer.alloc(4096, 12));

@@ -5,7 +5,7 @@ import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { ActiveSetStore } from '../pagestore/activeset.js';
 import { sha256 } from '../pagestore/chunked-image-store.js';
 import { MemoryObjectStore } from '../pagestore/memory-store.js';
-import { decodeRestorePack, encodeRestorePack, restorePackKey } from '../pagestore/restore-pack.js';
+import { decodeRestorePack, encodeRestorePack, packFor, restorePackKey } from '../pagestore/restore-pack.js';
 
 /*
  * Restore packs: what a restore prefetches, in one object. Advice only: the reader takes a chunk
@@ -85,6 +85,7 @@ describe('restore pack', () => {
     await assert.rejects(() => decodeRestorePack(index('{"manifest":"x","chunks":[],"runs":[["pages-1.img",-1,0,"' + 'a'.repeat(64) + '"]]}'), image, wanted), /malformed/);
     await assert.rejects(() => decodeRestorePack(index('[]'), image, wanted), /malformed/, 'a format-1 index');
     await assert.rejects(() => decodeRestorePack(index('{'), image, wanted), /not JSON/);
+    await assert.rejects(() => decodeRestorePack(index(`{"manifest":"x","chunks":[["${a.hash}",${2 ** 31}]],"runs":[]}`), image, wanted), /more than a pack may hold/);
   });
 
   it('decodes from its bytes as they arrive, piece by piece, as from the whole; a stream that breaks or ends short is refused', async () => {
@@ -129,15 +130,17 @@ describe('restore pack', () => {
     assert.equal(await sets.readPack('kv'), undefined);
     await sets.putPack('kv', 'restore', 1, pack([a]));
     await sets.putPack('kv', 'restore', 2, pack([b]));
-    const got = await decodeRestorePack((await sets.readPack('kv'))!, image, new Set([a.hash, b.hash]));
+    const got = packFor((await sets.readPack('kv'))!, image, new Set([a.hash, b.hash]));
     assert.equal(got.generation, 2);
     assert.deepEqual(got.chunks.map((c) => c.hash), [b.hash]);
     assert.ok(await objects.get(restorePackKey('kv')));
     assert.equal(await sets.readPack('kv', 'activeset'), undefined, 'the other part is an object of its own');
     await sets.putPack('kv', 'activeset', 2, pack([], [run2]));
     const packs = sets.readPacks('kv');
-    assert.equal((await decodeRestorePack((await packs.activeset)!, image, new Set())).runs[0]?.offset, run2.offset);
-    assert.equal((await decodeRestorePack((await packs.restore)!, image, new Set())).runs.length, 2);
+    assert.equal(packFor((await packs.activeset)!, image, new Set()).runs[0]?.offset, run2.offset);
+    assert.equal(packFor((await packs.restore)!, image, new Set()).runs.length, 2);
+    await objects.put(restorePackKey('kv', 'heads'), Buffer.from('not a pack'));
+    await assert.rejects(sets.readPack('kv', 'heads'), /bad magic/, 'a pack that is not one rejects: its part goes chunk by chunk');
     assert.notEqual(restorePackKey('kv', 'activeset'), restorePackKey('kv', 'restore'));
   });
 });

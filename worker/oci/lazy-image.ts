@@ -8,7 +8,7 @@ import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount, type PendingMount, type ServeOptions } from '../../pagestore/image-mount.js';
 import { chunkAt, chunksIn, fileChunks, sliceChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { PageRuns } from '../../pagestore/page-runs.js';
-import { decodeRestorePack, type DecodedRestorePack, type PackBytes, type PackPart, type RestorePacks } from '../../pagestore/restore-pack.js';
+import { packFor, type DecodedRestorePack, type PackPart, type ReadRestorePack, type RestorePacks } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
 import { PAGE_SIZE, parsePagemap } from './pagemap.js';
 import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, regionHeads, type FileRange, type TaskPagemap } from './restore-plan.js';
@@ -250,7 +250,7 @@ export class LazyImage {
    * collection's burst of such faults, a round trip or two and then the pack, instead of a
    * round trip each. Once only.
    */
-  fetchHeads(pack: Promise<PackBytes | undefined>): void {
+  fetchHeads(pack: Promise<ReadRestorePack | undefined>): void {
     pack.catch(() => undefined); // unpack() reports a failure; until it runs, nothing is unhandled
     if (this.packsIn.heads || this.closed) return;
     this.packsIn.heads = this.pagemaps()
@@ -281,15 +281,12 @@ export class LazyImage {
    * else). A pack that cannot be had (or not within PACK_WAIT_MS) or read costs only that: the
    * prefetch fetches its part chunk by chunk.
    */
-  private async unpack(pack: Promise<PackBytes | undefined>, part: PackPart): Promise<boolean> {
+  private async unpack(pack: Promise<ReadRestorePack | undefined>, part: PackPart): Promise<boolean> {
     const names = new Set<string>();
     for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) names.add(ref.hash);
-    let answeredAt = 0;
-    // Decoded as its bytes arrive: the wait below covers the whole download, not just the answer.
-    const decoding = pack.then((bytes) => {
-      answeredAt = performance.now();
-      return bytes === undefined ? undefined : decodeRestorePack(bytes, this.o.manifest, names);
-    });
+    // The pack is read as its bytes arrive (ActiveSetStore.readPack), maybe before this image
+    // was known: the wait covers its whole download.
+    const decoding = pack.then((read) => read && packFor(read, this.o.manifest, names));
     decoding.catch(() => undefined);
     let timer: NodeJS.Timeout | undefined;
     let got: DecodedRestorePack | undefined;
@@ -316,7 +313,7 @@ export class LazyImage {
     this.counts.packed += chunks.length;
     this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
     const pages = runs.reduce((n, r) => n + r.bytes.length, 0) / PAGE_SIZE;
-    this.o.log.debug({ part, chunks: chunks.length, pages, answeredMs: Math.round(answeredAt - this.openedAt), inMs: Math.round(performance.now() - this.openedAt) }, 'a restore pack is in');
+    this.o.log.debug({ part, chunks: chunks.length, pages, inMs: Math.round(performance.now() - this.openedAt) }, 'a restore pack is in');
     if (this.o.log.isLevelEnabled('trace')) this.o.log.trace({ part, runs: runs.map((r) => [r.file, r.offset, r.bytes.length]) }, 'the page runs of a restore pack');
     if (bad > 0) this.o.log.warn({ part, bad }, 'entries of a restore pack failed their checksum; its part is prefetched chunk by chunk');
     return current && bad === 0;
