@@ -427,7 +427,8 @@ async function* streamedBody(key: string, body: Readable | undefined, length: nu
 
 /**
  * The pieces of `source`, read to its end in the background from now on, and yielded to whoever
- * iterates as they come (each iteration from the first piece).
+ * iterates as they come (each iteration from the first piece); pieces that came while the reader
+ * was busy are yielded as one (a reader that pays per piece, like an inflater, catches up).
  */
 function drained(source: AsyncIterable<Buffer>): AsyncIterable<Buffer> {
   const pieces: Buffer[] = [];
@@ -453,8 +454,11 @@ function drained(source: AsyncIterable<Buffer>): AsyncIterable<Buffer> {
   return {
     async *[Symbol.asyncIterator]() {
       for (let i = 0; ; ) {
-        if (i < pieces.length) yield pieces[i++]!;
-        else if (end) {
+        if (i < pieces.length) {
+          const batch = pieces.slice(i);
+          i = pieces.length;
+          yield batch.length === 1 ? batch[0]! : Buffer.concat(batch);
+        } else if (end) {
           if (!end.ok) throw end.failure;
           return;
         } else await new Promise<void>((resolve) => waiters.push(resolve));

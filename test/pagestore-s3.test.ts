@@ -314,6 +314,25 @@ describe('S3ObjectStore connections and listing', () => {
     assert.ok(proxy.connections - c0 <= 8, `${proxy.connections - c0} connections for 64 parallel puts`);
   });
 
+  it('getStream reads a body nobody iterates to its end, so it never holds its connection; a broken body throws from the iteration', async () => {
+    const s = store({ via: 'proxy', maxSockets: 1 });
+    const big = randomBytes(2 * 1024 * KiB);
+    await s.put('big', big);
+    await s.put('small', Buffer.from('small'));
+    await s.getStream('big'); // never iterated (a restore that failed before it read its pack)
+    assert.equal((await s.get('small')).toString(), 'small', 'the one connection was freed');
+    const late = await s.getStream('big');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const pieces: Buffer[] = [];
+    for await (const piece of late) pieces.push(piece);
+    assert.ok(Buffer.concat(pieces).equals(big), 'iterated after it was all in: every byte, in order');
+    proxy.inject({ kind: 'drop-body', afterBytes: 1000 }, 1, (r) => r.method === 'GET');
+    const broken = await s.getStream('big');
+    await assert.rejects(async () => {
+      for await (const _ of broken) void _;
+    });
+  });
+
   it('against plain s3rver, which ignores If-None-Match: an exclusive put still refuses an existing key (HEAD first)', async () => {
     const plain = await startS3Server({ faithful: false });
     try {
