@@ -166,20 +166,25 @@ export interface ReadRestorePack {
 export async function readRestorePack(input: PackBytes): Promise<ReadRestorePack> {
   let head: Buffer = Buffer.alloc(0);
   let body: BodySink | undefined;
-  for await (const piece of Buffer.isBuffer(input) ? [input] : input) {
-    if (body) {
-      await body.write(piece);
-      continue;
+  try {
+    for await (const piece of Buffer.isBuffer(input) ? [input] : input) {
+      if (body) {
+        await body.write(piece);
+        continue;
+      }
+      head = head.length === 0 ? piece : Buffer.concat([head, piece]);
+      if (head.length >= 4 && !head.subarray(0, 4).equals(MAGIC)) throw new Error('not a restore pack (bad magic)');
+      if (head.length < HEADER) continue;
+      const indexEnd = HEADER + head.readUInt32LE(12);
+      const format = head.readUInt32LE(4);
+      if (format !== RESTORE_PACK_FORMAT && format !== PLAIN_FORMAT) throw new Error(`restore pack format ${format} is not ${PLAIN_FORMAT} or ${RESTORE_PACK_FORMAT}`);
+      if (head.length < indexEnd) continue;
+      body = new BodySink(format, head.readUInt32LE(8), parseIndex(head.subarray(HEADER, indexEnd)));
+      if (head.length > indexEnd) await body.write(head.subarray(indexEnd));
     }
-    head = head.length === 0 ? piece : Buffer.concat([head, piece]);
-    if (head.length >= 4 && !head.subarray(0, 4).equals(MAGIC)) throw new Error('not a restore pack (bad magic)');
-    if (head.length < HEADER) continue;
-    const indexEnd = HEADER + head.readUInt32LE(12);
-    const format = head.readUInt32LE(4);
-    if (format !== RESTORE_PACK_FORMAT && format !== PLAIN_FORMAT) throw new Error(`restore pack format ${format} is not ${PLAIN_FORMAT} or ${RESTORE_PACK_FORMAT}`);
-    if (head.length < indexEnd) continue;
-    body = new BodySink(format, head.readUInt32LE(8), parseIndex(head.subarray(HEADER, indexEnd)));
-    if (head.length > indexEnd) await body.write(head.subarray(indexEnd));
+  } catch (err) {
+    body?.destroy();
+    throw err;
   }
   if (!body) {
     if (head.length < HEADER) throw new Error(head.length >= 4 ? 'restore pack: truncated in its header' : 'not a restore pack (bad magic)');
@@ -322,6 +327,11 @@ class BodySink {
     if (this.failure) throw this.failure;
     if (this.filled !== this.out.length) throw new Error(`restore pack: the index names ${this.index.total} bytes, the pack holds ${this.filled}`);
     return this.result;
+  }
+
+  /** Gives up (the input broke): the inflater's memory goes now, not at the next collection. */
+  destroy(): void {
+    this.inflater?.destroy();
   }
 
   private take(bytes: Buffer): void {
