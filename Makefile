@@ -20,6 +20,6 @@ bench: build
 	node dist/bench/http.js --runs 3
 	node dist/bench/dns.js
 	node dist/bench/wake.js --runs 3
-	node dist/bench/restore.js --runs 3
+	node dist/bench/restore.js --runs 5
 
 clean:
