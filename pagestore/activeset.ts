@@ -155,11 +155,12 @@ export class ActiveSetStore {
 
   /**
    * Both of the app's restore packs, asked for at once and each read as its bytes arrive; each
-   * promise is already caught (unhandled rejections: none). Both go beside the manifest's look-up: `runc restore` starts
-   * before the manifest is in (lazy-restore.ts, begin), so what waits for the packs is CRIU's
-   * first reads and the first page faults, not the look-up. (Asked for after the manifest, the
-   * ActiveSet pack arrived while CRIU ran; in the S3 benchmark CRIU took 130–140 ms then, against
-   * 77–117 ms with the pack asked for at once.)
+   * promise is already caught (unhandled rejections: none). Both go beside the manifest's
+   * look-up: `runc restore` starts before the manifest is in (lazy-restore.ts, begin), so what
+   * waits for the packs is CRIU's first reads and the first page faults, not the look-up. (Asked
+   * for after the manifest, the ActiveSet pack arrived while CRIU ran: CRIU took 130–140 ms then,
+   * against 77–117 ms with the pack asked for at once, in session 7's S3 benchmark; in session
+   * 9's, with the pack read as it arrives, the manifest came no sooner and the pack later.)
    */
   readPacks(app: string): RestorePacks {
     const packs: RestorePacks = {};

@@ -411,10 +411,6 @@ export class S3ObjectStore implements ObjectStore {
   }
 }
 
-/**
- * Reads a response body fully: into `into` when it is at least `length` bytes, else into a new
- * buffer. A body that ends short of `length` is a TruncatedBody error (retried).
- */
 /** The body's pieces as they come; one that ends short of its Content-Length throws at the end. */
 async function* streamedBody(key: string, body: Readable | undefined, length: number | undefined): AsyncIterable<Buffer> {
   let got = 0;
@@ -467,6 +463,10 @@ function drained(source: AsyncIterable<Buffer>): AsyncIterable<Buffer> {
   };
 }
 
+/**
+ * Reads a response body fully: into `into` when it is at least `length` bytes, else into a new
+ * buffer. A body that ends short of `length` is a TruncatedBody error (retried).
+ */
 async function readBody(body: Readable | undefined, length: number | undefined, into?: Buffer): Promise<Buffer> {
   if (!body) {
     if (length) throw Object.assign(new Error(`response has no body, expected ${length} bytes`), { code: 'TruncatedBody' });
