@@ -4,11 +4,12 @@ import type { Logger } from '../../shared/log.js';
 /*
  * The host's RCU grace periods, as the wake path meets them. Several steps of every restore wait
  * for one (synchronize_rcu: 5–20 ms each on these VMs, whatever the work): CRIU's pivot into the
- * restored mount namespace and the unmount of the old root (9–13 ms between "Move the root" and
- * the post-setup-namespaces scripts), and its release of the restored threads from seccomp and
- * ptrace (11–18 ms between the last "seccomp: mode" and "was trapped"). With the kernel's
- * `rcu_expedited` set, each such wait is an expedited grace period instead (IPIs to every CPU,
- * tens of microseconds): measured on the S3 benchmark, both gaps left CRIU's restore.log.
+ * restored mount namespace and the unmount of the old root (9–14 ms between "Move the root" and
+ * the post-setup-namespaces scripts), its nftables unlock (~12 ms after "Unlock network"), and
+ * its release of the restored threads from seccomp and ptrace (8–18 ms before "was trapped").
+ * With the kernel's `rcu_expedited` set, each such wait is an expedited grace period instead
+ * (IPIs to every CPU, microseconds): measured on the S3 benchmark, the gaps left CRIU's
+ * restore.log.
  *
  * The cost is the host's: an expedited grace period interrupts every CPU, which a host running
  * latency-critical work beside the worker may not want (worker.rcuExpedited: false). The
