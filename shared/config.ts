@@ -212,7 +212,7 @@ export const configSchema = z
         favorDynmods: z.boolean().default(true)
           .describe('oci: remount the host\'s cgroup2 with favordynmods at start (a host-wide setting until reboot): every restore moves a process into new cgroups, which otherwise waits for an RCU grace period (6-16 ms measured)'),
         rcuExpedited: z.boolean().default(true)
-          .describe('oci: set the kernel\'s rcu_expedited at start (a host-wide setting until reboot; each RCU grace period then interrupts every CPU): CRIU waits for grace periods in every restore (20-30 ms measured in all)'),
+          .describe('oci: set the kernel\'s rcu_expedited at start (a host-wide setting until reboot; each RCU grace period then interrupts every CPU): CRIU waits for grace periods in every restore (30-40 ms measured in all)'),
       })
       .prefault({}),
     apps: z.array(appSchema).default([]),

@@ -145,7 +145,7 @@ export interface OciCreateOptions extends Omit<OciRuntimeOptions, 'criu'> {
   favorDynmods?: boolean;
   /**
    * Set the kernel's rcu_expedited when it is not (see worker/oci/rcu-host.ts): CRIU's waits for
-   * RCU grace periods in every restore (~20-30 ms in all here) become expedited ones. A host-wide
+   * RCU grace periods in every restore (~30-40 ms in all here) become expedited ones. A host-wide
    * setting that stays until a reboot; it costs every CPU an interrupt per grace period. Default
    * true.
    */

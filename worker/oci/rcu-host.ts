@@ -71,8 +71,8 @@ function readNumber(file: string): number | undefined {
 export function tuneRcu(o: { rcuExpedited?: boolean; log: Logger }): ExpediteRcu['state'] | 'off' {
   if (!(o.rcuExpedited ?? true)) return 'off';
   const r = expediteRcu();
-  if (r.state === 'failed') o.log.warn({ reason: r.reason }, `cannot set ${RCU_EXPEDITED}: each restore waits for RCU grace periods (~20-30 ms in all)`);
-  else if (r.state === 'overridden') o.log.warn(`${RCU_NORMAL} is set: RCU grace periods stay normal, and each restore waits for them (~20-30 ms in all)`);
+  if (r.state === 'failed') o.log.warn({ reason: r.reason }, `cannot set ${RCU_EXPEDITED}: each restore waits for RCU grace periods (~30-40 ms in all)`);
+  else if (r.state === 'overridden') o.log.warn(`${RCU_NORMAL} is set: RCU grace periods stay normal, and each restore waits for them (~30-40 ms in all)`);
   else if (r.state === 'set') o.log.info(`set ${RCU_EXPEDITED} (until the host reboots): CRIU's waits for RCU grace periods are expedited`);
   return r.state;
 }
