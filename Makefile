@@ -1,4 +1,4 @@
-# The two commands of the quick start: `make up` and `make test`.
+# The two commands of the quick start: `make up` and `npm test` (which runs `make test`).
 .PHONY: up test build deps bench clean
 
 CONFIG ?= picocenter.yaml
