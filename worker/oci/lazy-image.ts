@@ -126,6 +126,8 @@ export class LazyImage {
   /** the region heads' offsets by pages file, once fetchHeads() read the pagemaps */
   private heads: Map<string, Set<number>> | undefined;
   private readonly refsByFile = new Map<string, ChunkRef[]>();
+  /** every chunk hash the manifest names (memoised for each pack's unpack()) */
+  private chunkNames: Set<string> | undefined;
   private closed = false;
   private readonly concurrency: number;
   private readonly openedAt = performance.now();
@@ -282,8 +284,7 @@ export class LazyImage {
    * prefetch fetches its part chunk by chunk.
    */
   private async unpack(pack: Promise<ReadRestorePack | undefined>, part: PackPart): Promise<boolean> {
-    const names = new Set<string>();
-    for (const file of this.o.manifest.files) for (const ref of fileChunks(this.o.manifest, file)) names.add(ref.hash);
+    const names = (this.chunkNames ??= new Set(this.o.manifest.files.flatMap((f) => f.chunks)));
     // The pack is read as its bytes arrive (ActiveSetStore.readPack), maybe before this image
     // was known: the wait covers its whole download.
     const decoding = pack.then((read) => read && packFor(read, this.o.manifest, names));
