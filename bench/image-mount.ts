@@ -4,6 +4,7 @@
  * slices → kernel), not a store.
  *
  *   npx tsc -p . && node dist/bench/image-mount.js [--mb 200] [--runs 3] [--preads 4000]
+ *                                                  [--resident] [--busy-ms N]
  *                                                  [--module PATH/image-mount.js] [--tmp DIR]
  *
  * The image: one pages-1.img of --mb MiB of pseudo-random bytes in chunks of varying whole
@@ -14,7 +15,10 @@
  *   4 KiB preads --preads reads of one page each at random page offsets (seeded; like page
  *                faults), by a node child doing readSync; reads per second and the mean
  * Reported as the median of --runs, with min and max. --module measures another build of
- * image-mount.js (e.g. an older one) with the same image and readers.
+ * image-mount.js (e.g. an older one) with the same image and readers. --resident makes the whole
+ * file resident (ImageMount.hold) right after the mount: the server answers every read itself.
+ * --busy-ms N keeps this process's event loop busy N ms of every 2N (a worker in the middle of a
+ * restore: the store's answers, the packs' decoding), which every read not resident waits for.
  */
 import { spawn } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
@@ -36,6 +40,8 @@ const RUNS = Number(arg('runs', '3'));
 const PREADS = Number(arg('preads', '4000'));
 const MODULE = path.resolve(arg('module', path.join(import.meta.dirname, '../pagestore/image-mount.js')));
 const TMP = arg('tmp', os.tmpdir());
+const RESIDENT = process.argv.includes('--resident');
+const BUSY_MS = Number(arg('busy-ms', '0'));
 
 const { mountImage } = (await import(pathToFileURL(MODULE).href)) as { mountImage(o: ImageMountOptions): Promise<ImageMount> };
 
@@ -98,6 +104,9 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 const range = (xs: number[], digits = 0) => `${median(xs).toFixed(digits)} (${Math.min(...xs).toFixed(digits)}–${Math.max(...xs).toFixed(digits)})`;
 
 const work = mkdtempSync(path.join(TMP, 'pico-bench-mount-'));
+const busy = BUSY_MS > 0 ? setInterval(() => {
+  for (const end = performance.now() + BUSY_MS; performance.now() < end; );
+}, 2 * BUSY_MS) : undefined;
 const mountMs: number[] = [];
 const seqMiBs: number[] = [];
 const preadPerS: number[] = [];
@@ -107,6 +116,7 @@ try {
     const t0 = performance.now();
     const m = await mountImage({ mountpoint: path.join(work, `mnt-${i}`), manifest, chunk: async (ref) => chunks.get(ref.hash)! });
     mountMs.push(performance.now() - t0);
+    if (RESIDENT) await m.hold([{ file: file.path, offset: 0, bytes: data }]);
     const p = path.join(m.path, file.path);
     try {
       if (i % 2 === 0) {
@@ -126,9 +136,11 @@ try {
     }
   }
 } finally {
+  clearInterval(busy);
   rmSync(work, { recursive: true, force: true });
 }
-console.log(`image mount (${path.relative(process.cwd(), MODULE)}), ${MB} MiB in ${hashes.length} chunks from memory; median (min–max) of ${RUNS}`);
+const how = [RESIDENT ? 'all of it resident' : '', BUSY_MS ? `event loop busy ${BUSY_MS} ms of every ${2 * BUSY_MS}` : ''].filter(Boolean).join(', ');
+console.log(`image mount (${path.relative(process.cwd(), MODULE)}), ${MB} MiB in ${hashes.length} chunks from memory${how ? ` (${how})` : ''}; median (min–max) of ${RUNS}`);
 console.log(`  mount                 ${range(mountMs, 1)} ms`);
 console.log(`  sequential dd bs=128k ${range(seqMiBs)} MiB/s`);
 console.log(`  random 4 KiB preads   ${range(preadPerS)} reads/s, ${range(preadUs)} µs each (${PREADS} per run)`);

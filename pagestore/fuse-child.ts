@@ -9,6 +9,9 @@
  *   (up)     each READ is passed to `read`; its slices are written into the READ's slot of the
  *            window (one pwritev) and answered PLACED, or else written after a DATA header in one
  *            writev to the channel; a rejection becomes ERROR -EIO.
+ *   hold()   appends bytes of the image to the resident store and names them in a RESIDENT
+ *            frame: the server answers reads of them by itself from then on, and reads them
+ *            into the page cache (fuse-wire.ts); warmed() says when it has.
  *   end()    closes the channel: the server exits at EOF. SIGKILL after END_TIMEOUT_MS; resolves
  *            once the exit was seen or after a second END_TIMEOUT_MS — never hangs. Then closes
  *            the window.
@@ -23,7 +26,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, openSync, unlinkSync, writevSync } from 'node:fs';
+import { closeSync, openSync, unlinkSync, writev, writevSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -38,7 +41,9 @@ import {
   header,
   NO_SLOT,
   parseReadRequest,
+  parseWarmed,
   placedReply,
+  residentFrame,
   WIRE_VERSION,
   WireError,
   type FuseListing,
@@ -60,6 +65,15 @@ const WINDOW_DIR = '/dev/shm';
 const WINDOW_SLOTS = 16;
 /** in bytes: the kernel's largest FUSE read without max_pages (which libfuse 2 never asks for) */
 const WINDOW_SLOT_BYTES = 128 * 1024;
+/** in bytes: at most this much of an image is made resident (tmpfs is memory); hold() skips the rest */
+const MAX_RESIDENT_BYTES = 512 * 1024 * 1024;
+
+/** Bytes of the listing's file `file` from `offset`, for hold(). */
+export interface HeldBytes {
+  file: number;
+  offset: number;
+  bytes: Buffer;
+}
 
 export interface FuseChildOptions {
   /** a real path, mounted over */
@@ -91,10 +105,21 @@ export class FuseChild {
   private startSettled: ((err?: Error) => void) | undefined;
   /** the window's file descriptor, until end() */
   private window: number | undefined;
+  /** the resident store's file descriptor, until end() */
+  private resident: number | undefined;
+  /** in bytes: how much of the resident store hold() has taken */
+  private residentBytes = 0;
+  /** in bytes: resident runs the server was told of, and (its WARMED) is done warming */
+  private sentBytes = 0;
+  private warmedBytes = { done: 0, failed: 0 };
+  /** hold()s whose RESIDENT is not sent yet */
+  private readonly holding = new Set<Promise<boolean>>();
+  private readonly warmWaiters: Array<{ bytes: number; resolve(w: { bytes: number; failed: number }): void }> = [];
 
   private constructor(private readonly o: FuseChildOptions) {
     const server = takeSpare() ?? spawnServer(o.log);
     this.window = server.window;
+    this.resident = server.resident;
     this.child = server.child;
     this.pid = this.child.pid ?? -1;
     this.channel = this.child.stdio[3] as Socket;
@@ -131,7 +156,12 @@ export class FuseChild {
       await new Promise<void>((resolve, reject) => {
         c.startSettled = (err) => (err ? reject(err) : resolve());
         timer = setTimeout(() => reject(new Error(`the kernel did not initialise the mount within ${o.startTimeoutMs} ms`)), o.startTimeoutMs);
-        const hello: Hello = { mountpoint: o.mountpoint, listing: o.listing ?? null, window: c.window === undefined ? null : { slots: WINDOW_SLOTS, slotBytes: WINDOW_SLOT_BYTES } };
+        const hello: Hello = {
+          mountpoint: o.mountpoint,
+          listing: o.listing ?? null,
+          window: c.window === undefined ? null : { slots: WINDOW_SLOTS, slotBytes: WINDOW_SLOT_BYTES },
+          resident: c.resident !== undefined,
+        };
         c.channel.write(frame(Frame.HELLO, WIRE_VERSION, Buffer.from(JSON.stringify(hello), 'utf8')));
       });
     } catch (err) {
@@ -150,9 +180,76 @@ export class FuseChild {
     this.send(frame(Frame.LISTING, 0, Buffer.from(JSON.stringify(listing), 'utf8')));
   }
 
+  /**
+   * Makes `held` resident (see above), after the listing: resolves true once the server was told,
+   * or false when there is no resident store, it is full, the mount is not up, or the store
+   * cannot be written (then logged) — reads of those bytes are then answered through `read` as
+   * before. Never rejects.
+   */
+  hold(held: readonly HeldBytes[]): Promise<boolean> {
+    const fd = this.resident;
+    const runs = held.filter((h) => h.bytes.length > 0);
+    const bytes = runs.reduce((n, h) => n + h.bytes.length, 0);
+    if (runs.length === 0) return Promise.resolve(true);
+    if (fd === undefined || this.state !== 'up' || this.residentBytes + bytes > MAX_RESIDENT_BYTES) return Promise.resolve(false);
+    const at = this.residentBytes;
+    this.residentBytes += bytes;
+    // Off this thread: megabytes into tmpfs while the restore's reads want this event loop.
+    const told = new Promise<boolean>((resolve) =>
+      writev(
+        fd,
+        runs.map((h) => h.bytes),
+        at,
+        (err, written) => {
+          if (err || written !== bytes) {
+            this.o.log?.warn({ err: err ? describeError(err) : `${written} of ${bytes} bytes written` }, 'cannot write the resident store of an image mount; its reads go through this process');
+            return resolve(false);
+          }
+          if (this.state === 'up') {
+            let pos = at;
+            const named = runs.map((h) => {
+              const r = { file: h.file, offset: h.offset, length: h.bytes.length, at: pos };
+              pos += h.bytes.length;
+              return r;
+            });
+            this.send(residentFrame(named));
+            this.sentBytes += bytes;
+          }
+          resolve(this.state === 'up');
+        },
+      ),
+    );
+    this.holding.add(told);
+    void told.then(() => this.holding.delete(told));
+    return told;
+  }
+
+  /**
+   * Resolves once the server is done reading what every hold() so far made resident into the
+   * page cache (or could not: `failed` bytes); at once without a resident store, and when the
+   * server goes away or is ended. In bytes.
+   */
+  async warmed(): Promise<{ bytes: number; failed: number }> {
+    await Promise.all(this.holding);
+    const bytes = this.sentBytes;
+    if (this.warmedBytes.done >= bytes || this.state !== 'up') return { bytes: this.warmedBytes.done, failed: this.warmedBytes.failed };
+    return new Promise((resolve) => this.warmWaiters.push({ bytes, resolve }));
+  }
+
+  private wakeWarmWaiters(all: boolean): void {
+    const { done, failed } = this.warmedBytes;
+    for (let i = this.warmWaiters.length - 1; i >= 0; i--) {
+      const w = this.warmWaiters[i]!;
+      if (!all && done < w.bytes) continue;
+      this.warmWaiters.splice(i, 1);
+      w.resolve({ bytes: done, failed });
+    }
+  }
+
   /** Ends the server (see above). Idempotent; never rejects. */
   async end(): Promise<void> {
     this.state = 'ending';
+    this.wakeWarmWaiters(true);
     this.channel.destroy();
     warmFuseServer(this.o.log); // the next mount's
     if (await this.exitWithin(END_TIMEOUT_MS)) return this.closeWindow();
@@ -163,9 +260,10 @@ export class FuseChild {
   }
 
   private closeWindow(): void {
-    if (this.window === undefined) return;
-    closeSync(this.window);
+    if (this.window !== undefined) closeSync(this.window);
+    if (this.resident !== undefined) closeSync(this.resident);
     this.window = undefined;
+    this.resident = undefined;
   }
 
   private onFrame(type: number, id: number, payload: Buffer): void {
@@ -181,6 +279,9 @@ export class FuseChild {
           );
         return;
       }
+      case Frame.WARMED:
+        this.warmedBytes = parseWarmed(payload);
+        return this.wakeWarmWaiters(false);
       case Frame.READY:
         if (!this.startSettled) throw new WireError('READY twice');
         return this.startSettled();
@@ -223,6 +324,7 @@ export class FuseChild {
     }
     if (this.state !== 'up') return;
     this.state = 'lost';
+    this.wakeWarmWaiters(true);
     this.child.kill('SIGKILL'); // a channel broken without an exit: make sure the mount dies with it
     this.o.onLost(this.error(why));
   }
@@ -277,6 +379,7 @@ export class FuseChild {
 interface Server {
   child: ChildProcess;
   window: number | undefined;
+  resident: number | undefined;
   /** holds the event loop from now on (a spare does not) */
   use(): void;
 }
@@ -296,7 +399,7 @@ export function warmFuseServer(log?: Logger): void {
   const forget = (): void => {
     if (spare !== s) return;
     spare = undefined;
-    if (s.window !== undefined) closeSync(s.window);
+    closeFiles(s);
   };
   s.child.once('exit', forget);
   s.child.once('error', forget);
@@ -309,36 +412,45 @@ function takeSpare(): Server | undefined {
   spare = undefined;
   if (!s) return undefined;
   if (s.child.exitCode === null && s.child.signalCode === null) return s;
-  if (s.window !== undefined) closeSync(s.window);
+  closeFiles(s);
   return undefined;
+}
+
+function closeFiles(s: Server): void {
+  if (s.window !== undefined) closeSync(s.window);
+  if (s.resident !== undefined) closeSync(s.resident);
 }
 
 function spawnServer(log: Logger | undefined): Server {
   const env = { ...process.env };
   delete env.NODE_OPTIONS;
-  const window = openWindow(log);
-  const child = spawn(process.execPath, [SERVER], { stdio: ['ignore', 'ignore', 'pipe', 'pipe', window ?? 'ignore'], detached: true, env });
+  const window = openShm('window', log);
+  // Only beside a window: without tmpfs there is neither.
+  const resident = window === undefined ? undefined : openShm('resident', log);
+  const child = spawn(process.execPath, [SERVER], { stdio: ['ignore', 'ignore', 'pipe', 'pipe', window ?? 'ignore', resident ?? 'ignore'], detached: true, env });
   // An 'error' (spawn failed) before a FuseChild listens must not be thrown: it sees the exit.
   child.on('error', () => undefined);
   return {
     child,
     window,
+    resident,
     use: () => holdLoop(child, true),
   };
 }
 
 /**
- * An unlinked file in WINDOW_DIR for the bytes of reads (fuse-wire.ts), or nothing when there
- * is no tmpfs to put it on: every read is then answered through the channel.
+ * An unlinked file in WINDOW_DIR (fuse-wire.ts: the window for the bytes of reads, or the
+ * resident store), or nothing when there is no tmpfs to put it on: every read is then answered
+ * through the channel.
  */
-function openWindow(log: Logger | undefined): number | undefined {
-  const p = path.join(WINDOW_DIR, `picocenter-mount-${process.pid}-${randomBytes(6).toString('hex')}`);
+function openShm(what: 'window' | 'resident', log: Logger | undefined): number | undefined {
+  const p = path.join(WINDOW_DIR, `picocenter-mount-${what}-${process.pid}-${randomBytes(6).toString('hex')}`);
   try {
     const fd = openSync(p, 'wx+', 0o600);
     unlinkSync(p);
     return fd;
   } catch (err) {
-    log?.warn({ dir: WINDOW_DIR, err: describeError(err) }, 'no window for the image mount; reads go through the channel (slower)');
+    log?.warn({ dir: WINDOW_DIR, err: describeError(err) }, `no ${what} file for the image mount; reads go through the channel (slower)`);
     return undefined;
   }
 }

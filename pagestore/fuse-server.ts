@@ -30,11 +30,23 @@
  *   without either.
  * - Anything unexpected (a malformed frame, an answer to no request) ends the process: the
  *   mounting process sees it gone and fails the mount, rather than serving wrong bytes.
+ * - A read that resident bytes (fuse-wire.ts) cover wholly is answered here, from the resident
+ *   store; any other goes to the mounting process, which holds those bytes too. A resident
+ *   store that cannot be read answers nothing: the read goes to the mounting process.
+ * - Resident bytes are also read through the mount as soon as they come (warm()), so that the
+ *   kernel's page cache holds them before the restored process faults on them: a fault is then
+ *   answered by CRIU's daemon from the page cache (~4 µs) instead of by a FUSE round trip here
+ *   (~100 µs: four thread wake-ups). Those reads are this process's own, asynchronous (libuv's
+ *   pool threads wait in the kernel; this thread answers them), never synchronous: a synchronous
+ *   read of the mount would wait for this very thread. The files are closed once the queue is
+ *   empty: an open file of the mount would make its unmount busy.
  */
-import { readSync, writeSync } from 'node:fs';
+import { close, open, read, readSync, writeSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import Fuse from 'fuse-native';
-import { Frame, FrameReader, NO_SLOT, readRequest, WIRE_VERSION, WireError, frame, type FuseListing, type Hello } from './fuse-wire.js';
+import { Frame, FrameReader, NO_SLOT, parseResident, readRequest, warmedFrame, WIRE_VERSION, WireError, frame, type FuseListing, type Hello, type ResidentRun } from './fuse-wire.js';
+import { insertDisjoint, spanOf } from './page-runs.js';
 
 const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
@@ -47,6 +59,11 @@ const ATTR_CACHE_S = 3600;
 
 /** the window's file descriptor (fuse-wire.ts) */
 const WINDOW_FD = 4;
+/** the resident store's file descriptor (fuse-wire.ts) */
+const RESIDENT_FD = 5;
+/** warm(): reads in flight (libuv's pool has 4 threads, and nothing else uses it here), bytes each */
+const WARMERS = 4;
+const WARM_READ = 128 * 1024;
 
 interface PendingRead {
   /** libfuse's buffer for the answer: valid until `done` is called, never after */
@@ -66,6 +83,15 @@ let started = false;
 /** the listing's operations, once it came; until then requests wait in `held` */
 let listed: Fuse.Operations | undefined;
 const held: Array<(ops: Fuse.Operations) => void> = [];
+/** the listing's file sizes and paths (FUSE paths: '/a.img'), by index, once it came */
+let fileSizes: number[] = [];
+let filePaths: string[] = [];
+let mountedAt = '';
+/** whether the HELLO gave a resident store */
+let hasResident = false;
+/** by file index: the resident runs, in offset order, none overlapping */
+const resident = new Map<number, ResidentRun[]>();
+const runLength = (r: ResidentRun): number => r.length;
 
 function say(line: string): void {
   try {
@@ -92,6 +118,7 @@ const reader = new FrameReader({
   frame(type, id, payload) {
     if (type === Frame.HELLO) return start(id, payload);
     if (type === Frame.LISTING) return list(payload);
+    if (type === Frame.RESIDENT) return addResident(payload);
     const p = pending.get(id);
     if (!p || (type !== Frame.DATA && type !== Frame.PLACED && type !== Frame.ERROR)) throw new WireError(`frame type ${type} for request ${id}`);
     pending.delete(id);
@@ -131,6 +158,102 @@ function fromWindow(p: PendingRead, payload: Buffer): number {
   return bytes;
 }
 
+/** A RESIDENT frame: its runs are answered from the resident store from now on. */
+function addResident(payload: Buffer): void {
+  if (!hasResident || !listed) throw new WireError(hasResident ? 'RESIDENT before the listing' : 'RESIDENT without a resident store');
+  for (const r of parseResident(payload)) {
+    const size = fileSizes[r.file];
+    if (size === undefined || r.offset + r.length > size) throw new WireError(`resident bytes [${r.offset}, ${r.offset + r.length}) of file ${r.file}, which has ${size ?? 'no'} bytes`);
+    if (r.length === 0) continue;
+    let list = resident.get(r.file);
+    if (!list) resident.set(r.file, (list = []));
+    // An overlap is the same bytes (the image never changes): it is kept out, and not warmed.
+    if (insertDisjoint(list, r, runLength)) warm(r);
+    else warmedDone += r.length;
+  }
+  if (warming === 0) channel.write(warmedFrame(warmedDone, warmedFailed));
+}
+
+/** What warm() has still to read, in pieces of at most WARM_READ, taken from the end. */
+const warmQueue: Array<{ file: number; offset: number; length: number }> = [];
+let warming = 0;
+/** in bytes, of the resident runs: done warming (WARMED), and of them failed */
+let warmedDone = 0;
+let warmedFailed = 0;
+/** the mount's files warm() opened, by index, until the queue is empty */
+const warmFiles = new Map<number, Promise<number>>();
+const warmBuffers: Buffer[] = [];
+
+/**
+ * Queues the resident run `r` to be read through the mount (see the top). Each run is read from
+ * its end back to its start: read forward, the kernel's readahead would read a page past the
+ * run's end, which is not resident (a fetch from the store, in the mounting process). Queued
+ * runs are taken first come, first served. Best effort: a read that fails ends nothing but
+ * itself.
+ */
+function warm(r: ResidentRun): void {
+  const pieces: typeof warmQueue = [];
+  for (let at = r.offset; at < r.offset + r.length; at += WARM_READ) pieces.push({ file: r.file, offset: at, length: Math.min(WARM_READ, r.offset + r.length - at) });
+  warmQueue.unshift(...pieces);
+  while (warming < WARMERS && warmQueue.length > 0) {
+    warming++;
+    warmer(warmBuffers.pop() ?? Buffer.allocUnsafe(WARM_READ));
+  }
+}
+
+function warmer(buf: Buffer): void {
+  const next = warmQueue.pop();
+  if (!next) {
+    warmBuffers.push(buf);
+    if (--warming > 0) return;
+    closeWarmFiles();
+    channel.write(warmedFrame(warmedDone, warmedFailed));
+    return;
+  }
+  const finished = (ok: boolean): void => {
+    warmedDone += next.length;
+    if (!ok) warmedFailed += next.length;
+    warmer(buf);
+  };
+  let fd = warmFiles.get(next.file);
+  if (!fd) {
+    fd = new Promise((resolve, reject) => open(path.join(mountedAt, filePaths[next.file]!), 'r', (err, got) => (err ? reject(err) : resolve(got))));
+    fd.catch(() => undefined);
+    warmFiles.set(next.file, fd);
+  }
+  fd.then(
+    (got) => read(got, buf, 0, next.length, next.offset, (err, n) => finished(!err && n === next.length)),
+    () => finished(false),
+  );
+}
+
+function closeWarmFiles(): void {
+  for (const fd of warmFiles.values()) fd.then((got) => close(got, () => undefined), () => undefined);
+  warmFiles.clear();
+}
+
+/**
+ * Reads [pos, pos + len) of file `file` (cut at its end) from the resident store into `buf` when
+ * resident runs cover all of it: the byte count; else undefined.
+ */
+function fromResident(file: number, buf: Buffer, len: number, pos: number): number | undefined {
+  const list = resident.get(file);
+  const end = Math.min(fileSizes[file] ?? 0, pos + len);
+  const span = list && spanOf(list, pos, end, runLength);
+  if (!span) return undefined;
+  try {
+    for (let i = span.first, at = pos; at < end; i++) {
+      const r = list[i]!;
+      const n = Math.min(end, r.offset + r.length) - at;
+      if (readSync(RESIDENT_FD, buf, at - pos, n, r.at + (at - r.offset)) !== n) return undefined;
+      at += n;
+    }
+  } catch {
+    return undefined;
+  }
+  return end - pos;
+}
+
 function start(version: number, payload: Buffer): void {
   if (started) throw new WireError('a second HELLO');
   started = true;
@@ -142,6 +265,8 @@ function start(version: number, payload: Buffer): void {
     return fail(`unreadable HELLO: ${(err as Error).message}`);
   }
   const { mountpoint, listing, window } = hello;
+  hasResident = hello.resident === true;
+  mountedAt = mountpoint;
   if (window) {
     slotBytes = window.slotBytes;
     for (let i = window.slots - 1; i >= 0; i--) freeSlots.push(i);
@@ -210,6 +335,8 @@ const OPERATIONS = [
 
 function operations(listing: FuseListing): Fuse.Operations {
   const files = new Map(listing.files.map((f, index) => [f.path, { ...f, index }]));
+  fileSizes = listing.files.map((f) => f.size);
+  filePaths = listing.files.map((f) => f.path);
   const dirs = new Map(listing.dirs);
   const mtime = new Date(listing.mtimeMs);
   const totalBytes = listing.files.reduce((n, f) => n + f.size, 0);
@@ -270,6 +397,8 @@ function operations(listing: FuseListing): Fuse.Operations {
     read(p, fh, buf, len, pos, cb) {
       const index = fh >= 1 && fh <= listing.files.length ? fh - 1 : files.get(p)?.index;
       if (index === undefined) return cb(Fuse.EBADF);
+      const got = fromResident(index, buf, len, pos);
+      if (got !== undefined) return cb(got);
       const id = nextId;
       nextId = (nextId + 1) >>> 0;
       const slot = len <= slotBytes ? (freeSlots.pop() ?? NO_SLOT) : NO_SLOT;

@@ -15,12 +15,20 @@
  *     PLACED  id = request id    payload: u32 bytes — the bytes read are in the READ's slot
  *     DATA    id = request id    payload: the bytes read
  *     ERROR   id = request id    payload: i32 negative errno (-EIO…)
+ *     RESIDENT id = 0            payload: u32 n | n × (u32 file | f64 offset | u32 length | f64
+ *                                at): bytes of the image now in the resident store (below), file
+ *                                `file`'s [offset, offset + length) at `at`; any number of times,
+ *                                after the listing
  *   server → mounting process
  *     READY   id = 0             the kernel initialised the mount
  *     FAILED  id = 0             payload: UTF-8 reason; the server exits
  *     READ    id = request id    payload: u32 file (index into FuseListing.files) | f64 offset
  *                                (bytes; an integer below 2^53) | u32 length (bytes) | u32 slot
  *                                (NO_SLOT: none)
+ *     WARMED  id = 0             payload: f64 done | f64 failed — bytes of the RESIDENT runs so
+ *                                far that the server is done reading into the page cache (read,
+ *                                failed, or resident already), and of them failed; each time it
+ *                                has nothing left to read
  *
  * Every READ gets exactly one PLACED, DATA or ERROR with its id, in any order (the chunks of
  * one read may be cached, of another not); the bytes read are at most the length asked, fewer
@@ -32,11 +40,19 @@
  * into libfuse's buffer, then frees the slot. Bytes through the socket instead cost several
  * wake-ups per 128 KiB read (the socket buffer fills), measured 4x slower here. A READ without
  * a slot, or when the window cannot be written, is answered DATA.
+ *
+ * The resident store (the server's fd 5, when Hello.resident) is a second unlinked file in
+ * /dev/shm: the mounting process appends bytes of the image it holds whole (a restore pack's
+ * runs, the image's small files) and then names them in a RESIDENT frame. From then on the
+ * server answers a read that resident bytes cover wholly by itself, with no READ: the app's
+ * first page faults and CRIU's reads of its small files then never wait for the mounting
+ * process's event loop, which is busiest just then (the store's answers, the packs' decoding).
+ * Resident bytes are the image's, which never changes: they are never taken back.
  */
 
-export const WIRE_VERSION = 2;
+export const WIRE_VERSION = 3;
 
-export const Frame = { HELLO: 1, DATA: 2, ERROR: 3, READY: 4, FAILED: 5, READ: 6, PLACED: 7, LISTING: 8 } as const;
+export const Frame = { HELLO: 1, DATA: 2, ERROR: 3, READY: 4, FAILED: 5, READ: 6, PLACED: 7, LISTING: 8, RESIDENT: 9, WARMED: 10 } as const;
 export type Frame = (typeof Frame)[keyof typeof Frame];
 
 /** in bytes: length | type | id */
@@ -56,6 +72,16 @@ export interface Hello {
   listing: FuseListing | null;
   /** the window (fd 4 of the server), or null: every read is answered DATA */
   window: { slots: number; slotBytes: number } | null;
+  /** whether the server has a resident store (fd 5); without one no RESIDENT frame comes */
+  resident: boolean;
+}
+
+/** Bytes of the image in the resident store: file `file`'s [offset, offset + length) at `at`. */
+export interface ResidentRun {
+  file: number;
+  offset: number;
+  length: number;
+  at: number;
 }
 
 /** What the server needs to answer everything but reads. */
@@ -97,6 +123,54 @@ export function readRequest(id: number, file: number, offset: number, length: nu
 export function parseReadRequest(payload: Buffer): { file: number; offset: number; length: number; slot: number } {
   if (payload.length !== READ_PAYLOAD_BYTES) throw new WireError(`a READ of ${payload.length} bytes`);
   return { file: payload.readUInt32LE(0), offset: payload.readDoubleLE(4), length: payload.readUInt32LE(12), slot: payload.readUInt32LE(16) };
+}
+
+/** in bytes: one run of a RESIDENT frame */
+const RESIDENT_RUN_BYTES = 24;
+
+export function residentFrame(runs: readonly ResidentRun[]): Buffer {
+  const b = Buffer.allocUnsafe(HEADER_BYTES + 4 + runs.length * RESIDENT_RUN_BYTES);
+  b.writeUInt32LE(5 + 4 + runs.length * RESIDENT_RUN_BYTES, 0);
+  b.writeUInt8(Frame.RESIDENT, 4);
+  b.writeUInt32LE(0, 5);
+  b.writeUInt32LE(runs.length, 9);
+  let at = 13;
+  for (const r of runs) {
+    b.writeUInt32LE(r.file, at);
+    b.writeDoubleLE(r.offset, at + 4);
+    b.writeUInt32LE(r.length, at + 12);
+    b.writeDoubleLE(r.at, at + 16);
+    at += RESIDENT_RUN_BYTES;
+  }
+  return b;
+}
+
+/** The runs of a RESIDENT frame; throws WireError on one that is not whole integers ≥ 0 below 2^53. */
+export function parseResident(payload: Buffer): ResidentRun[] {
+  const n = payload.length >= 4 ? payload.readUInt32LE(0) : -1;
+  if (n < 0 || payload.length !== 4 + n * RESIDENT_RUN_BYTES) throw new WireError(`a RESIDENT of ${payload.length} bytes`);
+  const out: ResidentRun[] = [];
+  for (let i = 0, at = 4; i < n; i++, at += RESIDENT_RUN_BYTES) {
+    const r = { file: payload.readUInt32LE(at), offset: payload.readDoubleLE(at + 4), length: payload.readUInt32LE(at + 12), at: payload.readDoubleLE(at + 16) };
+    if (!Number.isSafeInteger(r.offset) || r.offset < 0 || !Number.isSafeInteger(r.at) || r.at < 0) throw new WireError(`a resident run at ${r.offset} (store ${r.at})`);
+    out.push(r);
+  }
+  return out;
+}
+
+export function warmedFrame(done: number, failed: number): Buffer {
+  const b = Buffer.allocUnsafe(HEADER_BYTES + 16);
+  b.writeUInt32LE(5 + 16, 0);
+  b.writeUInt8(Frame.WARMED, 4);
+  b.writeUInt32LE(0, 5);
+  b.writeDoubleLE(done, 9);
+  b.writeDoubleLE(failed, 17);
+  return b;
+}
+
+export function parseWarmed(payload: Buffer): { done: number; failed: number } {
+  if (payload.length !== 16) throw new WireError(`a WARMED of ${payload.length} bytes`);
+  return { done: payload.readDoubleLE(0), failed: payload.readDoubleLE(8) };
 }
 
 export function placedReply(id: number, bytes: number): Buffer {

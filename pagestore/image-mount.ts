@@ -129,6 +129,21 @@ export interface ImageMount {
    */
   stats(): { reads: number; bytes: number; fromPages: number; chunks: number; failures: number };
   /**
+   * Bytes of image files (by manifest path) that the server process may answer reads of by
+   * itself from now on, without asking this process (fuse-wire.ts: the resident store); they
+   * must be the image's, checked already. The server also reads them through the mount, into
+   * the kernel's page cache (fuse-server.ts). Resolves true once the server has them, false when
+   * it cannot take them (those reads are then asked here as before); never rejects. Reads of
+   * resident bytes do not reach `held`, `chunk` or `onRead`, nor these stats.
+   */
+  hold(runs: ReadonlyArray<{ file: string; offset: number; bytes: Buffer }>): Promise<boolean>;
+  /**
+   * Resolves once the server is done reading what hold() made resident into the page cache: in
+   * bytes, and of them the bytes whose read failed (left to be read through FUSE when asked). At
+   * once without a resident store, or once the server is gone or ended. Never rejects.
+   */
+  warmed(): Promise<{ bytes: number; failed: number }>;
+  /**
    * unmounts (lazily if busy: `fusermount -uz` fallback), then ends the server process; idempotent;
    * never throws on an already-gone mount
    */
@@ -251,7 +266,13 @@ export async function mountPending(mountpoint: string, o: { log?: Logger; what: 
       const totalBytes = opts.manifest.files.reduce((n, f) => n + f.size, 0);
       log?.debug({ mountpoint: mnt, files: laid.files.length, bytes: totalBytes, server: child.pid }, 'image mounted');
       const srv = server;
-      return { path: mnt, serverPid: child.pid, stats: () => srv.stats(), close };
+      const index = new Map(laid.files.map((e, i) => [e.file.path, i]));
+      const hold: ImageMount['hold'] = (runs) =>
+        child.hold(runs.flatMap((r) => {
+          const file = index.get(r.file);
+          return file === undefined || r.offset + r.bytes.length > entries[file]!.file.size ? [] : [{ file, offset: r.offset, bytes: r.bytes }];
+        }));
+      return { path: mnt, serverPid: child.pid, stats: () => srv.stats(), hold, warmed: () => child.warmed(), close };
     },
   };
 }

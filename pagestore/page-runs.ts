@@ -11,20 +11,21 @@ export class PageRuns {
   private readonly byFile = new Map<string, PackedRun[]>();
   private total = 0;
 
-  /** Adds runs; one that overlaps a run already held is dropped (the image is immutable: same bytes). */
-  add(runs: readonly PackedRun[]): void {
+  /**
+   * Adds runs; one that overlaps a run already held is dropped (the image is immutable: same
+   * bytes). The runs added.
+   */
+  add(runs: readonly PackedRun[]): PackedRun[] {
+    const added: PackedRun[] = [];
     for (const r of runs) {
       if (r.bytes.length === 0) continue;
       const list = this.byFile.get(r.file) ?? [];
-      const i = insertionPoint(list, r.offset);
-      const before = list[i - 1];
-      const after = list[i];
-      if (before && before.offset + before.bytes.length > r.offset) continue;
-      if (after && r.offset + r.bytes.length > after.offset) continue;
-      list.splice(i, 0, r);
+      if (!insertDisjoint(list, r, runBytes)) continue;
       this.byFile.set(r.file, list);
       this.total += r.bytes.length;
+      added.push(r);
     }
+    return added;
   }
 
   /**
@@ -34,19 +35,10 @@ export class PageRuns {
    */
   read(file: string, pos: number, end: number): Buffer | undefined {
     const list = this.byFile.get(file);
-    if (!list || end <= pos) return undefined;
-    let i = insertionPoint(list, pos + 1) - 1;
-    const r = list[i];
-    if (!r || r.offset > pos) return undefined;
-    if (r.offset + r.bytes.length >= end) return r.bytes.subarray(pos - r.offset, end - r.offset);
-    const parts = [r.bytes.subarray(pos - r.offset)];
-    for (let at = r.offset + r.bytes.length; at < end; ) {
-      const next = list[++i];
-      if (!next || next.offset !== at) return undefined;
-      parts.push(next.bytes.subarray(0, Math.min(next.bytes.length, end - at)));
-      at += next.bytes.length;
-    }
-    return Buffer.concat(parts);
+    const span = list && spanOf(list, pos, end, runBytes);
+    if (!span) return undefined;
+    const parts = list.slice(span.first, span.last + 1).map((r) => r.bytes.subarray(Math.max(0, pos - r.offset), Math.min(r.bytes.length, end - r.offset)));
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
   }
 
   /** Whether the byte at `offset` of `file` is held. */
@@ -59,14 +51,45 @@ export class PageRuns {
     return this.total;
   }
 
-  /** Every run: file, offset, length. */
-  *ranges(): Generator<{ file: string; offset: number; length: number }> {
-    for (const [file, list] of this.byFile) for (const r of list) yield { file, offset: r.offset, length: r.bytes.length };
+}
+
+const runBytes = (r: PackedRun): number => r.bytes.length;
+
+/**
+ * Inserts `r` into `list` (runs in offset order, none overlapping) unless it overlaps one there;
+ * whether it did.
+ */
+export function insertDisjoint<T extends { offset: number }>(list: T[], r: T, length: (t: T) => number): boolean {
+  const i = insertionPoint(list, r.offset);
+  const before = list[i - 1];
+  const after = list[i];
+  if (before && before.offset + length(before) > r.offset) return false;
+  if (after && r.offset + length(r) > after.offset) return false;
+  list.splice(i, 0, r);
+  return true;
+}
+
+/**
+ * The runs of `list` (in offset order, none overlapping) that hold [pos, end) between them, each
+ * touching the next: the indexes of the first and the last; undefined when they do not hold all
+ * of it (or it is empty).
+ */
+export function spanOf<T extends { offset: number }>(list: readonly T[], pos: number, end: number, length: (t: T) => number): { first: number; last: number } | undefined {
+  if (end <= pos) return undefined;
+  const first = insertionPoint(list, pos + 1) - 1;
+  const r = list[first];
+  if (!r || r.offset + length(r) <= pos) return undefined;
+  let last = first;
+  for (let at = r.offset + length(r); at < end; ) {
+    const next = list[++last];
+    if (!next || next.offset !== at) return undefined;
+    at += length(next);
   }
+  return { first, last };
 }
 
 /** The index of the first run of `list` starting at or after `offset`. */
-function insertionPoint(list: readonly PackedRun[], offset: number): number {
+export function insertionPoint(list: ReadonlyArray<{ offset: number }>, offset: number): number {
   let lo = 0;
   let hi = list.length;
   while (lo < hi) {

@@ -9,8 +9,10 @@ import {
   MAX_PAYLOAD_BYTES,
   NO_SLOT,
   parseReadRequest,
+  parseResident,
   placedReply,
   readRequest,
+  residentFrame,
   WireError,
 } from '../pagestore/fuse-wire.js';
 
@@ -27,7 +29,7 @@ interface Got {
 function sample(): { bytes: Buffer; want: Got[] } {
   const big = Buffer.alloc(200_000);
   for (let i = 0; i < big.length; i++) big[i] = (i * 7) & 0xff;
-  const hello = Buffer.from(JSON.stringify({ mountpoint: '/m', listing: null, window: null }));
+  const hello = Buffer.from(JSON.stringify({ mountpoint: '/m', listing: null, window: null, resident: false }));
   const listing = Buffer.from(JSON.stringify({ mtimeMs: 0, files: [{ path: '/a.img', size: 1, mode: 0o600 }], dirs: [['/', ['a.img']]] }));
   const want: Got[] = [
     { type: Frame.HELLO, id: 1, payload: hello },
@@ -99,6 +101,24 @@ describe('image mount wire (fuse-wire.ts)', () => {
   it('round-trips a READ', () => {
     assert.deepEqual(parseReadRequest(readRequest(5, 2, 2 ** 52, 4096, 15).subarray(9)), { file: 2, offset: 2 ** 52, length: 4096, slot: 15 });
     assert.throws(() => parseReadRequest(Buffer.alloc(3)), WireError);
+  });
+
+  it('round-trips a RESIDENT; refuses one of the wrong length or with offsets that are not whole', () => {
+    const runs = [
+      { file: 0, offset: 0, length: 4096, at: 0 },
+      { file: 3, offset: 2 ** 40 + 4096, length: 0xffff_ffff, at: 2 ** 52 },
+    ];
+    const b = residentFrame(runs);
+    assert.equal(b.readUInt32LE(0), b.length - 4);
+    assert.equal(b.readUInt8(4), Frame.RESIDENT);
+    assert.deepEqual(parseResident(b.subarray(9)), runs);
+    assert.deepEqual(parseResident(residentFrame([]).subarray(9)), []);
+    assert.throws(() => parseResident(b.subarray(9, b.length - 1)), WireError);
+    assert.throws(() => parseResident(Buffer.alloc(2)), WireError);
+    const fractional = residentFrame([{ file: 0, offset: 0.5, length: 1, at: 0 }]).subarray(9);
+    assert.throws(() => parseResident(fractional), /resident run/);
+    const negative = residentFrame([{ file: 0, offset: 0, length: 1, at: -4096 }]).subarray(9);
+    assert.throws(() => parseResident(negative), /resident run/);
   });
 
   it('refuses a frame shorter than its header, longer than the limit, or larger than its target', () => {

@@ -352,6 +352,43 @@ describe('image mount (FUSE)', { skip: skipReason, timeout: 180_000 }, () => {
     await closeMount(m);
   });
 
+  it('answers reads that resident bytes cover wholly in the server, without a READ; others as before', async () => {
+    let fetched = 0;
+    const m = await mount({
+      chunk: async (ref) => {
+        fetched++;
+        return chunks.get(ref.hash)!;
+      },
+    });
+    // Bytes unlike the chunks', to tell who answered: the server (resident) or this process.
+    const at = pagesRefs[3]!.offset - (pagesRefs[3]!.offset % 4096) + 4 * 4096;
+    await m.hold([
+      { file: 'pages-1.img', offset: at, bytes: Buffer.alloc(2 * 4096, 0xcd) },
+      { file: 'pages-1.img', offset: at + 2 * 4096, bytes: Buffer.alloc(4096, 0xce) }, // touching: one read may span both
+      { file: 'inventory.img', offset: 0, bytes: Buffer.alloc(5000, 0x11) },
+      { file: 'inventory.img', offset: 4096, bytes: Buffer.alloc(5000, 0x22) }, // past the file's end: not taken
+      { file: 'no-such.img', offset: 0, bytes: Buffer.alloc(10, 0x33) },
+    ]);
+    // The server reads them into the page cache at once; the other two runs it was not given.
+    assert.deepEqual(await m.warmed(), { bytes: 3 * 4096 + 5000, failed: 0 });
+    const file = path.join(m.path, 'pages-1.img');
+    const spanning = await ddRange(file, at + 4096, 2 * 4096);
+    assert.equal(spanning.code, 0, spanning.stderr);
+    assert.ok(spanning.stdout.equals(Buffer.concat([Buffer.alloc(4096, 0xcd), Buffer.alloc(4096, 0xce)])), 'both resident runs answered');
+    const small = await ok('cat', [path.join(m.path, 'inventory.img')]);
+    assert.ok(small.equals(Buffer.alloc(5000, 0x11)), 'a whole small file answered from the resident store, to its end');
+    assert.equal(m.stats().reads, 0, 'no read reached this process');
+    assert.equal(fetched, 0);
+    // Not resident: this process answers, from the chunks.
+    const other = await ddRange(file, at + 3 * 4096, 4096);
+    assert.equal(other.code, 0, other.stderr);
+    assert.ok(other.stdout.equals(pagesData.subarray(at + 3 * 4096, at + 4 * 4096)), 'past the runs: the chunk');
+    assert.equal(m.stats().reads, 1);
+    assert.ok(fetched >= 1);
+    assert.deepEqual(await m.warmed(), { bytes: 3 * 4096 + 5000, failed: 0 }, 'nothing more to warm');
+    await closeMount(m);
+  });
+
   it('refuses writes, creates, truncates, removals and mkdir (EROFS)', async () => {
     const m = await mount();
     const p = (f: string) => path.join(m.path, f);

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { PageRuns } from '../pagestore/page-runs.js';
+import { PageRuns, spanOf } from '../pagestore/page-runs.js';
 
 /* Page runs: a read is answered only when runs hold all of it. */
 
@@ -36,15 +36,30 @@ describe('page runs', () => {
     assert.equal(two.read('pages-1.img', 0, 20000), undefined, 'past the last touching run');
   });
 
-  it('knows which bytes it holds, their total and ranges; overlapping runs are not added twice', () => {
+  it('knows which bytes it holds and their total; overlapping runs are not added twice; add() says which it added', () => {
     assert.equal(runs.has('pages-1.img', 16383), true);
     assert.equal(runs.has('pages-1.img', 16384), false);
-    runs.add([run('pages-1.img', 12288, 8192, 9), run('pages-1.img', 4096, 8192, 9), run('pages-1.img', 24576, 0, 9)]);
-    assert.equal(runs.bytes, 16384);
-    assert.deepEqual([...runs.ranges()], [
-      { file: 'pages-1.img', offset: 0, length: 4096 },
-      { file: 'pages-1.img', offset: 8192, length: 8192 },
-      { file: 'pages-2.img', offset: 4096, length: 4096 },
-    ]);
+    const fresh = run('pages-1.img', 16384, 4096, 8);
+    const added = runs.add([run('pages-1.img', 12288, 8192, 9), run('pages-1.img', 4096, 8192, 9), run('pages-1.img', 24576, 0, 9), fresh]);
+    assert.deepEqual(added, [fresh]);
+    assert.equal(runs.bytes, 20480);
+    assert.deepEqual(runs.read('pages-1.img', 12288, 20480), Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 8)]));
+  });
+
+  it('spanOf: the touching runs that hold a range, by index (as the mount\'s server looks up resident bytes)', () => {
+    const list = [
+      { offset: 0, length: 10 },
+      { offset: 10, length: 5 },
+      { offset: 20, length: 10 },
+    ];
+    const len = (r: { length: number }) => r.length;
+    assert.deepEqual(spanOf(list, 0, 10, len), { first: 0, last: 0 });
+    assert.deepEqual(spanOf(list, 3, 14, len), { first: 0, last: 1 }, 'across touching runs');
+    assert.deepEqual(spanOf(list, 22, 30, len), { first: 2, last: 2 });
+    assert.equal(spanOf(list, 12, 21, len), undefined, 'a gap between runs');
+    assert.equal(spanOf(list, 15, 16, len), undefined, 'in the gap');
+    assert.equal(spanOf(list, 25, 31, len), undefined, 'past the last run');
+    assert.equal(spanOf(list, 5, 5, len), undefined, 'nothing asked');
+    assert.equal(spanOf([], 0, 1, len), undefined);
   });
 });

@@ -8,7 +8,7 @@ import type { ChunkCache } from '../../pagestore/chunk-cache.js';
 import { mountImage, type ImageMount, type PendingMount, type ServeOptions } from '../../pagestore/image-mount.js';
 import { chunkAt, chunksIn, fileChunks, sliceChunks, type ChunkRef, type ImageFile, type ImageManifest, type ImageStore } from '../../pagestore/image-store.js';
 import { PageRuns } from '../../pagestore/page-runs.js';
-import { packFor, type DecodedRestorePack, type PackPart, type ReadRestorePack, type RestorePacks } from '../../pagestore/restore-pack.js';
+import { packFor, type DecodedRestorePack, type PackedRun, type PackPart, type ReadRestorePack, type RestorePacks } from '../../pagestore/restore-pack.js';
 import { readLocalChunk } from './local-image.js';
 import { PAGE_SIZE, parsePagemap } from './pagemap.js';
 import { distinctChunks, eagerChunks, joinRanges, metadataChunks, pagemapLocator, PAGEMAP, PAGES, readaheadChunks, regionHeads, type FileRange, type TaskPagemap } from './restore-plan.js';
@@ -117,6 +117,10 @@ export class LazyImage {
   private prefetchedPages: PlannedChunk[] = [];
   /** the packs' page runs, which the mount answers reads from */
   private readonly runs = new PageRuns();
+  /** runs and files the mount's server process could not take (ImageMount.hold): warm() reads them */
+  private readonly notResident: FileRange[] = [];
+  /** files the server holds whole (and warms itself) */
+  private readonly residentFiles = new Set<string>();
   /** each pack, settled once unpacked (true: for this image and whole); set by prefetch() */
   private readonly packsIn: Partial<Record<PackPart, Promise<boolean>>> = {};
   private warming: Promise<void> | undefined;
@@ -310,7 +314,13 @@ export class LazyImage {
     // The runs stay slices of the pack's body (most of it): a copy costs a page fault per page of
     // fresh memory, ~13 µs each on these hosts. The cache's chunks are copied: the cache outlives
     // the pack.
-    this.runs.add(runs);
+    const added = this.runs.add(runs);
+    // The mount's server answers reads of these by itself from now on (the app's first faults,
+    // CRIU's many small reads of the other files), not through this event loop, and reads them
+    // into the page cache.
+    const files = this.wholeFiles(chunks);
+    if (await this.mount?.hold([...files, ...added])) for (const f of files) this.residentFiles.add(f.file);
+    else this.notResident.push(...added.map((r) => ({ file: r.file, offset: r.offset, length: r.bytes.length })));
     this.counts.packed += chunks.length;
     this.counts.packedPages = Math.round(this.runs.bytes / PAGE_SIZE);
     const pages = runs.reduce((n, r) => n + r.bytes.length, 0) / PAGE_SIZE;
@@ -318,6 +328,19 @@ export class LazyImage {
     if (this.o.log.isLevelEnabled('trace')) this.o.log.trace({ part, runs: runs.map((r) => [r.file, r.offset, r.bytes.length]) }, 'the page runs of a restore pack');
     if (bad > 0) this.o.log.warn({ part, bad }, 'entries of a restore pack failed their checksum; its part is prefetched chunk by chunk');
     return current && bad === 0;
+  }
+
+  /** The image's files but the memory pages that `chunks` hold whole, as runs. */
+  private wholeFiles(chunks: ReadonlyArray<{ hash: string; bytes: Buffer }>): PackedRun[] {
+    if (chunks.length === 0) return [];
+    const byHash = new Map(chunks.map((c) => [c.hash, c.bytes]));
+    const out: PackedRun[] = [];
+    for (const file of this.o.manifest.files) {
+      if (PAGES.test(file.path)) continue;
+      const parts = this.chunksOf(file).map((ref) => byHash.get(ref.hash));
+      if (parts.every((b) => b !== undefined)) out.push({ file: file.path, offset: 0, bytes: Buffer.concat(parts as Buffer[]) });
+    }
+    return out;
   }
 
   /** Whether the page at `offset` of `file` was prefetched (held in a run, or its chunk fetched whole). */
@@ -332,7 +355,9 @@ export class LazyImage {
    * in small pieces, and the mount reads ahead one page only), then the prefetched memory pages. A page
    * fault is then answered by CRIU's daemon from the page cache instead of a FUSE round trip to
    * this process per page (~650 of them for the first request of the benchmark's app). Runs
-   * beside `criu restore`; never fails (a page not warmed is read through FUSE as before).
+   * beside `criu restore`; never fails (a page not warmed is read through FUSE as before). What
+   * the mount's server holds resident it warms itself, sooner (fuse-server.ts): this reads the
+   * rest.
    *
    * Async reads of the mount use libuv's thread pool while the mount's answers may need it too
    * (the chunk cache's disk tier): at most WARM_READERS reads are in flight, so the pool (4) is
@@ -348,10 +373,10 @@ export class LazyImage {
       for (let at = r.offset; at < r.offset + r.length; at += size) out.push({ file: r.file, offset: at, length: Math.min(size, r.offset + r.length - at) });
       return out;
     };
-    const metadata = this.o.manifest.files.filter((f) => !PAGES.test(f.path)).flatMap((f) => pieces({ file: f.path, offset: 0, length: f.size }, WARM_READ));
+    const metadata = this.o.manifest.files.filter((f) => !PAGES.test(f.path) && !this.residentFiles.has(f.path)).flatMap((f) => pieces({ file: f.path, offset: 0, length: f.size }, WARM_READ));
     // Memory pages last to first, in pieces the kernel reads whole: read forward, the kernel
     // reads ahead past the end of each range, into chunks nobody asked for (a fetch each).
-    const pages = joinRanges([...this.runs.ranges(), ...this.prefetchedPages.map((p) => ({ file: p.file.path, offset: p.ref.offset, length: p.ref.size }))])
+    const pages = joinRanges([...this.notResident, ...this.prefetchedPages.map((p) => ({ file: p.file.path, offset: p.ref.offset, length: p.ref.size }))])
       .flatMap((r) => pieces(r, WARM_PAGES_READ))
       .reverse();
     const reads = [...metadata, ...pages];
@@ -368,8 +393,9 @@ export class LazyImage {
     };
     const t0 = performance.now();
     try {
-      await Promise.all(scratch.map(reader));
-      this.o.log.debug({ reads: reads.length, pageReads: pages.length, ms: Math.round(performance.now() - t0), sinceOpen: Math.round(performance.now() - this.openedAt) }, 'the page cache is warm');
+      const [, server] = await Promise.all([Promise.all(scratch.map(reader)), this.mount?.warmed()]);
+      const ms = Math.round(performance.now() - t0);
+      this.o.log.debug({ reads: reads.length, pageReads: pages.length, serverBytes: server?.bytes, serverFailed: server?.failed, ms, sinceOpen: Math.round(performance.now() - this.openedAt) }, 'the page cache is warm');
     } catch (err) {
       if (!this.closed) this.o.log.debug({ err: (err as Error).message }, 'warming the page cache stopped');
     } finally {
