@@ -50,7 +50,6 @@ export class PageRuns {
   get bytes(): number {
     return this.total;
   }
-
 }
 
 const runBytes = (r: PackedRun): number => r.bytes.length;
@@ -89,7 +88,7 @@ export function spanOf<T extends { offset: number }>(list: readonly T[], pos: nu
 }
 
 /** The index of the first run of `list` starting at or after `offset`. */
-export function insertionPoint(list: ReadonlyArray<{ offset: number }>, offset: number): number {
+function insertionPoint(list: ReadonlyArray<{ offset: number }>, offset: number): number {
   let lo = 0;
   let hi = list.length;
   while (lo < hi) {
