@@ -599,17 +599,19 @@ export class OciRuntime implements ContainerRuntime {
     const latest = look ? look.newest : this.store.latest(spec.name, hint.generation);
     const packs = mode === 'activeset' ? this.opts.activeSets?.readPacks(spec.name) : undefined;
     activeSet?.catch(() => undefined);
-    // When each of the wake's reads of the store was in (ms after t0), for the debug log.
-    const arrivals: Record<string, number> = {};
-    const arrival = (name: string, p: Promise<unknown> | undefined): void =>
-      void p?.then(
-        () => (arrivals[name] = Math.round(performance.now() - t0)),
-        () => undefined,
-      );
-    arrival('activeSet', activeSet);
-    arrival('newest', latest);
-    arrival('expected', look?.expected);
-    for (const [part, p] of Object.entries(packs ?? {})) arrival(`${part}Pack`, p);
+    // When each of the wake's reads of the store was in (ms after t0), for the debug log only.
+    const arrivals: Record<string, number> | undefined = log.isLevelEnabled('debug') ? {} : undefined;
+    if (arrivals) {
+      const arrival = (name: string, p: Promise<unknown> | undefined): void =>
+        void p?.then(
+          () => (arrivals[name] = Math.round(performance.now() - t0)),
+          () => undefined,
+        );
+      arrival('activeSet', activeSet);
+      arrival('newest', latest);
+      arrival('expected', look?.expected);
+      for (const [part, p] of Object.entries(packs ?? {})) arrival(`${part}Pack`, p);
+    }
     let manifestMs = 0;
     const found = (from: Promise<ImageManifest | undefined>): Promise<ImageManifest> =>
       from.then(
@@ -749,7 +751,7 @@ export class OciRuntime implements ContainerRuntime {
         runcSpawnMs: att.timing.spawnMs,
         ...(img.lazy ? { prefetch: img.lazy.prefetchStats() } : {}),
         readyMs: Math.round(performance.now() - t0 - restoredMs),
-        ...(log.isLevelEnabled('debug') ? { reads: arrivals } : {}),
+        ...(arrivals ? { reads: arrivals } : {}),
       },
       'container restored',
     );
