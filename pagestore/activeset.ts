@@ -25,7 +25,7 @@
  * Writes race only between two restores of one app on two workers; the last one wins.
  */
 import { getStreamed, isNotFound, type ObjectStore } from './object-store.js';
-import { canonicalJson, sha256 } from './chunked-image-store.js';
+import { canonicalJson, sha256, storedChecksumHolds } from './chunked-image-store.js';
 import { fileChunks, type ChunkRef, type ImageFile, type ImageManifest } from './image-store.js';
 import { encodeRestorePack, PACK_PARTS, readRestorePack, restorePackKey, type PackPart, type ReadRestorePack, type RestorePackContents, type RestorePacks } from './restore-pack.js';
 
@@ -191,14 +191,15 @@ function recordChecksum(r: object): string {
 /** Parses a stored record; undefined when it is not one (wrong shape, app or checksum). */
 export function parseActiveSet(body: Buffer, app: string): ActiveSetRecord | undefined {
   let v: unknown;
+  const text = body.toString('utf8');
   try {
-    v = JSON.parse(body.toString('utf8'));
+    v = JSON.parse(text);
   } catch {
     return undefined;
   }
   const r = v as Partial<ActiveSetRecord> | null;
   if (!r || typeof r !== 'object' || r.format !== ACTIVESET_FORMAT_VERSION || r.app !== app || !Array.isArray(r.restores)) return undefined;
-  if (typeof r.checksum !== 'string' || recordChecksum(r) !== r.checksum) return undefined;
+  if (typeof r.checksum !== 'string' || !(storedChecksumHolds(text, r.checksum) || recordChecksum(r) === r.checksum)) return undefined;
   for (const u of r.restores) {
     if (!u || !Array.isArray(u.chunks)) return undefined;
     for (const c of u.chunks) {

@@ -136,6 +136,26 @@ export function canonicalJson(value: unknown): string {
   return JSON.stringify(value);
 }
 
+/**
+ * Whether `text`, a document stored as canonicalJson of itself with its `checksum` member, holds
+ * that checksum: the stored bytes with the member taken out are the very string the writer hashed,
+ * so the canonical form need not be built again (~10 ms for the benchmark's 300 MB image's
+ * manifest, on the way to every restore). `checksum` must be the top-level member of `text`
+ * parsed: if the rest hashes to it, the rest is the writer's string (sha256), and the member can
+ * only have stood between the writer's top-level members (anywhere else `text` would not parse
+ * with it at the top), so `text` parses to the writer's document. False says nothing: the caller
+ * checks the slow way (a document written another way, e.g. with whitespace).
+ */
+export function storedChecksumHolds(text: string, checksum: string): boolean {
+  const member = `${JSON.stringify('checksum')}:${JSON.stringify(checksum)}`;
+  const at = text.indexOf(member);
+  if (at < 0) return false;
+  const end = at + member.length;
+  // Followed by another member, or the last one (then preceded by a comma), or the only one.
+  const rest = text[end] === ',' ? text.slice(0, at) + text.slice(end + 1) : text[at - 1] === ',' ? text.slice(0, at - 1) + text.slice(end) : text.slice(0, at) + text.slice(end);
+  return sha256(rest) === checksum;
+}
+
 /** The checksum a manifest must carry. */
 export function manifestChecksum(manifest: Omit<ImageManifest, 'checksum'> & { checksum?: string }): string {
   const { checksum: _ignored, ...rest } = manifest;
@@ -154,6 +174,11 @@ function safeFilePath(p: unknown): p is string {
  * key the manifest was read from.
  */
 export function checkManifest(value: unknown, expect?: { app: string; generation: number }): ImageManifest {
+  return checkManifestAs(value, expect);
+}
+
+/** checkManifest; `stored`: the text `value` was parsed from, whose checksum may be checked on it (storedChecksumHolds). */
+function checkManifestAs(value: unknown, expect: { app: string; generation: number } | undefined, stored?: string): ImageManifest {
   const where = expect ? `manifest of app "${expect.app}" generation ${expect.generation}` : 'manifest';
   const bad = (why: string): never => {
     throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `${where}: ${why}`);
@@ -211,6 +236,7 @@ export function checkManifest(value: unknown, expect?: { app: string; generation
     }
   }
   if (typeof m.checksum !== 'string' || !HASH.test(m.checksum)) bad('no checksum');
+  if (stored !== undefined && storedChecksumHolds(stored, m.checksum as string)) return m as unknown as ImageManifest;
   const want = manifestChecksum(m as unknown as ImageManifest);
   if (want !== m.checksum) bad(`checksum mismatch (stored ${m.checksum as string}, computed ${want})`);
   return m as unknown as ImageManifest;
@@ -219,13 +245,14 @@ export function checkManifest(value: unknown, expect?: { app: string; generation
 /** Parses and checks the bytes of a stored manifest. */
 export function parseManifest(body: Buffer, expect?: { app: string; generation: number }): ImageManifest {
   let value: unknown;
+  const text = body.toString('utf8');
   try {
-    value = JSON.parse(body.toString('utf8'));
+    value = JSON.parse(text);
   } catch (err) {
     const where = expect ? `manifest of app "${expect.app}" generation ${expect.generation}` : 'manifest';
     throw new PicoError('PICO_ERR_IMAGE_CORRUPT', `${where}: not valid JSON`, { cause: err });
   }
-  return checkManifest(value, expect);
+  return checkManifestAs(value, expect, text);
 }
 
 function checkApp(app: string): void {

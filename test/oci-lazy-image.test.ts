@@ -104,7 +104,7 @@ async function open(store: ImageStore, name: string, sweepAfterMisses?: number, 
     mountpoint: path.join(work, name),
     store,
     cache: await ChunkCache.open({ memoryBytes: 64 * 1024 * 1024 }),
-    prefetch: [],
+    prefetch: () => [],
     onFailure: async () => undefined,
     log: silentLogger(),
   });

@@ -59,6 +59,9 @@ describe('ActiveSet', () => {
     assert.equal(await sets.read('kv'), undefined);
     await objects.put(activeSetKey('kv'), Buffer.from(canonicalJson({ ...r, app: 'other' })));
     assert.equal(await sets.read('kv'), undefined, 'names another app');
+    // Written with whitespace: not the text the checksum was taken over, but the record's.
+    await objects.put(activeSetKey('kv'), Buffer.from(JSON.stringify(r, null, 2)));
+    assert.deepEqual(await sets.read('kv'), r);
   });
 
   it('k of n: a chunk is prefetched when used in at least minUses of the last window restores', () => {

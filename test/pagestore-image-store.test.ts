@@ -15,6 +15,7 @@ import {
   manifestKey,
   parseManifest,
   sha256,
+  storedChecksumHolds,
   type ChunkedImageStoreOptions,
 } from '../pagestore/chunked-image-store.js';
 import { DEFAULT_PAGE_CHUNKING, PAGE_SIZE, type PageChunking } from '../pagestore/chunker.js';
@@ -882,6 +883,32 @@ describe('image format 2 and the formats before it', () => {
     // A format-1 manifest carrying format-2 sizes is refused too.
     const f1 = resealed({ ...manifest, format: 1, chunking: undefined, chunkSize: MiB });
     assert.throws(() => checkManifest(f1), /format 1 has no chunk sizes/);
+  });
+
+  it('parseManifest checks the checksum on the stored text, and judges other layouts and changed bytes as before', async () => {
+    const { images } = open();
+    const { manifest } = await images.put('app', imageDir({ 'a.img': seededBytes(600 * KiB + 7, 5), 'b.img': seededBytes(10, 6) }));
+    const stored = canonicalJson(manifest);
+    const { checksum, ...rest } = manifest;
+    const member = `"checksum":"${checksum}"`;
+    assert.equal(storedChecksumHolds(stored, checksum), true);
+    assert.deepEqual(parseManifest(Buffer.from(stored)), manifest);
+    // The member last, or the only one: the text still holds it.
+    const last = `${canonicalJson(rest).slice(0, -1)},${member}}`;
+    assert.equal(storedChecksumHolds(last, checksum), true);
+    assert.deepEqual(parseManifest(Buffer.from(last)), manifest);
+    assert.equal(storedChecksumHolds(`{${member}}`, sha256('{}')), false, 'another checksum');
+    // Another layout of the same manifest: not on the text, but the canonical form verifies.
+    const pretty = JSON.stringify(manifest, null, 2);
+    assert.equal(storedChecksumHolds(pretty, checksum), false);
+    assert.deepEqual(parseManifest(Buffer.from(pretty)), manifest);
+    // Changed bytes fail both ways: a value, two chunks swapped, the member moved into a nested object.
+    const bad = (text: string, re: RegExp) =>
+      assert.throws(() => parseManifest(Buffer.from(text)), (err: unknown) => isPicoError(err, 'PICO_ERR_IMAGE_CORRUPT') && re.test(err.message), text.slice(0, 80));
+    bad(stored.replace('"a.img"', '"c.img"'), /checksum mismatch/);
+    const [h0, h1] = manifest.files.find((f) => f.path === 'a.img')!.chunks;
+    bad(stored.replace(h0!, 'X').replace(h1!, h0!).replace('X', h1!), /checksum mismatch/);
+    bad(stored.replace(`${member},`, '').replace('"chunking":{', `"chunking":{${member},`), /no checksum/);
   });
 
   it('fileChunks: offsets and sizes cover each file exactly, for format 1, format 2 and whole-file chunks', async () => {

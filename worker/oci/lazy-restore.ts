@@ -185,7 +185,7 @@ export class LazyRestore {
       store: o.store,
       cache: o.cache,
       ...(localDir ? { localDir } : {}),
-      prefetch: record.then((r) => (r && sets ? sets.plan(manifest, r) : [])),
+      prefetch: () => record.then((r) => (r && sets ? sets.plan(manifest, r) : [])),
       onFailure: async (err) => {
         this.failure ??= imageUnreadable(o.app, manifest.generation, err);
         await o.onPageFailure(this.failure);
