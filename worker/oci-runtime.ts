@@ -17,6 +17,8 @@ import { writeUserBundle } from './oci/user-bundle.js';
 import { checkHost, type HostReport } from './oci/host-check.js';
 import { ensureKdatCache, type KdatState } from './oci/kdat.js';
 import { LazyRelay } from './oci/lazy-relay.js';
+import { killQuietly } from './oci/exec.js';
+import { warmSpawner } from './oci/spawner.js';
 import { writeRestorePack } from './oci/restore-plan.js';
 import type { RestorePacks } from '../pagestore/restore-pack.js';
 import { LazyRestore, type LazyBeginOptions, type LazyOutcome } from './oci/lazy-restore.js';
@@ -362,10 +364,11 @@ export class OciRuntime implements ContainerRuntime {
     await runtime.dirs();
     opts.log.info({ stateDir: runtime.stateDir, networkLock: runtime.networkLock, cgroupYard: runtime.cgroupYard ?? null, favorDynmods: cgroups.favorDynmods, rcuExpedited }, host.message);
     await runtime.prepareCriu();
-    // Lazy restores need the relay (python3) and an image mount server (node): both start
-    // slowly, so the first ones are started now.
+    // Lazy restores need the relay (python3) and an image mount server (node), and every
+    // restore the spawner (python3): they start slowly, so the first ones are started now.
     LazyRelay.warm();
     warmFuseServer(opts.log);
+    warmSpawner();
     const leftovers = await runtime.cleanLeftovers();
     return { runtime, host, leftovers };
   }
@@ -687,8 +690,8 @@ export class OciRuntime implements ContainerRuntime {
         tcpEstablished: this.appOptions(spec.name).tcpEstablished ?? true,
         lazyPages: img.lazy !== undefined,
       });
-      // runc is spawned by now (restoreAttached spawns before its first await): the daemon's
-      // spawn, which holds this process too, comes second. CRIU waits for it at the relay.
+      // runc is asked for by now (restoreAttached, before its first await): the daemon comes
+      // second. CRIU waits for it at the relay.
       img.lazy?.spawnDaemon();
       att = await attaching;
       // runc read the image, so the manifest is in; an early image's attach() may still be settling.
@@ -1150,11 +1153,7 @@ export class OciRuntime implements ContainerRuntime {
   private async runcExit(inc: Incarnation): Promise<RuncExit> {
     const status = await raceTimeout(inc.att.exit, RUNC_EXIT_TIMEOUT_MS);
     if (status) return status;
-    try {
-      process.kill(inc.att.runcPid, 'SIGKILL');
-    } catch {
-      // gone meanwhile
-    }
+    killQuietly(inc.att.runcPid, 'SIGKILL');
     return inc.att.exit;
   }
 

@@ -91,3 +91,12 @@ export function isExecutable(file: string): boolean {
     return false;
   }
 }
+
+/** Sends `signal` to `pid`; a process already gone is no error. */
+export function killQuietly(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(pid, signal);
+  } catch {
+    // gone already
+  }
+}

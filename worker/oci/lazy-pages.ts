@@ -1,8 +1,9 @@
-import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { FileWait } from './file-wait.js';
 import { isNoise } from './criu.js';
+import { killQuietly } from './exec.js';
+import { spawnDetached } from './spawner.js';
 
 /** The name CRIU gives the daemon's socket in its work directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket';
@@ -28,10 +29,11 @@ export class LazyPagesDaemon {
   readonly exit: Promise<LazyPagesExit>;
   /** performance.now() when the daemon was spawned: the zero of its log's timestamps */
   readonly startedAt: number;
-  /** how long spawn() held this process (fork and the child's exec are synchronous here) */
-  readonly spawnMs: number;
+  /** how long its start held this process (spawner.ts), once it started */
+  spawnMs: number | undefined;
   private exited: LazyPagesExit | null = null;
-  private readonly pid: number | undefined;
+  private pid: number | undefined;
+  private killed = false;
 
   private constructor(
     private readonly criu: string,
@@ -42,17 +44,18 @@ export class LazyPagesDaemon {
     rmSync(path.join(workDir, LAZY_PAGES_SOCKET), { force: true });
     this.startedAt = performance.now();
     // -v4: the log names each fault and when the background copy starts (ActiveSet cut-off).
-    const child = spawn(this.criu, ['lazy-pages', '--images-dir', imagesDir, '--work-dir', workDir, '--log-file', LOG, '-v4'], {
-      stdio: 'ignore',
-      detached: true,
-    });
-    this.spawnMs = Math.round(performance.now() - this.startedAt);
-    child.unref();
-    this.pid = child.pid;
-    this.exit = new Promise((resolve) => {
-      child.once('exit', (code, signal) => resolve((this.exited = { code, signal })));
-      child.once('error', () => resolve((this.exited = { code: null, signal: null })));
-    });
+    const spawned = spawnDetached(this.criu, ['lazy-pages', '--images-dir', imagesDir, '--work-dir', workDir, '--log-file', LOG, '-v4']);
+    this.exit = spawned
+      .then(
+        (child) => {
+          this.pid = child.pid;
+          this.spawnMs = child.spawnMs;
+          if (this.killed) killQuietly(child.pid, 'SIGKILL');
+          return child.exit;
+        },
+        (): LazyPagesExit => ({ code: null, signal: null }),
+      )
+      .then((e) => (this.exited = e));
   }
 
   /** Spawns the daemon; `listening()` says when it accepts connections. */
@@ -91,12 +94,9 @@ export class LazyPagesDaemon {
   }
 
   kill(): void {
-    if (this.exited || !this.pid) return;
-    try {
-      process.kill(this.pid, 'SIGKILL');
-    } catch {
-      // gone already
-    }
+    if (this.exited) return;
+    this.killed = true; // not started yet: killed as soon as it is
+    if (this.pid) killQuietly(this.pid, 'SIGKILL');
   }
 
   /** The daemon's error lines (less the noise every run prints). */

@@ -24,7 +24,8 @@ const SCRIPT = fileURLToPath(new URL('../../../worker/oci/lazy-relay.py', import
  */
 const SYSTEM_PYTHON = '/usr/bin/python3';
 
-function python3(): string | null {
+/** The python3 the relay and the spawner (spawner.ts) run on, or null without one. */
+export function python3(): string | null {
   return existsSync(SYSTEM_PYTHON) ? SYSTEM_PYTHON : which('python3');
 }
 

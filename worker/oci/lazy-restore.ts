@@ -232,8 +232,8 @@ export class LazyRestore {
    * Where python3 is there: starts the relay (in the restore's work directory) and resolves once
    * it listens; the restore may then connect to it, and the relay waits for the daemon, which
    * spawnDaemon() starts (in a directory of its own inside it) once `runc restore` has been
-   * spawned: each spawn holds this process for its fork and exec (10–35 ms measured in the S3
-   * benchmark's worker), so the daemon's is not on the way to runc's. Until release() the daemon
+   * asked for, so that the daemon's start is not on the way to runc's (spawner.ts: where it
+   * cannot be used, each start is a fork of this large process). Until release() the daemon
    * serves page faults only. Without the relay: starts the daemon, which then copies all of
    * memory as soon as the process resumes, and resolves once it listens.
    */

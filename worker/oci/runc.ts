@@ -1,10 +1,10 @@
-import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { isNoise } from './criu.js';
 import { FileWait } from './file-wait.js';
-import { run, which, type RunResult } from './exec.js';
+import { killQuietly, run, which, type RunResult } from './exec.js';
+import { spawnDetached } from './spawner.js';
 
 /**
  * runc, driven through its command line, with CRIU for checkpoint and restore.
@@ -71,8 +71,8 @@ export interface Timing {
   ms: number;
   criuMs: number | null;
   /**
-   * attached restores and runs: how long spawn() held this process (fork and the child's exec
-   * of runc are synchronous here, and slow in a big process on a busy host)
+   * attached restores and runs: how long starting runc held this process (spawner.ts: about
+   * nothing through the spawner; a fork of this process without it, slow in a big process)
    */
   spawnMs?: number;
 }
@@ -224,7 +224,7 @@ export class Runc {
   /**
    * `restore` with runc in the foreground (see AttachedContainer): resolves once CRIU restored the
    * tree and runc wrote the init's PID; rejects with runc's and CRIU's errors when runc exits first.
-   * runc is spawned before this returns (the lazy restore starts its daemon right after).
+   * runc is asked for before this returns (the lazy restore starts its daemon right after).
    */
   restoreAttached(id: string, o: RestoreOptions): Promise<AttachedContainer> {
     mkdirSync(o.workPath, { recursive: true });
@@ -243,18 +243,21 @@ export class Runc {
     // stdio 'ignore': the container inherits runc's stdio until its /bin/sh reopens it inside
     // (bundle.ts); its own session (detached): signals to the worker's process group do not
     // reach it, and it outlives a worker that dies.
-    const child = spawn(this.bin, this.global(log).concat(args), { stdio: 'ignore', detached: true });
-    const spawnMs = Math.round(performance.now() - started);
-    child.unref();
     let exited: RuncExit | null = null;
     let spawnError: Error | null = null;
-    const exit = new Promise<RuncExit>((resolve) => {
-      child.once('exit', (code, signal) => resolve((exited = decodeExit(code, signal))));
-      child.once('error', (err) => {
-        spawnError = err;
-        resolve((exited = { code: null, signal: null }));
-      });
-    });
+    const spawned = spawnDetached(this.bin, this.global(log).concat(args));
+    const exit = spawned
+      .then(
+        async (child) => {
+          const e = await child.exit;
+          return decodeExit(e.code, e.signal);
+        },
+        (err: Error): RuncExit => {
+          spawnError = err;
+          return { code: null, signal: null };
+        },
+      )
+      .then((e) => (exited = e));
     // runc writes the PID file (write + rename) once the init exists: after create for `run`,
     // after CRIU's restore for `restore`.
     const deadline = started + TIMEOUT_MS;
@@ -267,7 +270,7 @@ export class Runc {
           throw new RuncError(op, id, why, criuLog ? criuErrors(criuLog) : []);
         }
         if (performance.now() > deadline) {
-          child.kill('SIGKILL');
+          void spawned.then((child) => killQuietly(child.pid, 'SIGKILL'), () => undefined);
           throw new RuncError(op, id, `no container process after ${TIMEOUT_MS} ms`, criuLog ? criuErrors(criuLog) : []);
         }
         await Promise.race([appears.next(), exit]);
@@ -276,7 +279,9 @@ export class Runc {
       appears.close();
     }
     const ms = performance.now() - started;
-    return { pid: readPid(pidFile), runcPid: child.pid ?? 0, exit, timing: { ms, criuMs: criuLog ? criuDuration(criuLog) : null, spawnMs } };
+    // The PID file is there, so runc was started.
+    const child = await spawned;
+    return { pid: readPid(pidFile), runcPid: child.pid, exit, timing: { ms, criuMs: criuLog ? criuDuration(criuLog) : null, spawnMs: child.spawnMs } };
   }
 
   private async exec(op: string, id: string, args: string[], how: { detached?: boolean; criuLog?: string } = {}): Promise<RunResult> {
