@@ -9,7 +9,7 @@
  *
  *   npx tsc -p . && node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5]
  *       [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR]
- *       [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard] [--no-rcu-expedited]
+ *       [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard] [--no-rcu-expedited] [--timeline]
  *
  * The page store is the product's S3 store (S3ObjectStore under ChunkedImageStore, as
  * openImageStore builds it for s3, with its concurrency unless --concurrency) on s3rver, a real
@@ -31,6 +31,10 @@
  * Traffic goes to loopback (s3rver, the proxy, the cold-started app) and the containers' veth
  * addresses only. Issue #4's targets are reported, never asserted.
  *
+ * --timeline prints, for each wake, its first requests to the store as the link saw them (when
+ * each arrived, when its answer's head came back from s3rver, when the answer was sent) and the
+ * stalls of the worker's event loop: where the time before CRIU starts goes.
+ *
  * Needs root and a host where the oci runtime works (scripts/install-oci.sh). Everything it
  * starts (containers, s3rver, the proxy, temp dirs) is stopped and removed, also on failure.
  */
@@ -43,6 +47,7 @@ import { ChunkedImageStore } from '../pagestore/chunked-image-store.js';
 import { S3_CONCURRENCY } from '../pagestore/index.js';
 import { S3ObjectStore } from '../pagestore/s3-store.js';
 import type { RestoreMode } from '../shared/protocol.js';
+import type { ProxiedRequest } from '../test/helpers/s3-fault-proxy.js';
 import { startLinkProcess, type LinkProcess } from '../test/helpers/s3-link-process.js';
 import { startS3Server, type S3TestServer } from '../test/helpers/s3-server.js';
 import { checkHost } from '../worker/oci/host-check.js';
@@ -68,13 +73,15 @@ const LOG_FILE = arg('log-file', '');
 const NO_CGROUP_YARD = flag('no-cgroup-yard');
 /** RCU grace periods stay normal for this run (rcu_expedited 0, put back at the end), as without OciRuntime's setting */
 const NO_RCU_EXPEDITED = flag('no-rcu-expedited');
+/** for each wake: its requests to the store as the link saw them, and this process's event-loop stalls */
+const TIMELINE = flag('timeline');
 const PORT = 8080;
 const APP = 'heavy';
 /** how long a lazy restore may take to page every page in before the benchmark gives up */
 const PAGED_IN_TIMEOUT_MS = 300_000;
 
 const { log, logged } = capturedLogger(arg('log-level', 'info'));
-checkArgs('node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5] [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR] [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard] [--no-rcu-expedited]');
+checkArgs('node dist/bench/restore.js [--mb 300] [--boot-ms 2000] [--runs 5] [--delay-ms 20] [--mbps 100] [--concurrency N] [--cache-mb 256] [--modes full,lazy,activeset] [--tmp DIR] [--log-file FILE] [--log-level info|debug] [--no-cgroup-yard] [--no-rcu-expedited] [--timeline]');
 
 /** One wake of the oci runtime, as measured and as the runtime logged it. */
 interface Wake {
@@ -96,6 +103,32 @@ interface Wake {
   outcome?: LazyOutcome;
   /** the checkpoint after it */
   checkpoint: OciCheckpointResult;
+}
+
+/**
+ * --timeline: stalls of this process's event loop (the worker's: the runtime runs in it) longer
+ * than 3 ms from `t0` on, as "start+length" in ms after t0, until the returned function is called.
+ */
+function loopStalls(t0: number): () => string[] {
+  const stalls: string[] = [];
+  let last = t0;
+  const timer = setInterval(() => {
+    const now = performance.now();
+    if (now - last > 3) stalls.push(`${(last - t0).toFixed(0)}+${(now - last).toFixed(0)}`);
+    last = now;
+  }, 1);
+  return () => {
+    clearInterval(timer);
+    return stalls;
+  };
+}
+
+/** --timeline: a wake's first requests to the store (ms after the wake: at the link, answer head, answer sent), and the stalls. */
+function printTimeline(seen: ProxiedRequest[], t0Wall: number, stalls: string[]): void {
+  const ms = (t: number | undefined) => (t === undefined ? '-' : String(t - t0Wall));
+  console.log(`    store requests, ms after the wake (at the link / answer head / answer sent)${seen.length > 12 ? `, first 12 of ${seen.length}` : ''}:`);
+  for (const q of seen.slice(0, 12)) console.log(`      ${q.method} ${q.path.replace(/\?.*$/, '').slice(-48).padEnd(48)} ${ms(q.at)} / ${ms(q.headAt)} / ${ms(q.endAt)}`);
+  console.log(`    event-loop stalls > 3 ms (start+length): ${stalls.join(' ') || 'none'}`);
 }
 
 async function main(): Promise<void> {
@@ -206,11 +239,14 @@ async function main(): Promise<void> {
       await shaped(true);
       const seenFrom = await net.seenCount();
       const t0 = performance.now();
+      const t0Wall = Date.now();
+      const stalls = TIMELINE ? loopStalls(t0) : undefined;
       const restoredContainer = await r.restore(spec(PORT, mode), undefined, { generation });
       const readyAt = performance.now();
       const readyWall = Date.now();
       const fb = await firstByte(restoredContainer.endpoints[PORT]!);
       const seen = await net.seen(seenFrom);
+      if (stalls) printTimeline(seen, t0Wall, stalls());
       r.served(APP);
       assertSameApp(fb.answer, original);
       let outcome: LazyOutcome | undefined;

@@ -42,6 +42,9 @@ export interface ProxiedRequest {
   path: string;
   /** Date.now() when it arrived (in `seen` only) */
   at?: number;
+  /** Date.now() when the upstream's answer head came back, and when the answer was sent (in `seen` only) */
+  headAt?: number;
+  endAt?: number;
 }
 
 export interface FaultProxyOptions {
@@ -133,7 +136,8 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
   const handle = async (req: http.IncomingMessage, res: http.ServerResponse): Promise<void> => {
     const r: ProxiedRequest = { method: req.method ?? 'GET', path: req.url ?? '/' };
     const fault = takeFault(r);
-    seen.push(fault ? { ...r, at: Date.now(), fault: fault.kind } : { ...r, at: Date.now() });
+    const entry: ProxiedRequest & { fault?: Fault['kind'] } = fault ? { ...r, at: Date.now(), fault: fault.kind } : { ...r, at: Date.now() };
+    seen.push(entry);
     if (fault?.kind === 'drop') {
       req.socket.destroy();
       return;
@@ -162,6 +166,7 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
     const responded = new Promise<void>((resolve, reject) => {
       upstream.once('error', reject);
       upstream.once('response', (upRes) => {
+        entry.headAt = Date.now();
         if (fault?.kind === 'drop-response') {
           upRes.resume();
           upRes.once('end', () => req.socket.destroy());
@@ -193,7 +198,10 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
             }),
           );
         }
-        pipeline(body, down.throttle(), res).then(resolve, reject);
+        pipeline(body, down.throttle(), res).then(() => {
+          entry.endAt = Date.now();
+          resolve();
+        }, reject);
       });
     });
     await pipeline(req, up.throttle(), upstream);
