@@ -66,7 +66,7 @@ def spawn(req: dict) -> None:
     devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     with lock:
         try:
-            pid = os.posix_spawn(req["file"], [req["file"], *req["args"]], os.environ, file_actions=devnull, setsid=True)
+            pid = os.posix_spawnp(req["file"], [req["file"], *req["args"]], os.environ, file_actions=devnull, setsid=True)
         except OSError as err:
             emit({"id": rid, "error": f"{req['file']}: {err.strerror or err}"})
             return
