@@ -3,16 +3,14 @@ import path from 'node:path';
 import { FileWait } from './file-wait.js';
 import { isNoise } from './criu.js';
 import { killQuietly } from './exec.js';
-import { spawnDetached } from './spawner.js';
+import { spawnDetached, type DetachedExit } from './spawner.js';
 
 /** The name CRIU gives the daemon's socket in its work directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket';
 const LOG = 'lazy-pages.log';
 
-export interface LazyPagesExit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
+/** How the daemon ended (both null: it could not be started, or its status is unknown). */
+export type LazyPagesExit = DetachedExit;
 
 /**
  * One `criu lazy-pages` daemon: it serves the restored process's page faults through

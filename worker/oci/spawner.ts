@@ -55,7 +55,7 @@ export function warmSpawner(): void {
 
 /** The spawner's PID while one runs (for tests and diagnostics). */
 export function spawnerPid(): number | undefined {
-  return Spawner.current && !Spawner.current.gone ? Spawner.current.pid : undefined;
+  return Spawner.livePid();
 }
 
 /**
@@ -63,11 +63,11 @@ export function spawnerPid(): number | undefined {
  * no reference on the event loop and exits when this process goes (its stdin closes).
  */
 class Spawner {
-  static current: Spawner | undefined;
+  private static current: Spawner | undefined;
   private nextId = 1;
   private readonly starting = new Map<number, { resolve(c: DetachedChild): void; reject(e: Error): void; file: string; spawnMs: number }>();
   private readonly running = new Map<number, { pid: number; resolve(e: DetachedExit): void }>();
-  gone = false;
+  private gone = false;
 
   private constructor(private readonly child: ChildProcess) {
     holdLoop(child, false);
@@ -78,8 +78,9 @@ class Spawner {
     child.once('error', () => this.lost());
   }
 
-  get pid(): number | undefined {
-    return this.child.pid;
+  static livePid(): number | undefined {
+    const s = Spawner.current;
+    return s && !s.gone ? s.child.pid : undefined;
   }
 
   static get(): Spawner | undefined {
